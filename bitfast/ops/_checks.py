@@ -1,0 +1,64 @@
+"""Argument checks shared by the public ops: every message names the function, the
+argument, what was given and what was expected."""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tensor(fn: str, name: str, t, *, optional: bool = False) -> None:
+    """``t`` must be a torch.Tensor (or None when ``optional``)."""
+    if t is None and optional:
+        return
+    if not isinstance(t, torch.Tensor):
+        want = "a torch.Tensor or None" if optional else "a torch.Tensor"
+        raise TypeError(f"{fn}: {name} must be {want}; got {type(t).__name__}")
+
+
+def floating(fn: str, name: str, t: torch.Tensor | None) -> None:
+    """``t`` (when given) must have a floating dtype."""
+    if t is not None and t.dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"{fn}: {name} has dtype {t.dtype}; expected a floating dtype (float16, bfloat16, float32, float64)"
+        )
+
+
+def ndim(fn: str, name: str, t: torch.Tensor, dims: int, layout: str) -> None:
+    """``t`` must have ``dims`` dimensions, described by ``layout`` like ``(N, C, H, W)``."""
+    if t.dim() != dims:
+        raise ValueError(f"{fn}: {name} has {t.dim()} dims (shape {tuple(t.shape)}); expected {layout}")
+
+
+def channel_vector(fn: str, name: str, t: torch.Tensor | None, c: int, x: torch.Tensor) -> None:
+    """An optional per-channel tensor of shape ``(c,)`` on ``x``'s device."""
+    if t is None:
+        return
+    tensor(fn, name, t, optional=True)
+    floating(fn, name, t)
+    if tuple(t.shape) != (c,):
+        raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}; expected ({c},), one value per channel")
+    if t.device != x.device:
+        raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
+
+
+def non_negative(fn: str, name: str, value, *, integer: bool = False) -> None:
+    """A finite number >= 0 (an int when ``integer``)."""
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        want = "an int" if integer else "a float"
+        raise TypeError(f"{fn}: {name} must be {want}; got {type(value).__name__}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{fn}: {name} must be a finite value >= 0; got {value}")
+
+
+def positive_int(fn: str, name: str, value) -> None:
+    """An int >= 1."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be an int; got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{fn}: {name} must be >= 1; got {value}")

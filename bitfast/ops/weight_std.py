@@ -1,0 +1,149 @@
+"""Weight standardization (Qiao et al., 2019, as used by BiT) and the standardized conv.
+
+``w_hat = (w - mean) / sqrt(var + eps)`` per output channel over (Cin, kh, kw), biased
+variance, eps inside the square root, recomputed from the raw weight on every forward
+and always in float32 (1e-8 and 1e-10 round to zero in half precision).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bitfast import backends
+from bitfast.ops import _checks, _library, _register, reference
+
+FAMILY = "weight_standardize"
+
+backends.register_family(
+    FAMILY,
+    ("weight_standardize_fwd", "weight_standardize_bwd"),
+    triton_module="weight_std",
+)
+
+
+def _fwd_fake(w, eps):
+    torch._check(w.dim() >= 2, lambda: f"weight_standardize: w has {w.dim()} dims; expected (O, ...)")
+    sd = torch.float64 if w.dtype == torch.float64 else torch.float32
+    o = w.shape[0]
+    return torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty(o, dtype=sd), w.new_empty(o, dtype=sd)
+
+
+def _bwd_fake(grad_out, w, mean, rstd):
+    torch._check(grad_out.shape == w.shape, lambda: "weight_standardize_bwd: grad_out and w shapes differ")
+    return torch.empty_like(w, memory_format=torch.contiguous_format)
+
+
+_register.register("weight_standardize_fwd", _fwd_fake)
+_register.register("weight_standardize_bwd", _bwd_fake)
+
+
+def _setup_context(ctx, inputs, output):
+    w, _eps, backend = inputs
+    _out, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(w, mean, rstd)
+    ctx.backend = backend
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+    w, mean, rstd = ctx.saved_tensors
+    grad_w = torch.ops.bitfast.weight_standardize_bwd(grad_out.contiguous(), w, mean, rstd, ctx.backend)
+    return grad_w, None, None
+
+
+torch.library.register_autograd(
+    _library.qualname("weight_standardize_fwd"), _backward, setup_context=_setup_context, lib=_library.lib
+)
+
+
+def _check_weight(fn: str, w, eps) -> None:
+    _checks.tensor(fn, "w", w)
+    _checks.floating(fn, "w", w)
+    if w.dim() < 2:
+        raise ValueError(f"{fn}: w has {w.dim()} dims (shape {tuple(w.shape)}); expected (O, ...) with >= 2 dims")
+    if w.numel() == 0:
+        raise ValueError(f"{fn}: w has shape {tuple(w.shape)} with no elements; expected a non-empty weight")
+    _checks.non_negative(fn, "eps", eps)
+
+
+def weight_standardize(w: torch.Tensor, eps: float = 1e-8, *, backend: str | None = None) -> torch.Tensor:
+    """Standardize a conv weight per output channel: ``(w - mean) / sqrt(var + eps)``.
+
+    Args:
+        w: weight of shape (O, Cin/groups, kh, kw) (any shape with >= 2 dims), any
+            floating dtype; statistics are computed in float32 whatever its dtype.
+        eps: added to the biased variance inside the square root (bitfast and timm's BiT
+            models: 1e-8; the authors' release: 1e-10).
+        backend: force a backend (see ``bitfast.backends``); default: auto.
+
+    Returns:
+        The standardized weight, contiguous, in ``w``'s dtype. Differentiable.
+    """
+    _check_weight("weight_standardize", w, eps)
+    name = backends.resolve(FAMILY, w.device.type, w.dtype, backend)
+    if name == "reference":
+        return reference.weight_standardize(w, eps)
+    return torch.ops.bitfast.weight_standardize_fwd(w, float(eps), name)[0]
+
+
+def _pair(fn: str, name: str, v) -> list[int]:
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [v, v]
+    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
+        return list(v)
+    raise TypeError(f"std_conv2d: {name} must be an int or a pair of ints; got {v!r}")
+
+
+def _std_conv2d_composite(x, weight, bias, stride, padding, dilation, groups, eps, backend):
+    w_hat = torch.ops.bitfast.weight_standardize_fwd(weight, eps, backend)[0]
+    return F.conv2d(x, w_hat, bias, stride, padding, dilation, groups)
+
+
+_library.lib.impl("std_conv2d", _std_conv2d_composite, "CompositeImplicitAutograd")
+
+
+def std_conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: int | tuple[int, int] = 1,
+    padding: int | tuple[int, int] = 0,
+    dilation: int | tuple[int, int] = 1,
+    groups: int = 1,
+    eps: float = 1e-8,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """``F.conv2d(x, weight_standardize(weight, eps), bias, ...)``: BiT's StdConv2d.
+
+    Args:
+        x: input (N, Cin, H, W), NCHW or channels_last.
+        weight: raw (unstandardized) weight (Cout, Cin/groups, kh, kw).
+        bias: optional (Cout,) bias.
+        stride, padding, dilation: ints or pairs of ints, as in ``F.conv2d``.
+        groups: number of blocked connections from input to output channels.
+        eps: weight-standardization eps (see ``weight_standardize``).
+        backend: force the weight-standardization backend; default: auto.
+    """
+    fn = "std_conv2d"
+    _checks.tensor(fn, "x", x)
+    _checks.floating(fn, "x", x)
+    _checks.ndim(fn, "x", x, 4, "(N, C, H, W)")
+    _check_weight(fn, weight, eps)
+    if weight.dim() != 4:
+        raise ValueError(f"{fn}: weight has {weight.dim()} dims; expected (Cout, Cin/groups, kh, kw)")
+    _checks.positive_int(fn, "groups", groups)
+    if x.shape[1] != weight.shape[1] * groups:
+        raise ValueError(
+            f"{fn}: x has {x.shape[1]} channels but weight expects {weight.shape[1] * groups} "
+            f"(weight.shape[1]={weight.shape[1]} x groups={groups})"
+        )
+    _checks.tensor(fn, "bias", bias, optional=True)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"{fn}: bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
+    stride, padding, dilation = (_pair(fn, n, v) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    name = backends.resolve(FAMILY, weight.device.type, weight.dtype, backend)
+    if name == "reference":
+        return reference.std_conv2d(x, weight, bias, stride, padding, dilation, groups, eps)
+    return torch.ops.bitfast.std_conv2d(x, weight, bias, stride, padding, dilation, groups, float(eps), name)

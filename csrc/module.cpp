@@ -1,0 +1,27 @@
+// The Python module stub of bitfast's native extensions (bitfast._C and bitfast._C_cuda).
+//
+// The module itself holds nothing: importing it loads the shared library, which runs the
+// static TORCH_LIBRARY_IMPL registrations of the kernels compiled into it. The op schemas
+// are defined once, in Python (bitfast/ops/_library.py), so no pybind11 is needed here.
+#include <Python.h>
+
+#ifndef BITFAST_MODULE_NAME
+#error "BITFAST_MODULE_NAME must be defined (_C or _C_cuda)"
+#endif
+
+#define BITFAST_CONCAT_(a, b) a##b
+#define BITFAST_CONCAT(a, b) BITFAST_CONCAT_(a, b)
+#define BITFAST_STR_(a) #a
+#define BITFAST_STR(a) BITFAST_STR_(a)
+
+static struct PyModuleDef bitfast_module = {
+    PyModuleDef_HEAD_INIT,
+    BITFAST_STR(BITFAST_MODULE_NAME),
+    "bitfast native kernels; importing this module registers them with torch.library",
+    -1,
+    nullptr,
+};
+
+PyMODINIT_FUNC BITFAST_CONCAT(PyInit_, BITFAST_MODULE_NAME)(void) {
+  return PyModule_Create(&bitfast_module);
+}
