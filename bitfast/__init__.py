@@ -10,11 +10,17 @@ __version__ = "0.1.0"
 
 from bitfast import ops  # noqa: E402  (registers the ops and loads the native builds)
 from bitfast.backends import BackendError, available_backends, use_backend  # noqa: E402
+from bitfast.checkpoint import load_pretrained  # noqa: E402
+from bitfast.models import ResNetV2, create_model, list_models  # noqa: E402
 
 __all__ = [
     "BackendError",
+    "ResNetV2",
     "__version__",
     "available_backends",
+    "create_model",
+    "list_models",
+    "load_pretrained",
     "ops",
     "use_backend",
 ]

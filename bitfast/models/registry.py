@@ -1,0 +1,157 @@
+"""Named BiT architectures and ``create_model``.
+
+Canonical names are timm's: ``resnetv2_{50x1,50x3,101x1,101x3,152x2,152x4}_bit``. Aliases:
+``bit_r50x1`` ... (the architecture), ``bit_s_r50x1`` / ``bit_m_r50x1`` ... (the
+architecture, with ``pretrained=True`` meaning the BiT-S / BiT-M release).
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+
+import torch
+
+from bitfast import backends
+from bitfast.models.resnetv2 import ResNetV2, check_norm
+
+__all__ = ["MODELS", "create_model", "default_release", "list_models", "resolve_name"]
+
+_DEPTHS: dict[int, tuple[int, int, int, int]] = {
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+}
+
+# canonical name -> (depth, width factor)
+MODELS: dict[str, tuple[int, int]] = {
+    f"resnetv2_{d}x{w}_bit": (d, w) for d, w in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
+}
+
+# alias -> (canonical name, release that pretrained=True means)
+_ALIASES: dict[str, tuple[str, str]] = {}
+for _name, (_d, _w) in MODELS.items():
+    _arch = f"R{_d}x{_w}"
+    _ALIASES[f"bit_r{_d}x{_w}"] = (_name, f"BiT-M-{_arch}-ILSVRC2012")
+    _ALIASES[f"bit_m_r{_d}x{_w}"] = (_name, f"BiT-M-{_arch}")
+    if (_d, _w) != (152, 2):  # BiT-S R152x2 was not released
+        _ALIASES[f"bit_s_r{_d}x{_w}"] = (_name, f"BiT-S-{_arch}")
+
+
+def list_models(include_aliases: bool = False) -> list[str]:
+    """The canonical model names (and, with ``include_aliases``, the aliases too)."""
+    names = list(MODELS)
+    if include_aliases:
+        names += sorted(_ALIASES)
+    return names
+
+
+def resolve_name(name: str) -> str:
+    """The canonical name of ``name`` (a canonical name or an alias); ValueError if unknown."""
+    if not isinstance(name, str):
+        raise TypeError(f"create_model: name must be a str, one of {list_models()}; got {type(name).__name__}")
+    key = name.strip().lower()
+    if key in MODELS:
+        return key
+    if key in _ALIASES:
+        return _ALIASES[key][0]
+    raise ValueError(
+        f"create_model: unknown model {name!r}; expected one of {list_models()} "
+        f"(or an alias: {sorted(_ALIASES)})"
+    )
+
+
+def default_release(name: str) -> str:
+    """The released checkpoint ``pretrained=True`` loads for model ``name``: BiT-S / BiT-M for
+    the ``bit_s_``/``bit_m_`` aliases, else the 21k -> 1k fine-tuned ``BiT-M-*-ILSVRC2012``
+    (the default of timm's ``resnetv2_*_bit`` names)."""
+    key = name.strip().lower()
+    if key in _ALIASES:
+        return _ALIASES[key][1]
+    d, w = MODELS[resolve_name(name)]
+    return f"BiT-M-R{d}x{w}-ILSVRC2012"
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int = 1000,
+    norm: str = "gn",
+    ws_eps: float = 1e-8,
+    backend: str | None = None,
+    pretrained: bool | str | os.PathLike | None = None,
+    zero_head: bool = False,
+    strict: bool = True,
+    **kwargs,
+) -> ResNetV2:
+    """Build the BiT model ``name`` (see ``list_models()``).
+
+    Args:
+        name: ``resnetv2_{50x1,50x3,101x1,101x3,152x2,152x4}_bit`` or an alias
+            (``bit_r50x1``, ``bit_s_r50x1``, ``bit_m_r50x1`` ...).
+        num_classes: classes of the head (0: no head, the model returns pooled features).
+        norm: ``"gn"`` (GroupNorm, the BiT models) or ``"bn"`` (BatchNorm variant).
+        ws_eps: weight-standardization eps (1e-8; the authors' release used 1e-10).
+        backend: backend fixed for every layer (``reference``, ``cpp``, ``cuda``,
+            ``triton``, ``auto``); default: auto on every call.
+        pretrained: a released checkpoint name (``"BiT-M-R50x1"``, downloaded into the
+            torch hub cache), a local path or ``file://`` / ``http(s)://`` URL of a
+            checkpoint (``.npz``, timm or authors' state dict), or ``True`` for the
+            model's default release (see ``default_release``). The head is loaded only
+            when its class count equals ``num_classes``; ``model.pretrained_report`` tells.
+        zero_head: zero-initialise the classifier (BiT fine-tuning).
+        strict: passed to ``load_pretrained``: fail on missing/unexpected keys.
+        **kwargs: further ``ResNetV2`` arguments (``in_chans``, ``drop_rate``,
+            ``conv_layer``, ``norm_layer``, ``device`` ...).
+    """
+    fn = "create_model"
+    canonical = resolve_name(name)
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
+        raise TypeError(f"{fn}: num_classes must be an int >= 0; got {num_classes!r} ({type(num_classes).__name__})")
+    if num_classes < 0:
+        raise ValueError(f"{fn}: num_classes must be an int >= 0 (0: no classifier); got {num_classes}")
+    norm = check_norm(fn, norm)
+    if isinstance(ws_eps, bool) or not isinstance(ws_eps, numbers.Real):
+        raise TypeError(f"{fn}: ws_eps must be a float >= 0; got {ws_eps!r} ({type(ws_eps).__name__})")
+    if not ws_eps >= 0 or ws_eps == float("inf"):
+        raise ValueError(f"{fn}: ws_eps must be a finite float >= 0 (BiT: 1e-8 or 1e-10); got {ws_eps}")
+    if backend is not None:
+        backends.requested_backend(backend)
+    if "layers" in kwargs or "width_factor" in kwargs:
+        raise TypeError(f"{fn}: layers/width_factor are fixed by the model name {name!r}; build ResNetV2 directly")
+
+    source = None
+    if pretrained is True:
+        source = default_release(name)
+    elif pretrained is not None and pretrained is not False:
+        if not isinstance(pretrained, (str, os.PathLike)):
+            raise TypeError(
+                f"{fn}: pretrained must be None, a bool, a release name or a path; got {type(pretrained).__name__}"
+            )
+        source = pretrained
+    depth, wf = MODELS[canonical]
+    if source is not None:
+        from bitfast.checkpoint import check_release_arch
+
+        check_release_arch(source, f"R{depth}x{wf}", fn)  # before any download
+        device = kwargs.get("device")
+        if device is not None and torch.device(device).type == "meta":
+            raise ValueError(f"{fn}: pretrained weights cannot be loaded into a model on the meta device")
+
+    model = ResNetV2(
+        _DEPTHS[depth],
+        wf,
+        num_classes=num_classes,
+        norm=norm,
+        ws_eps=ws_eps,
+        backend=backend,
+        zero_head=zero_head,
+        **kwargs,
+    )
+    model.model_name = canonical
+    model.pretrained_report = None
+    if source is not None:
+        from bitfast.checkpoint import load_pretrained
+
+        model.pretrained_report = load_pretrained(model, source, strict=strict)
+    return model
