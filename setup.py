@@ -51,7 +51,11 @@ def extensions():
         warnings.warn("torch is not importable: building bitfast without native extensions", stacklevel=1)
         return [], {}
 
-    cxx = ["-O3", "-std=c++17"]
+    # torch's headers are written for C++20 (torch's own extension builds default to it).
+    cxx = ["-O3", "-std=c++20"]
+    # at::parallel_for runs on OpenMP inside the header: without -fopenmp every CPU kernel
+    # would silently run on one thread. (GCC and Linux clang; Apple clang has no -fopenmp.)
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     exts = []
     if want_cpp != "0":
         exts.append(
@@ -59,9 +63,12 @@ def extensions():
                 "bitfast._C",
                 ["csrc/module.cpp"] + rel("csrc/cpu/*.cpp"),
                 include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_compile_args={"cxx": cxx + ["-DBITFAST_MODULE_NAME=_C"]},
+                extra_compile_args={"cxx": cxx + openmp + ["-DBITFAST_MODULE_NAME=_C"]},
+                extra_link_args=openmp,
             )
         )
+    # Kernels in .cu files; the registrations in .cpp files, which the host compiler builds
+    # faster than nvcc would.
     cuda_sources = rel("csrc/cuda/*.cu")
     nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     nvcc = nvcc or shutil.which("nvcc")
@@ -79,11 +86,11 @@ def extensions():
             exts.append(
                 cpp_extension.CUDAExtension(
                     "bitfast._C_cuda",
-                    ["csrc/module.cpp"] + cuda_sources,
+                    ["csrc/module.cpp"] + rel("csrc/cuda/*.cpp") + cuda_sources,
                     include_dirs=[os.path.join(ROOT, "csrc")],
                     extra_compile_args={
                         "cxx": cxx + ["-DBITFAST_MODULE_NAME=_C_cuda"],
-                        "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-DBITFAST_MODULE_NAME=_C_cuda"],
+                        "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-DBITFAST_MODULE_NAME=_C_cuda"],
                     },
                 )
             )

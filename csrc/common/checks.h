@@ -1,0 +1,164 @@
+// Argument checks shared by bitfast's CPU and CUDA kernels.
+//
+// The Python wrappers (bitfast/ops) already validate what users pass; these checks guard
+// the native ops themselves, which anyone can call through torch.ops.bitfast.native_*.
+// Every message names the op, the argument, what it got and what it expected, so a bad
+// call ends in a Python RuntimeError instead of a crash or a silent wrong answer.
+#pragma once
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty_like.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace bitfast {
+
+// fp16, bf16, fp32, fp64: the dtypes every bitfast kernel accepts.
+inline bool is_kernel_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+// Statistics are float32, or float64 for float64 inputs (bitfast/ops/reference.py).
+inline at::ScalarType stat_dtype(at::ScalarType t) {
+  return t == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_kernel_tensor(const char* op, const char* name, const at::Tensor& t, c10::DeviceType device) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.device().type() == device, op, ": ", name, " is on ", t.device(), "; this kernel serves ",
+              c10::DeviceTypeName(device, /*lower_case=*/true), " tensors");
+  TORCH_CHECK(is_kernel_dtype(t.scalar_type()), op, ": ", name, " has dtype ", t.scalar_type(),
+              "; expected Half, BFloat16, Float or Double");
+}
+
+// ---------------------------------------------------------------------------------------
+// weight standardization
+// ---------------------------------------------------------------------------------------
+
+inline void check_weight_standardize_fwd(const at::Tensor& w, c10::DeviceType device) {
+  constexpr const char* op = "native_weight_standardize_fwd";
+  check_kernel_tensor(op, "w", w, device);
+  TORCH_CHECK(w.dim() >= 2, op, ": w has ", w.dim(), " dims (shape ", w.sizes(),
+              "); expected (O, ...) with >= 2 dims");
+}
+
+inline void check_weight_standardize_bwd(const at::Tensor& grad_out, const at::Tensor& w, const at::Tensor& mean,
+                                         const at::Tensor& rstd, c10::DeviceType device) {
+  constexpr const char* op = "native_weight_standardize_bwd";
+  check_kernel_tensor(op, "w", w, device);
+  check_kernel_tensor(op, "grad_out", grad_out, device);
+  TORCH_CHECK(w.dim() >= 2, op, ": w has ", w.dim(), " dims (shape ", w.sizes(),
+              "); expected (O, ...) with >= 2 dims");
+  TORCH_CHECK(grad_out.sizes() == w.sizes(), op, ": grad_out has shape ", grad_out.sizes(), " but w has shape ",
+              w.sizes(), "; expected equal shapes");
+  TORCH_CHECK(grad_out.scalar_type() == w.scalar_type(), op, ": grad_out has dtype ", grad_out.scalar_type(),
+              " but w has dtype ", w.scalar_type(), "; expected equal dtypes");
+  TORCH_CHECK(grad_out.device() == w.device(), op, ": grad_out is on ", grad_out.device(), " but w is on ",
+              w.device());
+  const auto sd = stat_dtype(w.scalar_type());
+  const int64_t o = w.size(0);
+  for (const auto& [name, s] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
+    TORCH_CHECK(s.defined(), op, ": ", name, " is an undefined tensor");
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == o, op, ": ", name, " has shape ", s.sizes(), "; expected (", o,
+                ",), one value per output channel of w");
+    TORCH_CHECK(s.scalar_type() == sd, op, ": ", name, " has dtype ", s.scalar_type(), "; expected ", sd,
+                " (the statistics dtype for ", w.scalar_type(), " weights)");
+    TORCH_CHECK(s.device() == w.device(), op, ": ", name, " is on ", s.device(), " but w is on ", w.device());
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// SGD with momentum
+// ---------------------------------------------------------------------------------------
+
+// Checks the lists of native_sgd_momentum_ and returns whether the momentum buffers take
+// part (momentum != 0). One dtype and one device per call: a multi-tensor launch walks all
+// tensors with one kernel instantiation.
+inline bool check_sgd_momentum(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                               double momentum, c10::DeviceType device) {
+  constexpr const char* op = "native_sgd_momentum_";
+  const size_t n = params.size();
+  TORCH_CHECK(grads.size() == n, op, ": got ", n, " params but ", grads.size(), " grads; expected one grad per param");
+  const bool use_buffers = momentum != 0.0;
+  if (use_buffers) {
+    TORCH_CHECK(momentum_buffers.size() == n, op, ": momentum=", momentum, " needs one buffer per param; got ", n,
+                " params and ", momentum_buffers.size(), " momentum_buffers");
+  } else {
+    TORCH_CHECK(momentum_buffers.empty() || momentum_buffers.size() == n, op, ": got ", n, " params and ",
+                momentum_buffers.size(), " momentum_buffers; expected none (momentum == 0) or one per param");
+  }
+  if (n == 0) return use_buffers;
+  const at::Tensor& p0 = params[0];
+  check_kernel_tensor(op, "params[0]", p0, device);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(p.defined(), op, ": params[", i, "] is an undefined tensor");
+    TORCH_CHECK(p.device() == p0.device() && p.scalar_type() == p0.scalar_type(), op, ": params[", i, "] is ",
+                p.scalar_type(), " on ", p.device(), "; expected ", p0.scalar_type(), " on ", p0.device(),
+                " like params[0] (one dtype and device per call)");
+    TORCH_CHECK(at::has_internal_overlap(p) != at::MemOverlap::Yes, op, ": params[", i,
+                "] has elements that share memory (an expanded tensor?); it cannot be updated in place");
+    for (int k = 0; k < (use_buffers ? 2 : 1); ++k) {
+      const at::Tensor& t = k == 0 ? grads[i] : momentum_buffers[i];
+      const char* name = k == 0 ? "grads" : "momentum_buffers";
+      TORCH_CHECK(t.defined(), op, ": ", name, "[", i, "] is an undefined tensor");
+      TORCH_CHECK(t.sizes() == p.sizes() && t.scalar_type() == p.scalar_type() && t.device() == p.device(), op, ": ",
+                  name, "[", i, "] is ", t.scalar_type(), " ", t.sizes(), " on ", t.device(), "; expected ",
+                  p.scalar_type(), " ", p.sizes(), " on ", p.device(), " like params[", i, "]");
+    }
+    if (use_buffers) {
+      TORCH_CHECK(at::has_internal_overlap(momentum_buffers[i]) != at::MemOverlap::Yes, op, ": momentum_buffers[",
+                  i, "] has elements that share memory; it cannot be updated in place");
+    }
+  }
+  return use_buffers;
+}
+
+// The tensors one SGD kernel reads and writes for params[i]. A kernel walks p, g and m as
+// flat arrays, which is right when the three are dense with identical strides (contiguous,
+// channels_last, ...): element k of one sits at element k of the others. Otherwise g and m
+// get working copies laid out like p (or all three contiguous copies when p itself is not
+// dense), and sgd_finish() copies the results back into the caller's tensors.
+struct SgdOperands {
+  at::Tensor p, g, m;       // what the kernel walks (m undefined without momentum)
+  at::Tensor p_out, m_out;  // the caller's tensors, when p or m are working copies
+};
+
+inline bool same_dense_layout(const at::Tensor& ref, const at::Tensor& t) {
+  return t.strides() == ref.strides() && t.is_non_overlapping_and_dense();
+}
+
+inline SgdOperands sgd_operands(const at::Tensor& p, const at::Tensor& g, const at::Tensor* m) {
+  SgdOperands o;
+  if (p.is_non_overlapping_and_dense()) {
+    // empty_like keeps the exact strides of a dense tensor, so the copies match p.
+    o.p = p;
+    o.g = same_dense_layout(p, g) ? g : at::empty_like(p).copy_(g);
+    if (m) {
+      o.m = same_dense_layout(p, *m) ? *m : at::empty_like(p).copy_(*m);
+      if (!o.m.is_same(*m)) o.m_out = *m;
+    }
+    return o;
+  }
+  o.p = p.contiguous();
+  o.p_out = p;
+  o.g = g.contiguous();
+  if (m) {
+    o.m = m->contiguous();
+    if (!o.m.is_same(*m)) o.m_out = *m;
+  }
+  return o;
+}
+
+// Writes the results of working copies back into the caller's tensors.
+inline void sgd_finish(std::vector<SgdOperands>& ops) {
+  for (auto& o : ops) {
+    if (o.p_out.defined()) o.p_out.copy_(o.p);
+    if (o.m_out.defined()) o.m_out.copy_(o.m);
+  }
+}
+
+}  // namespace bitfast

@@ -1,0 +1,29 @@
+// bitfast's weight standardization on CPU tensors (bitfast::native_weight_standardize_*).
+//
+// Weight Standardization (Qiao et al., 2019), as BiT uses it: per output channel o, over the
+// K = numel / O elements of w[o], w_hat = (w - mean) * rstd with the biased variance and
+// rstd = 1 / sqrt(var + eps). Exactly bitfast.ops.reference.weight_standardize_forward and
+// weight_standardize_backward.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace bitfast::cpu {
+
+// Returns (out, mean, rstd): out is w_hat in w's dtype, contiguous, shaped like w; mean and
+// rstd have shape (O,) and dtype float32 (float64 for float64 w). Accepts any layout of w.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_standardize_fwd(
+    const at::Tensor& w,  // (O, ...) with >= 2 dims; fp16, bf16, fp32 or fp64
+    double eps);          // added to the biased variance inside the square root
+
+// Gradient w.r.t. w, in w's dtype, contiguous:
+// dw = rstd * (g - mean(g) - w_hat * mean(g * w_hat)) per output channel.
+at::Tensor weight_standardize_bwd(
+    const at::Tensor& grad_out,  // like w: same shape and dtype
+    const at::Tensor& w,         // the raw weight the forward standardized
+    const at::Tensor& mean,      // (O,) statistics saved by the forward
+    const at::Tensor& rstd);     // (O,)
+
+}  // namespace bitfast::cpu
