@@ -22,6 +22,7 @@ listing why. ``auto`` never picks the Triton interpreter: it is a testing tool.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import os
 from collections.abc import Iterator
@@ -109,6 +110,13 @@ def not_supported_reasons(backend: str, op: str, device_type: str, dtype: torch.
     """Why ``backend`` cannot compute the op family ``op`` (forward and backward) for
     tensors of ``device_type`` and ``dtype``. An empty list means it can."""
     _check_name(backend)
+    return list(_reasons(backend, op, device_type, dtype))
+
+
+# Every input is a static fact of the process (builds load at import, TRITON_INTERPRET is
+# read before kernels import), so the answer is cached: ops ask on every call.
+@functools.cache
+def _reasons(backend: str, op: str, device_type: str, dtype: torch.dtype) -> tuple[str, ...]:
     if op not in _FAMILIES:
         raise ValueError(f"unknown op family {op!r}; expected one of {families()}")
     reasons: list[str] = []
@@ -117,7 +125,7 @@ def not_supported_reasons(backend: str, op: str, device_type: str, dtype: torch.
     if backend == "reference":
         if dtype not in _FLOATS:
             reasons.append(f"reference: dtype {dtype} is not a floating dtype")
-        return reasons
+        return tuple(reasons)
     if backend in ("cpp", "cuda"):
         ext, dev = ("bitfast._C", "cpu") if backend == "cpp" else ("bitfast._C_cuda", "cuda")
         if not _native.loaded(ext):
@@ -142,7 +150,7 @@ def not_supported_reasons(backend: str, op: str, device_type: str, dtype: torch.
             reasons.append(f"triton: serves cuda tensors, got {device_type} tensors")
     if dtypes is not None and dtype not in dtypes:
         reasons.append(f"{backend}: {op} does not accept dtype {dtype} (accepts {sorted(map(str, dtypes))})")
-    return reasons
+    return tuple(reasons)
 
 
 def requested_backend(backend: str | None = None) -> str:
@@ -158,10 +166,14 @@ def requested_backend(backend: str | None = None) -> str:
     return AUTO
 
 
+@torch.compiler.assume_constant_result
 def resolve(op: str, device_type: str, dtype: torch.dtype, backend: str | None = None) -> str:
     """The backend that computes ``op`` on tensors of ``device_type``/``dtype``.
 
     Raises ``BackendError`` when an explicitly requested backend cannot serve them.
+    Under ``torch.compile`` the answer is taken once, when the graph is traced, and baked
+    into it: a ``use_backend`` context entered later does not change a compiled graph
+    (a new dtype or device recompiles it and asks again).
     """
     want = requested_backend(backend)
     if want != AUTO:

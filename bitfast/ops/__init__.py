@@ -6,8 +6,8 @@ differentiable, and is computed by the backend ``bitfast.backends`` picks. The
 pure-PyTorch specification of every op is ``bitfast.ops.reference``.
 """
 
-from bitfast.ops import _library  # noqa: F401  (defines the schemas first)
 from bitfast import _native
+from bitfast.ops import _library  # noqa: F401  (defines the schemas first)
 
 _native.load_all()
 

@@ -110,6 +110,11 @@ def group_norm_relu(
         raise ValueError(f"{fn}: x has {c} channels, not divisible by num_groups={num_groups}")
     if x.numel() == 0:
         raise ValueError(f"{fn}: x has shape {tuple(x.shape)} with no elements; expected a non-empty input")
+    if x.numel() // (x.shape[0] * num_groups) < 2:
+        raise ValueError(
+            f"{fn}: each group of x (shape {tuple(x.shape)}, num_groups={num_groups}) has a single "
+            f"element; expected more than 1 value per group, as F.group_norm does"
+        )
     _checks.channel_vector(fn, "weight", weight, c, x)
     _checks.channel_vector(fn, "bias", bias, c, x)
     _checks.non_negative(fn, "eps", eps)

@@ -55,14 +55,16 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
 
 
 def weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """timm's weight standardization: ``F.batch_norm`` over each output channel.
+    """timm's weight standardization (``F.batch_norm`` in training mode over each output
+    channel): ``(w - mean) / sqrt(var + eps)`` with the biased variance.
 
-    Computed in float32 (eps 1e-8 and 1e-10 round to zero in half precision), returned in
-    ``w``'s dtype.
+    Written with ``var_mean`` rather than ``F.batch_norm`` so that a channel of a single
+    element (K = 1) standardizes to zero instead of raising. Computed in float32 (eps 1e-8
+    and 1e-10 round to zero in half precision), returned in ``w``'s dtype.
     """
-    wf = w.to(_stat_dtype(w.dtype))
-    out = F.batch_norm(wf.reshape(1, w.shape[0], -1), None, None, training=True, momentum=0.0, eps=eps)
-    return out.reshape(w.shape).to(w.dtype)
+    wf = w.to(_stat_dtype(w.dtype)).reshape(w.shape[0], -1)
+    var, mean = torch.var_mean(wf, dim=1, correction=0, keepdim=True)
+    return ((wf - mean) * torch.rsqrt(var + eps)).reshape(w.shape).to(w.dtype)
 
 
 def weight_standardize_forward(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,144 @@
+"""Parity of GroupNorm+ReLU on every backend, over the DESIGN.md shape grid."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bitfast
+from tests.ops import _util as U
+from tests.ops._util import DTYPES, assert_parity, device_backends, require_backend
+
+FAMILY = "group_norm_relu"
+
+# (N, C, H, W, G, label)
+SHAPES = [
+    (1, 1, 2, 2, 1, "minimal"),
+    (2, 6, 5, 3, 1, "one-group"),
+    (2, 12, 3, 5, 12, "groups==channels"),
+    (3, 40, 7, 9, 8, "non-pow2-odd-spatial"),
+    (2, 64, 14, 14, 32, "bit-C64"),
+    (1, 256, 28, 28, 32, "bit-stage1-like"),
+    (2, 2048, 7, 7, 32, "bit-final"),
+]
+LAYOUTS = ["nchw", "channels_last", "non_contiguous"]
+
+
+def _make(shape, dtype, layout, device):
+    n, c, h, w = shape
+    if layout == "non_contiguous":
+        x = torch.randn(n, c, w, h, device=device).transpose(2, 3)  # H and W swapped in memory
+    else:
+        x = torch.randn(n, c, h, w, device=device)
+    x = (x * 1.5 + 0.3).to(dtype)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+def _run(fn, x, weight, bias, g):
+    x = x.detach().clone().requires_grad_()
+    weight = weight.detach().clone().requires_grad_()
+    bias = bias.detach().clone().requires_grad_()
+    y = fn(x, weight, bias)
+    grads = torch.autograd.grad(y, (x, weight, bias), g.to(y.dtype))
+    return y.detach(), grads
+
+
+def _cases():
+    # Large BiT shapes run in the two main layouts with ReLU only, to bound CI time.
+    for *shape, label in SHAPES:
+        for layout in LAYOUTS:
+            for relu in (True, False):
+                if label.startswith("bit") and (layout == "non_contiguous" or not relu):
+                    continue
+                yield pytest.param(*shape, layout, relu, id=f"{label}-{layout}-{'relu' if relu else 'norelu'}")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n,c,h,w,groups,layout,relu", list(_cases()))
+def test_group_norm_relu_parity(device, backend, dtype, n, c, h, w, groups, layout, relu):
+    require_backend(backend, FAMILY, device, dtype)
+    x = _make((n, c, h, w), dtype, layout, device)
+    weight = torch.randn(c, device=device) * 0.5 + 1.0
+    bias = torch.randn(c, device=device) * 0.5
+    g = torch.randn(n, c, h, w, device=device)
+    eps = 1e-5
+
+    y, grads = _run(lambda a, wt, b: U.group_norm_relu(backend)(a, groups, wt, b, eps, relu), x, weight, bias, g)
+    assert y.dtype == dtype and y.shape == x.shape
+    if layout == "channels_last" and c > 1 and h * w > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last), "output must keep channels_last"
+        assert grads[0].is_contiguous(memory_format=torch.channels_last), "grad must keep channels_last"
+
+    def torch_op(a, wt, b):
+        out = F.group_norm(a, groups, wt.to(a.dtype), b.to(a.dtype), eps)
+        return F.relu(out) if relu else out
+
+    y64, grads64 = _run(torch_op, x.double(), weight.double(), bias.double(), g.double())
+    # PyTorch's own op with everything in x's dtype (what an eager low-precision model runs).
+    yb, gradsb = _run(torch_op, x, weight.to(dtype), bias.to(dtype), g.to(dtype))
+    assert_parity(y, y64, yb, dtype, f"{backend} forward")
+    for name, a, r, b in zip(("x", "weight", "bias"), grads, grads64, gradsb):
+        assert_parity(a, r, b, dtype, f"{backend} grad {name}")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_no_affine(device, backend):
+    require_backend(backend, FAMILY, device, torch.float32)
+    x = torch.randn(2, 8, 4, 4, device=device, requires_grad=True)
+    y = U.group_norm_relu(backend)(x, 4)
+    (gx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    x64 = x.detach().double().requires_grad_()
+    y64 = F.relu(F.group_norm(x64, 4))
+    (gx64,) = torch.autograd.grad(y64, x64, torch.ones_like(y64))
+    assert_parity(y, y64, None, torch.float32, "forward")
+    assert_parity(gx, gx64, None, torch.float32, "grad x")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_mixed_dtype_params_under_autocast_style(device, backend):
+    """bfloat16 activations with float32 affine parameters, as under autocast."""
+    require_backend(backend, FAMILY, device, torch.bfloat16)
+    x = torch.randn(2, 32, 6, 6, device=device).to(torch.bfloat16).requires_grad_()
+    weight = torch.randn(32, device=device, requires_grad=True)
+    bias = torch.randn(32, device=device, requires_grad=True)
+    y = U.group_norm_relu(backend)(x, 8, weight, bias)
+    assert y.dtype == torch.bfloat16
+    gx, gw, gb = torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))
+    assert gx.dtype == torch.bfloat16 and gw.dtype == torch.float32 and gb.dtype == torch.float32
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, weight, bias))
+    y64 = F.relu(F.group_norm(x64, 8, w64, b64))
+    grads64 = torch.autograd.grad(y64, (x64, w64, b64), torch.ones_like(y64))
+    assert_parity(y, y64, None, torch.bfloat16, "forward")
+    for a, r in zip((gx, gw, gb), grads64):
+        assert_parity(a, r, None, torch.bfloat16, "grad")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_float64_gradcheck(device, backend):
+    require_backend(backend, FAMILY, device, torch.float64)
+    x = torch.randn(2, 6, 3, 3, device=device, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, device=device, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: U.group_norm_relu(backend)(a[0], 3, a[1], a[2]), (x, w, b))
+
+
+def test_bad_input_messages():
+    f = bitfast.ops.group_norm_relu
+    with pytest.raises(ValueError, match=r"group_norm_relu: x has 3 dims \(shape \(2, 4, 4\)\); expected \(N, C, H, W\)"):
+        f(torch.randn(2, 4, 4), 2)
+    with pytest.raises(ValueError, match=r"x has 6 channels, not divisible by num_groups=4"):
+        f(torch.randn(1, 6, 2, 2), 4)
+    with pytest.raises(ValueError, match=r"weight has shape \(5,\); expected \(6,\)"):
+        f(torch.randn(1, 6, 2, 2), 3, torch.randn(5))
+    with pytest.raises(TypeError, match=r"x has dtype torch.int32"):
+        f(torch.ones(1, 6, 2, 2, dtype=torch.int32), 3)
+    with pytest.raises(ValueError, match=r"num_groups must be >= 1; got 0"):
+        f(torch.randn(1, 6, 2, 2), 0)
+    with pytest.raises(ValueError, match=r"eps must be a finite value >= 0; got -0.1"):
+        f(torch.randn(1, 6, 2, 2), 3, eps=-0.1)
+    with pytest.raises(ValueError, match=r"has a single element; expected more than 1 value per group"):
+        f(torch.randn(2, 4, 1, 1), 4)
+    with pytest.raises(TypeError, match=r"relu must be a bool"):
+        f(torch.randn(1, 6, 2, 2), 3, relu=1)

@@ -1,0 +1,132 @@
+"""Parity of weight standardization and std_conv2d on every backend."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bitfast
+from bitfast.ops import reference
+from tests.ops import _util as U
+from tests.ops._util import DTYPES, assert_parity, device_backends, require_backend
+
+FAMILY = "weight_standardize"
+
+# (shape, label): minimal, BiT stem / projection / 3x3, non-power-of-two sizes.
+SHAPES = [
+    ((1, 1, 1, 1), "minimal"),
+    ((7, 5, 3, 3), "odd"),
+    ((64, 3, 7, 7), "stem"),
+    ((256, 64, 1, 1), "projection"),
+    ((128, 128, 3, 3), "conv2-3x3"),
+    ((33, 2049, 1, 1), "K-beyond-one-block"),
+]
+
+
+def _ref64(w, g, eps):
+    w64 = w.detach().double().requires_grad_()
+    y = reference.weight_standardize(w64, eps)
+    (gw,) = torch.autograd.grad(y, w64, g.double())
+    return y.detach(), gw
+
+
+def _baseline(w, g, eps):
+    """PyTorch's own (timm-style) standardization in w's dtype."""
+    wl = w.detach().clone().requires_grad_()
+    y = reference.weight_standardize(wl, eps)
+    (gw,) = torch.autograd.grad(y, wl, g)
+    return y.detach(), gw
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,label", SHAPES, ids=[s[1] for s in SHAPES])
+def test_weight_standardize_parity(device, backend, dtype, shape, label):
+    require_backend(backend, FAMILY, device, dtype)
+    eps = 1e-8
+    w = (torch.randn(shape, device=device) * 0.05 + 0.01).to(dtype).requires_grad_()
+    y = U.weight_standardize(backend)(w, eps)
+    assert y.dtype == dtype and y.shape == w.shape and y.is_contiguous()
+    g = torch.randn_like(y)
+    (gw,) = torch.autograd.grad(y, w, g)
+    y64, gw64 = _ref64(w, g, eps)
+    yb, gwb = _baseline(w, g, eps)
+    assert_parity(y, y64, yb, dtype, f"{backend} forward {label}")
+    assert_parity(gw, gw64, gwb, dtype, f"{backend} backward {label}")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_weight_standardize_non_contiguous(device, backend):
+    require_backend(backend, FAMILY, device, torch.float32)
+    base = torch.randn(3, 3, 12, 16, device=device)
+    w = base.permute(3, 2, 0, 1).requires_grad_()  # (16, 12, 3, 3), not contiguous
+    assert not w.is_contiguous()
+    y = U.weight_standardize(backend)(w)
+    g = torch.randn_like(y)
+    (gw,) = torch.autograd.grad(y, w, g)
+    y64, gw64 = _ref64(w, g, 1e-8)
+    assert_parity(y, y64, None, torch.float32, "forward")
+    assert_parity(gw, gw64, None, torch.float32, "backward")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("eps", [1e-8, 1e-10])
+def test_constant_and_zero_filters_give_no_nan(device, backend, eps):
+    require_backend(backend, FAMILY, device, torch.float16)
+    w = torch.zeros(4, 3, 3, 3, device=device)
+    w[1] = 0.5
+    w[2] = -3.0
+    w[3] = torch.randn(3, 3, 3)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        wd = w.to(dtype).requires_grad_()
+        y = U.weight_standardize(backend)(wd, eps)
+        (gw,) = torch.autograd.grad(y, wd, torch.ones_like(y))
+        assert torch.isfinite(y).all() and torch.isfinite(gw).all(), dtype
+        assert (y[:3] == 0).all()
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_float64_gradcheck(device, backend):
+    require_backend(backend, FAMILY, device, torch.float64)
+    w = torch.randn(3, 2, 2, 2, device=device, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: U.weight_standardize(backend)(t, 1e-5), (w,))
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_std_conv2d_matches_conv_of_standardized_weight(device, backend, channels_last):
+    require_backend(backend, FAMILY, device, torch.float32)
+    x = torch.randn(2, 6, 9, 11, device=device)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    x.requires_grad_()
+    w = torch.randn(8, 3, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(8, device=device, requires_grad=True)
+    y = U.std_conv2d(backend)(x, w, b, stride=2, padding=1, groups=2, eps=1e-6)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, w, b), g)
+    x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
+    y64 = F.conv2d(x64, reference.weight_standardize(w64, 1e-6), b64, 2, 1, 1, 2)
+    grads64 = torch.autograd.grad(y64, (x64, w64, b64), g.double())
+    assert_parity(y, y64, None, torch.float32, "std_conv2d forward")
+    for name, a, r in zip("xwb", grads, grads64):
+        assert_parity(a, r, None, torch.float32, f"std_conv2d grad {name}")
+
+
+def test_bad_input_messages():
+    f = bitfast.ops.weight_standardize
+    with pytest.raises(ValueError, match=r"weight_standardize: w has 1 dims"):
+        f(torch.randn(4))
+    with pytest.raises(TypeError, match=r"weight_standardize: w has dtype torch.int64"):
+        f(torch.ones(2, 2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"eps must be a finite value >= 0; got -1"):
+        f(torch.randn(2, 2), eps=-1.0)
+    with pytest.raises(TypeError, match=r"w must be a torch.Tensor"):
+        f([[1.0]])
+    with pytest.raises(ValueError, match=r"unknown backend 'fast'"):
+        f(torch.randn(2, 2), backend="fast")
+    with pytest.raises(ValueError, match=r"x has 6 channels but weight expects 4"):
+        bitfast.ops.std_conv2d(torch.randn(1, 6, 4, 4), torch.randn(3, 4, 1, 1))
+    with pytest.raises(ValueError, match=r"x has 3 dims"):
+        bitfast.ops.std_conv2d(torch.randn(6, 4, 4), torch.randn(3, 6, 1, 1))
+    with pytest.raises(ValueError, match=r"bias has shape \(2,\); expected \(3,\)"):
+        bitfast.ops.std_conv2d(torch.randn(1, 6, 4, 4), torch.randn(3, 6, 1, 1), torch.randn(2))
