@@ -9,6 +9,7 @@ checkpoints.
 __version__ = "0.1.0"
 
 from bitfast import ops  # noqa: E402  (registers the ops and loads the native builds)
+from bitfast import nn, optim  # noqa: E402
 from bitfast.backends import BackendError, available_backends, use_backend  # noqa: E402
 from bitfast.checkpoint import load_pretrained  # noqa: E402
 from bitfast.models import ResNetV2, create_model, list_models  # noqa: E402
@@ -21,6 +22,8 @@ __all__ = [
     "create_model",
     "list_models",
     "load_pretrained",
+    "nn",
     "ops",
+    "optim",
     "use_backend",
 ]

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Set up bitfast in a virtual environment (./.venv by default) and run one of:
+#   demo   the main job: build BiT-R50x1, load a synthetic official-layout checkpoint,
+#          run a forward pass on the embedded default images and report
+#   test   ruff check, then the test suite (pytest; benchmarks are not collected)
+#   setup  only the set-up
+# Idempotent: a second run reuses the environment. Knobs: BITFAST_VENV (path),
+# BITFAST_TORCH (the torch requirement installed when the environment has none;
+# default torch==2.13.0, the CPU build; on a GPU cluster install your CUDA torch first),
+# PYTHON (interpreter used to create the environment).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+venv=${BITFAST_VENV:-.venv}
+if [ ! -x "$venv/bin/python" ]; then
+    "${PYTHON:-python3}" -m venv "$venv"
+fi
+py="$venv/bin/python"
+if ! "$py" -c "import torch" 2>/dev/null; then
+    "$py" -m pip install -q "${BITFAST_TORCH:-torch==2.13.0}"
+fi
+# Dependencies that need torch come after it; bitfast builds against the torch installed
+# (--no-build-isolation: an isolated build would pull another torch).
+"$py" -m pip install -q numpy setuptools wheel ninja pytest pytest-benchmark safetensors ruff triton
+"$py" -m pip install -q --no-build-isolation -e .
+case "${1:-demo}" in
+    demo) shift || true; exec "$venv/bin/bitfast" demo "$@" ;;
+    test) shift || true; "$venv/bin/ruff" check . && exec "$py" -m pytest "$@" ;;
+    setup) "$venv/bin/bitfast" env ;;
+    *) echo "usage: $0 [demo|test|setup] [args...]" >&2; exit 2 ;;
+esac
