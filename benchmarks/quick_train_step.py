@@ -68,9 +68,6 @@ def measure(name, args, device):
     med = statistics.median(times)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
     spread = (max(times) - min(times)) / med
-    del model, opt
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
     return {"variant": name, "img_per_s": args.batch / med, "median_ms": med * 1e3, "spread": spread, "peak_gib": peak}
 
 
