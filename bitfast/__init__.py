@@ -8,11 +8,9 @@ checkpoints.
 
 __version__ = "0.1.0"
 
-from bitfast import (  # noqa: E402
-    nn,
-    ops,  # noqa: E402  (registers the ops and loads the native builds)
-    optim,
-)
+# bitfast.ops first: it defines the op schemas and loads the native builds.
+from bitfast import ops  # noqa: E402, I001
+from bitfast import nn, optim  # noqa: E402
 from bitfast.backends import BackendError, available_backends, use_backend  # noqa: E402
 from bitfast.checkpoint import load_pretrained  # noqa: E402
 from bitfast.models import ResNetV2, create_model, list_models  # noqa: E402

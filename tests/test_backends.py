@@ -96,3 +96,11 @@ def test_env_var(monkeypatch):
 def test_module_backend_is_validated_at_construction():
     with pytest.raises(ValueError, match=r"unknown backend 'fast'"):
         bitfast.nn.GroupNormReLU(8, 4, backend="fast")
+
+
+@pytest.mark.parametrize("module", ["bitfast.nn", "bitfast.backends", "bitfast.optim", "bitfast.models", "bitfast.ops.reference", "bitfast.checkpoint"])
+def test_any_submodule_can_be_imported_first(module):
+    import subprocess
+    import sys
+
+    subprocess.run([sys.executable, "-c", f"import {module}"], check=True)
