@@ -1,0 +1,190 @@
+// Fused SGD with momentum on CUDA: one pass over p, g and m (20 bytes per fp32 parameter,
+// PERF.md), all tensors of a call in a few multi-tensor launches.
+//
+// A launch covers up to kMaxTensors tensors, whose pointers and sizes travel in the
+// kernel's arguments (no device-side table to allocate and copy). Each tensor is cut into
+// chunks of kChunk elements, one block per chunk; a block finds its tensor by a binary
+// search over the first chunk index of each tensor. Where p, g and m are 16-byte aligned
+// (the usual case: the caching allocator aligns to 512 bytes) a thread moves 16 bytes per
+// load and store.
+#include "cuda/sgd_momentum.h"
+
+#include "common/checks.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace bitfast::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+// Elements per block: 128 KiB of fp32 per stream; a BiT-R50x1 step is about 800 blocks.
+constexpr int64_t kChunk = 32768;
+// Tensors per launch: keeps the arguments (TensorTable + StepOptions) under the 4 KiB that
+// every CUDA version accepts.
+constexpr int kMaxTensors = 96;
+
+template <typename scalar_t>
+struct TensorTable {
+  scalar_t* p[kMaxTensors];        // parameters
+  const scalar_t* g[kMaxTensors];  // gradients
+  scalar_t* m[kMaxTensors];        // momentum buffers (null without momentum)
+  int64_t numel[kMaxTensors];      // elements of each tensor
+  int first_chunk[kMaxTensors];    // index of each tensor's first chunk (block) in the launch
+  int count;                       // tensors in this launch
+};
+
+template <typename acc_t>
+struct StepOptions {
+  acc_t lr, momentum, one_minus_dampening, weight_decay;
+  bool use_momentum, nesterov, maximize, first;
+};
+
+static_assert(sizeof(TensorTable<double>) + sizeof(StepOptions<double>) <= 4000,
+              "kernel arguments must stay under 4 KiB");
+
+// torch.optim.SGD's update of one element, in acc_t; m is read unless o.first and written.
+template <typename acc_t>
+__device__ __forceinline__ acc_t update(acc_t p, acc_t g, acc_t& m, const StepOptions<acc_t>& o) {
+  acc_t d = o.maximize ? -g : g;
+  if (o.weight_decay != acc_t(0)) d = d + o.weight_decay * p;
+  if (o.use_momentum) {
+    const acc_t buf = o.first ? d : o.momentum * m + o.one_minus_dampening * d;
+    m = buf;
+    d = o.nesterov ? d + o.momentum * buf : buf;
+  }
+  return p - o.lr * d;
+}
+
+// N elements moved by one 16-byte load or store.
+template <typename scalar_t, int N>
+struct alignas(sizeof(scalar_t) * N) Pack {
+  scalar_t v[N];
+};
+
+// __grid_constant__ keeps the table in the constant bank: a block indexes it with a
+// run-time tensor index, which would otherwise copy the whole table to local memory.
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads)
+    _sgd_momentum_kernel(const __grid_constant__ TensorTable<scalar_t> T,  // the tensors of this launch
+                         const StepOptions<acc_t> O) {                    // hyper-parameters
+  const int chunk = blockIdx.x;
+  // The last tensor whose first chunk is <= this block's chunk.
+  int lo = 0, hi = T.count - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (T.first_chunk[mid] <= chunk) {
+      lo = mid;
+    } else {
+      hi = mid - 1;
+    }
+  }
+  const int t = lo;
+  const int64_t begin = static_cast<int64_t>(chunk - T.first_chunk[t]) * kChunk;
+  const int64_t n = min(kChunk, T.numel[t] - begin);
+  scalar_t* __restrict__ p = T.p[t] + begin;
+  const scalar_t* __restrict__ g = T.g[t] + begin;
+  scalar_t* __restrict__ m = O.use_momentum ? T.m[t] + begin : nullptr;
+  const bool read_m = O.use_momentum && !O.first;
+
+  constexpr int N = 16 / sizeof(scalar_t);
+  using P = Pack<scalar_t, N>;
+  // begin is a multiple of N, so a chunk is aligned when its tensor is.
+  const auto addr = reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) |
+                    (m ? reinterpret_cast<uintptr_t>(m) : uintptr_t(0));
+  int64_t done = 0;
+  if (addr % 16 == 0) {
+    const int64_t packs = n / N;
+    for (int64_t k = threadIdx.x; k < packs; k += kThreads) {
+      P pv = reinterpret_cast<const P*>(p)[k];
+      const P gv = reinterpret_cast<const P*>(g)[k];
+      P mv{};
+      if (read_m) mv = reinterpret_cast<const P*>(m)[k];
+#pragma unroll
+      for (int e = 0; e < N; ++e) {
+        acc_t me = static_cast<acc_t>(mv.v[e]);
+        pv.v[e] = static_cast<scalar_t>(update(static_cast<acc_t>(pv.v[e]), static_cast<acc_t>(gv.v[e]), me, O));
+        mv.v[e] = static_cast<scalar_t>(me);
+      }
+      reinterpret_cast<P*>(p)[k] = pv;
+      if (O.use_momentum) reinterpret_cast<P*>(m)[k] = mv;
+    }
+    done = packs * N;
+  }
+  for (int64_t j = done + threadIdx.x; j < n; j += kThreads) {
+    acc_t me = read_m ? static_cast<acc_t>(m[j]) : acc_t(0);
+    p[j] = static_cast<scalar_t>(update(static_cast<acc_t>(p[j]), static_cast<acc_t>(g[j]), me, O));
+    if (O.use_momentum) m[j] = static_cast<scalar_t>(me);
+  }
+}
+
+template <typename scalar_t>
+void launch_all(const std::vector<SgdOperands>& ops, const StepOptions<at::opmath_type<scalar_t>>& o,
+                cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  TensorTable<scalar_t> table{};
+  int chunks = 0;
+  auto flush = [&] {
+    if (table.count == 0) return;
+    _sgd_momentum_kernel<scalar_t, acc_t><<<chunks, kThreads, 0, stream>>>(table, o);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    table.count = 0;
+    chunks = 0;
+  };
+  // Keeps the block count of one launch far inside the grid's 2^31 - 1 limit.
+  constexpr int64_t kMaxChunks = std::numeric_limits<int32_t>::max() / 2;
+  for (const SgdOperands& op : ops) {
+    const int64_t n = op.p.numel();
+    if (n == 0) continue;
+    const int64_t c = (n + kChunk - 1) / kChunk;
+    TORCH_CHECK(c <= kMaxChunks, "native_sgd_momentum_: a tensor of ", n, " elements is too large for one launch");
+    if (chunks + c > kMaxChunks) flush();
+    const int i = table.count++;
+    table.p[i] = op.p.data_ptr<scalar_t>();
+    table.g[i] = op.g.const_data_ptr<scalar_t>();
+    table.m[i] = o.use_momentum ? op.m.data_ptr<scalar_t>() : nullptr;
+    table.numel[i] = n;
+    table.first_chunk[i] = chunks;
+    chunks += static_cast<int>(c);
+    if (table.count == kMaxTensors) flush();
+  }
+  flush();
+}
+
+}  // namespace
+
+void sgd_momentum_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
+                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                   bool is_first_step) {
+  const bool use_momentum = check_sgd_momentum(params, grads, momentum_buffers, momentum, c10::DeviceType::CUDA);
+  if (params.empty()) return;
+  const c10::cuda::CUDAGuard guard(params[0].device());
+  std::vector<SgdOperands> ops;
+  ops.reserve(params.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    ops.push_back(sgd_operands(params[i], grads[i], use_momentum ? &momentum_buffers[i] : nullptr));
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "native_sgd_momentum_", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const StepOptions<acc_t> o{static_cast<acc_t>(lr),
+                               static_cast<acc_t>(momentum),
+                               static_cast<acc_t>(1.0 - dampening),
+                               static_cast<acc_t>(weight_decay),
+                               use_momentum,
+                               nesterov,
+                               maximize,
+                               is_first_step};
+    launch_all<scalar_t>(ops, o, stream);
+  });
+  sgd_finish(ops);
+}
+
+}  // namespace bitfast::cuda
