@@ -10,6 +10,7 @@ downloaded to a temporary file in that folder and renamed into place only when c
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import re
@@ -76,11 +77,23 @@ def _named_release(source: str) -> str | None:
     return release_name(source)
 
 
+def _reject_unreleased(source: str) -> None:
+    """ValueError for a name shaped like a release (``BiT-L-R152x4``) that was not released."""
+    if _is_url(source) or os.path.exists(source) or release_name(source) is not None:
+        return
+    if _RELEASE_LIKE.fullmatch(source.removesuffix(".npz")):
+        raise ValueError(
+            f"bitfast.checkpoint: {source!r} is not a released BiT checkpoint (BiT-L was never released); "
+            f"expected one of {RELEASES}, a local path or a URL"
+        )
+
+
 def check_release_arch(source, arch: str, fn: str = "load_pretrained") -> None:
     """Raise ValueError when ``source`` names a released checkpoint of another
     architecture than ``arch`` (e.g. ``"R50x1"``). Paths are left to the shape checks."""
     if not isinstance(source, str):
         return
+    _reject_unreleased(source)
     release = _named_release(source)
     if release is not None and release_arch(release) != arch:
         raise ValueError(
@@ -129,6 +142,9 @@ def download(url: str, dest: str, timeout: float = 60.0) -> str:
             f"bitfast.checkpoint: could not download {url}: {err.reason} (set ${ENV_URL} to a mirror, "
             "or pass a local path)"
         ) from err
+    except (http.client.HTTPException, TimeoutError, ConnectionError) as err:
+        _remove(tmp)
+        raise OSError(f"bitfast.checkpoint: download of {url} failed: {type(err).__name__}: {err}") from err
     except BaseException:
         _remove(tmp)
         raise
@@ -166,11 +182,7 @@ def resolve_source(source: str | os.PathLike) -> str:
     if release is not None:
         dest = os.path.join(cache_dir(), f"{release}.npz")
         return dest if os.path.exists(dest) else download(weights_url(release), dest)
-    if _RELEASE_LIKE.fullmatch(source.removesuffix(".npz")):
-        raise ValueError(
-            f"bitfast.checkpoint: {source!r} is not a released BiT checkpoint (BiT-L was never released); "
-            f"expected one of {RELEASES}, a local path or a URL"
-        )
+    _reject_unreleased(source)
     raise FileNotFoundError(
         f"bitfast.checkpoint: no checkpoint file at {source} (and it is not a released name such as 'BiT-M-R50x1')"
     )
