@@ -3,16 +3,19 @@
 //
 // The work is cut into fixed-size chunks across all tensors of the call and the chunks are
 // shared among threads, so that a list of many small tensors (biases, norm scales) and a
-// few large ones (conv weights) both keep every core busy.
+// few large ones (conv weights) both keep every core busy. The update is a plain loop,
+// specialized at compile time for the options of the step (no branch inside), which the
+// compiler vectorizes; fp16/bf16 chunks are widened block by block into float buffers that
+// stay in L1, so memory is still read and written once.
 #include "cpu/sgd_momentum.h"
 
 #include "common/checks.h"
+#include "cpu/convert.h"
+#include "cpu/simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -29,6 +32,9 @@ constexpr int64_t kChunk = 16384;
 // costs more than the update itself.
 constexpr int64_t kParallelMin = 131072;
 
+// fp16/bf16 elements widened at a time: three float buffers of 4 KiB, resident in L1.
+constexpr int64_t kBlock = 1024;
+
 // Step options in the math type (float for fp16/bf16/fp32, double for fp64).
 template <typename acc_t>
 struct Options {
@@ -36,67 +42,74 @@ struct Options {
   bool use_momentum, nesterov, maximize, first;
 };
 
-inline float negate(float v) { return -v; }
-inline double negate(double v) { return -v; }
-template <typename acc_t>
-inline at::vec::Vectorized<acc_t> negate(const at::vec::Vectorized<acc_t>& v) {
-  return v.neg();
-}
-
-// The update of one element or one vector of elements; T is acc_t or Vectorized<acc_t>.
-// Kept in one place so the vector body and the scalar tail compute the same thing.
-template <typename T, typename acc_t>
-inline T update(T p, T g, T* m, const Options<acc_t>& o) {
-  T d = o.maximize ? negate(g) : g;
-  if (o.weight_decay != acc_t(0)) d = d + T(o.weight_decay) * p;
-  if (o.use_momentum) {
-    const T buf = o.first ? d : T(o.momentum) * (*m) + T(o.one_minus_dampening) * d;
-    *m = buf;
-    d = o.nesterov ? d + T(o.momentum) * buf : buf;
+// torch.optim.SGD's update over n elements, for one combination of options.
+template <typename T, bool WD, bool MOM, bool FIRST, bool NEST, bool MAX>
+BITFAST_INLINE void update(T* __restrict p, const T* __restrict g, T* __restrict m, int64_t n, const Options<T>& o) {
+  const T lr = o.lr, mom = o.momentum, omd = o.one_minus_dampening, wd = o.weight_decay;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    T d = MAX ? -g[i] : g[i];
+    if constexpr (WD) d = d + wd * p[i];
+    if constexpr (MOM) {
+      const T buf = FIRST ? d : mom * m[i] + omd * d;
+      m[i] = buf;
+      d = NEST ? d + mom * buf : buf;
+    }
+    p[i] = p[i] - lr * d;
   }
-  return p - T(o.lr) * d;
 }
 
-// Updates n elements of one tensor (float or double storage).
+template <typename T, bool WD, bool MAX>
+BITFAST_INLINE void update_momentum(T* p, const T* g, T* m, int64_t n, const Options<T>& o) {
+  if (!o.use_momentum) {
+    update<T, WD, false, false, false, MAX>(p, g, m, n, o);
+  } else if (o.first) {
+    if (o.nesterov) {
+      update<T, WD, true, true, true, MAX>(p, g, m, n, o);
+    } else {
+      update<T, WD, true, true, false, MAX>(p, g, m, n, o);
+    }
+  } else {
+    if (o.nesterov) {
+      update<T, WD, true, false, true, MAX>(p, g, m, n, o);
+    } else {
+      update<T, WD, true, false, false, MAX>(p, g, m, n, o);
+    }
+  }
+}
+
+template <typename T>
+BITFAST_INLINE void update_any(T* p, const T* g, T* m, int64_t n, const Options<T>& o) {
+  if (o.weight_decay != T(0)) {
+    o.maximize ? update_momentum<T, true, true>(p, g, m, n, o) : update_momentum<T, true, false>(p, g, m, n, o);
+  } else {
+    o.maximize ? update_momentum<T, false, true>(p, g, m, n, o) : update_momentum<T, false, false>(p, g, m, n, o);
+  }
+}
+
+BITFAST_TARGET_CLONES void step_float(float* p, const float* g, float* m, int64_t n, const Options<float>& o) {
+  update_any<float>(p, g, m, n, o);
+}
+
+BITFAST_TARGET_CLONES void step_double(double* p, const double* g, double* m, int64_t n, const Options<double>& o) {
+  update_any<double>(p, g, m, n, o);
+}
+
+void step(float* p, const float* g, float* m, int64_t n, const Options<float>& o) { step_float(p, g, m, n, o); }
+void step(double* p, const double* g, double* m, int64_t n, const Options<double>& o) { step_double(p, g, m, n, o); }
+
+// fp16/bf16: block by block through float buffers.
 template <typename scalar_t>
-void step_full(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t n, const Options<scalar_t>& o) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  constexpr int64_t W = Vec::size();
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    Vec mv = o.use_momentum && !o.first ? Vec::loadu(m + i) : Vec(scalar_t(0));
-    const Vec pv = update<Vec, scalar_t>(Vec::loadu(p + i), Vec::loadu(g + i), &mv, o);
-    pv.store(p + i);
-    if (o.use_momentum) mv.store(m + i);
-  }
-  for (; i < n; ++i) {
-    scalar_t mv = o.use_momentum && !o.first ? m[i] : scalar_t(0);
-    p[i] = update<scalar_t, scalar_t>(p[i], g[i], &mv, o);
-    if (o.use_momentum) m[i] = mv;
-  }
-}
-
-// Updates n elements of one fp16/bf16 tensor: loads widen to float, stores round back.
-template <typename scalar_t>
-void step_reduced(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t n, const Options<float>& o) {
-  using Vec = at::vec::Vectorized<scalar_t>;
-  using FVec = at::vec::Vectorized<float>;
-  constexpr int64_t W = Vec::size();  // == 2 * FVec::size()
-  int64_t i = 0;
-  for (; i + W <= n; i += W) {
-    auto [p0, p1] = at::vec::convert_to_float<scalar_t>(Vec::loadu(p + i));
-    auto [g0, g1] = at::vec::convert_to_float<scalar_t>(Vec::loadu(g + i));
-    FVec m0(0.f), m1(0.f);
-    if (o.use_momentum && !o.first) std::tie(m0, m1) = at::vec::convert_to_float<scalar_t>(Vec::loadu(m + i));
-    p0 = update<FVec, float>(p0, g0, &m0, o);
-    p1 = update<FVec, float>(p1, g1, &m1, o);
-    at::vec::convert_from_float<scalar_t>(p0, p1).store(p + i);
-    if (o.use_momentum) at::vec::convert_from_float<scalar_t>(m0, m1).store(m + i);
-  }
-  for (; i < n; ++i) {
-    float mv = o.use_momentum && !o.first ? float(m[i]) : 0.f;
-    p[i] = scalar_t(update<float, float>(float(p[i]), float(g[i]), &mv, o));
-    if (o.use_momentum) m[i] = scalar_t(mv);
+void step(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t n, const Options<float>& o) {
+  float pb[kBlock], gb[kBlock], mb[kBlock];
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t len = std::min(kBlock, n - b);
+    widen(p + b, pb, len);
+    widen(g + b, gb, len);
+    if (o.use_momentum && !o.first) widen(m + b, mb, len);
+    step_float(pb, gb, mb, len, o);
+    narrow(pb, p + b, len);
+    if (o.use_momentum) narrow(mb, m + b, len);
   }
 }
 
@@ -110,21 +123,14 @@ void step_all(std::vector<SgdOperands>& ops, const Options<at::opmath_type<scala
     total += n;
     for (int64_t b = 0; b < n; b += kChunk) chunks.emplace_back(int64_t(t), b);
   }
-  // Below a few chunks the threads cost more than they save.
   const int64_t grain = total < kParallelMin ? int64_t(chunks.size()) : 1;
   at::parallel_for(0, int64_t(chunks.size()), std::max<int64_t>(grain, 1), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       const auto [t, b] = chunks[c];
       const SgdOperands& op = ops[t];
       const int64_t n = std::min(kChunk, op.p.numel() - b);
-      scalar_t* p = op.p.data_ptr<scalar_t>() + b;
-      const scalar_t* g = op.g.const_data_ptr<scalar_t>() + b;
       scalar_t* m = o.use_momentum ? op.m.data_ptr<scalar_t>() + b : nullptr;
-      if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
-        step_full<scalar_t>(p, g, m, n, o);
-      } else {
-        step_reduced<scalar_t>(p, g, m, n, o);
-      }
+      step(op.p.data_ptr<scalar_t>() + b, op.g.const_data_ptr<scalar_t>() + b, m, n, o);
     }
   });
 }

@@ -4,16 +4,18 @@
 // stays in L1/L2 while the kernel makes its passes over it: the mean, then the variance
 // about the mean (two passes are more accurate than one-pass sums of squares, and cost no
 // extra memory traffic here), then the output. Each row is read from memory once and
-// written once. fp16/bf16 rows are widened into a per-thread float buffer first.
+// written once. fp16/bf16 rows are widened into a per-thread float buffer first. The row
+// math is plain loops the compiler vectorizes (OpenMP simd lets it split the sums into
+// vector lanes), compiled for the baseline and for AVX2 (cpu/simd.h).
 #include "cpu/weight_std.h"
 
 #include "common/checks.h"
+#include "cpu/convert.h"
+#include "cpu/simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <ATen/ops/empty.h>
 
 #include <algorithm>
@@ -24,52 +26,72 @@
 namespace bitfast::cpu {
 namespace {
 
-using at::vec::Vectorized;
-
-// Four independent vector accumulators hide the latency of the adds.
-constexpr int kAcc = 4;
-
-// sum_j f(j) over j < n, where f takes an index and a vector flag; vectorized with kAcc
-// accumulators, scalar tail.
-template <typename acc_t, typename VecFn, typename ScalarFn>
-acc_t row_sum(int64_t n, const VecFn& vf, const ScalarFn& sf) {
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t W = Vec::size();
-  Vec acc[kAcc];
-  for (auto& a : acc) a = Vec(acc_t(0));
-  int64_t j = 0;
-  for (; j + kAcc * W <= n; j += kAcc * W) {
-    for (int k = 0; k < kAcc; ++k) acc[k] = acc[k] + vf(j + k * W);
-  }
-  for (; j + W <= n; j += W) acc[0] = acc[0] + vf(j);
-  for (int k = 1; k < kAcc; ++k) acc[0] = acc[0] + acc[k];
-  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc[0]);
-  for (; j < n; ++j) s += sf(j);
-  return s;
+// Standardizes one row x[0..K) into y, returning its mean and rstd.
+template <typename T>
+BITFAST_INLINE void fwd_row(const T* __restrict x, T* __restrict y, int64_t K, T eps, T* mean_out, T* rstd_out) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < K; ++j) sum += x[j];
+  // 0 / 0 = NaN for an empty row, as the reference's mean of nothing.
+  const T mean = sum / T(K);
+  T sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < K; ++j) sq += (x[j] - mean) * (x[j] - mean);
+  const T rstd = T(1) / std::sqrt(sq / T(K) + eps);
+#pragma omp simd
+  for (int64_t j = 0; j < K; ++j) y[j] = (x[j] - mean) * rstd;
+  *mean_out = mean;
+  *rstd_out = rstd;
 }
 
-// The rows of an fp16/bf16 tensor are widened to float before the math; float and double
-// rows are used in place.
-template <typename scalar_t, typename acc_t>
-const acc_t* widen(const scalar_t* src, int64_t n, std::vector<acc_t>& buf) {
-  if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return src;
-  } else {
-    buf.resize(n);
-    at::vec::convert(src, buf.data(), n);
-    return buf.data();
+// dw = rstd * (g - mean(g) - w_hat * mean(g * w_hat)) over one row.
+template <typename T>
+BITFAST_INLINE void bwd_row(const T* __restrict g, const T* __restrict x, T* __restrict dw, int64_t K, T mean,
+                            T rstd) {
+  T sum_g = 0, sum_gw = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gw)
+  for (int64_t j = 0; j < K; ++j) {
+    sum_g += g[j];
+    sum_gw += g[j] * ((x[j] - mean) * rstd);
   }
+  const T mean_g = sum_g / T(K), mean_gw = sum_gw / T(K);
+#pragma omp simd
+  for (int64_t j = 0; j < K; ++j) dw[j] = rstd * (g[j] - mean_g - ((x[j] - mean) * rstd) * mean_gw);
 }
 
-// Stores n acc_t values into dst of scalar_t, rounding fp16/bf16.
-template <typename scalar_t, typename acc_t>
-void narrow(const acc_t* src, scalar_t* dst, int64_t n) {
-  if constexpr (!std::is_same_v<scalar_t, acc_t>) at::vec::convert(src, dst, n);
+BITFAST_TARGET_CLONES void fwd_row_float(const float* x, float* y, int64_t K, float eps, float* mean, float* rstd) {
+  fwd_row<float>(x, y, K, eps, mean, rstd);
+}
+BITFAST_TARGET_CLONES void fwd_row_double(const double* x, double* y, int64_t K, double eps, double* mean,
+                                          double* rstd) {
+  fwd_row<double>(x, y, K, eps, mean, rstd);
+}
+BITFAST_TARGET_CLONES void bwd_row_float(const float* g, const float* x, float* dw, int64_t K, float mean,
+                                         float rstd) {
+  bwd_row<float>(g, x, dw, K, mean, rstd);
+}
+BITFAST_TARGET_CLONES void bwd_row_double(const double* g, const double* x, double* dw, int64_t K, double mean,
+                                          double rstd) {
+  bwd_row<double>(g, x, dw, K, mean, rstd);
+}
+
+void fwd_row_any(const float* x, float* y, int64_t K, float eps, float* mean, float* rstd) {
+  fwd_row_float(x, y, K, eps, mean, rstd);
+}
+void fwd_row_any(const double* x, double* y, int64_t K, double eps, double* mean, double* rstd) {
+  fwd_row_double(x, y, K, eps, mean, rstd);
+}
+void bwd_row_any(const float* g, const float* x, float* dw, int64_t K, float mean, float rstd) {
+  bwd_row_float(g, x, dw, K, mean, rstd);
+}
+void bwd_row_any(const double* g, const double* x, double* dw, int64_t K, double mean, double rstd) {
+  bwd_row_double(g, x, dw, K, mean, rstd);
 }
 
 // Rows per parallel task: enough that a task has about kRowGrain elements, below which a
 // thread costs more than it saves.
 constexpr int64_t kRowGrain = 32768;
+
 int64_t row_grain(int64_t k) {
   return std::max<int64_t>(1, kRowGrain / std::max<int64_t>(k, 1));
 }
@@ -78,39 +100,16 @@ template <typename scalar_t>
 void fwd_rows(const scalar_t* W, scalar_t* OUT, at::opmath_type<scalar_t>* MEAN, at::opmath_type<scalar_t>* RSTD,
               int64_t O, int64_t K, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t VW = Vec::size();
-  constexpr bool kWide = std::is_same_v<scalar_t, acc_t>;
-  const acc_t eps_ = acc_t(eps);
   at::parallel_for(0, O, row_grain(K), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> in_buf, out_buf;
-    if constexpr (!kWide) out_buf.resize(K);
-    for (int64_t o = begin; o < end; ++o) {
-      const acc_t* x = widen<scalar_t, acc_t>(W + o * K, K, in_buf);
-      const acc_t sum = row_sum<acc_t>(
-          K, [&](int64_t j) { return Vec::loadu(x + j); }, [&](int64_t j) { return x[j]; });
-      // 0 / 0 = NaN for an empty row, as the reference's mean of nothing.
-      const acc_t mean = sum / acc_t(K);
-      const Vec mean_v(mean);
-      const acc_t sq = row_sum<acc_t>(
-          K,
-          [&](int64_t j) {
-            const Vec d = Vec::loadu(x + j) - mean_v;
-            return d * d;
-          },
-          [&](int64_t j) {
-            const acc_t d = x[j] - mean;
-            return d * d;
-          });
-      const acc_t rstd = acc_t(1) / std::sqrt(sq / acc_t(K) + eps_);
-      MEAN[o] = mean;
-      RSTD[o] = rstd;
-      acc_t* y = kWide ? reinterpret_cast<acc_t*>(OUT + o * K) : out_buf.data();
-      const Vec rstd_v(rstd);
-      int64_t j = 0;
-      for (; j + VW <= K; j += VW) ((Vec::loadu(x + j) - mean_v) * rstd_v).store(y + j);
-      for (; j < K; ++j) y[j] = (x[j] - mean) * rstd;
-      narrow<scalar_t, acc_t>(y, OUT + o * K, K);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int64_t o = begin; o < end; ++o) fwd_row_any(W + o * K, OUT + o * K, K, acc_t(eps), MEAN + o, RSTD + o);
+    } else {
+      std::vector<float> x(K), y(K);
+      for (int64_t o = begin; o < end; ++o) {
+        widen(W + o * K, x.data(), K);
+        fwd_row_any(x.data(), y.data(), K, float(eps), MEAN + o, RSTD + o);
+        narrow(y.data(), OUT + o * K, K);
+      }
     }
   });
 }
@@ -119,35 +118,17 @@ template <typename scalar_t>
 void bwd_rows(const scalar_t* G, const scalar_t* W, const at::opmath_type<scalar_t>* MEAN,
               const at::opmath_type<scalar_t>* RSTD, scalar_t* DW, int64_t O, int64_t K) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = Vectorized<acc_t>;
-  constexpr int64_t VW = Vec::size();
-  constexpr bool kWide = std::is_same_v<scalar_t, acc_t>;
   at::parallel_for(0, O, row_grain(K), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> g_buf, w_buf, out_buf;
-    if constexpr (!kWide) out_buf.resize(K);
-    for (int64_t o = begin; o < end; ++o) {
-      const acc_t* g = widen<scalar_t, acc_t>(G + o * K, K, g_buf);
-      const acc_t* x = widen<scalar_t, acc_t>(W + o * K, K, w_buf);
-      const acc_t mean = MEAN[o], rstd = RSTD[o];
-      const Vec mean_v(mean), rstd_v(rstd);
-      const acc_t sum_g = row_sum<acc_t>(
-          K, [&](int64_t j) { return Vec::loadu(g + j); }, [&](int64_t j) { return g[j]; });
-      const acc_t sum_gw = row_sum<acc_t>(
-          K, [&](int64_t j) { return Vec::loadu(g + j) * ((Vec::loadu(x + j) - mean_v) * rstd_v); },
-          [&](int64_t j) { return g[j] * ((x[j] - mean) * rstd); });
-      const acc_t mean_g = sum_g / acc_t(K), mean_gw = sum_gw / acc_t(K);
-      const Vec mean_g_v(mean_g), mean_gw_v(mean_gw);
-      acc_t* y = kWide ? reinterpret_cast<acc_t*>(DW + o * K) : out_buf.data();
-      int64_t j = 0;
-      for (; j + VW <= K; j += VW) {
-        const Vec what = (Vec::loadu(x + j) - mean_v) * rstd_v;
-        (rstd_v * (Vec::loadu(g + j) - mean_g_v - what * mean_gw_v)).store(y + j);
+    if constexpr (std::is_same_v<scalar_t, acc_t>) {
+      for (int64_t o = begin; o < end; ++o) bwd_row_any(G + o * K, W + o * K, DW + o * K, K, MEAN[o], RSTD[o]);
+    } else {
+      std::vector<float> g(K), x(K), y(K);
+      for (int64_t o = begin; o < end; ++o) {
+        widen(G + o * K, g.data(), K);
+        widen(W + o * K, x.data(), K);
+        bwd_row_any(g.data(), x.data(), y.data(), K, MEAN[o], RSTD[o]);
+        narrow(y.data(), DW + o * K, K);
       }
-      for (; j < K; ++j) {
-        const acc_t what = (x[j] - mean) * rstd;
-        y[j] = rstd * (g[j] - mean_g - what * mean_gw);
-      }
-      narrow<scalar_t, acc_t>(y, DW + o * K, K);
     }
   });
 }
