@@ -1,0 +1,382 @@
+"""Parity of bitfast's native CPU kernels (the ``cpp`` backend, ``bitfast._C``) with the
+spec in ``bitfast.ops.reference``.
+
+Covers the native ops themselves (``torch.ops.bitfast.native_*``) and the public API with
+``backend="cpp"``: weight standardization forward and backward (fp32, fp64, bf16, fp16;
+BiT and edge shapes; non-contiguous weights and gradients; autograd and fp64 gradcheck) and
+the SGD step over many steps for every option combination, against a float64 evaluation of
+the reference with PyTorch's own math in the same dtype as the error baseline (the
+tolerance rule of tests/ops/_util.py); ``torch.library.opcheck`` of the native ops; and the
+error messages of bad calls.
+
+The helpers take a device and a backend: tests/ops/test_native_cuda.py runs the same cases
+on the ``cuda`` backend.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import bitfast
+from bitfast import backends
+from bitfast.ops import reference
+from tests.ops._util import assert_parity
+
+DEVICE, BACKEND = "cpu", "cpp"
+ALL_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+EPS = 1e-8
+
+# (shape, label): minimal, BiT stem, projection, odd sizes, a row beyond a vector length
+WS_SHAPES = [
+    ((1, 1, 1, 1), "minimal"),
+    ((64, 3, 7, 7), "stem"),
+    ((256, 64, 1, 1), "projection"),
+    ((7, 5, 3, 3), "odd"),
+    ((3, 4609), "long-row-2d"),
+]
+
+SGD_OPTIONS = [
+    dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx)
+    for m, d, wd, n, mx in itertools.product((0.0, 0.9), (0.0, 0.1), (0.0, 1e-2), (False, True), (False, True))
+    if not (n and (m == 0 or d != 0))
+]
+
+
+def require(backend: str, family: str, device: str, dtype: torch.dtype = torch.float32) -> None:
+    """Skip, saying why, when ``backend`` cannot serve ``family`` here."""
+    reasons = backends.not_supported_reasons(backend, family, device, dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+
+
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def layouts(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The same values as ``w`` in several layouts: contiguous, transposed storage,
+    channels_last (4-d), and a strided slice of a larger tensor."""
+    out = {"contiguous": w.contiguous(), "transposed": w.transpose(0, 1).contiguous().transpose(0, 1)}
+    if w.dim() == 4:
+        out["channels_last"] = w.contiguous(memory_format=torch.channels_last)
+    wide = torch.zeros(*w.shape[:-1], 2 * w.shape[-1], dtype=w.dtype, device=w.device)
+    wide[..., ::2] = w
+    out["sliced"] = wide[..., ::2]
+    return out
+
+
+def random_weight(shape, dtype, device) -> torch.Tensor:
+    # an offset and a small spread, as trained conv weights: the mean matters
+    return (torch.randn(shape, device=device) * 0.05 + 0.01).to(dtype)
+
+
+# ----------------------------------------------------------------------------------------
+# weight standardization: shared cases
+# ----------------------------------------------------------------------------------------
+
+
+def check_ws_native(w: torch.Tensor, grad: torch.Tensor, eps: float = EPS) -> None:
+    """native_weight_standardize_fwd/bwd on ``w`` (and ``grad``) against the float64
+    reference, with the reference in ``w``'s dtype as the error baseline."""
+    dtype = w.dtype
+    sd = stat_dtype(dtype)
+    out, mean, rstd = torch.ops.bitfast.native_weight_standardize_fwd(w, eps)
+    assert out.dtype == dtype and out.shape == w.shape and out.is_contiguous()
+    assert mean.dtype == sd and rstd.dtype == sd and mean.shape == rstd.shape == (w.shape[0],)
+    assert out.device == mean.device == w.device
+    out64, mean64, rstd64 = reference.weight_standardize_forward(w.double(), eps)
+    out_b, mean_b, rstd_b = reference.weight_standardize_forward(w, eps)
+    assert_parity(out, out64, out_b, dtype, "forward out")
+    assert_parity(mean, mean64, mean_b, sd, "forward mean")
+    assert_parity(rstd, rstd64, rstd_b, sd, "forward rstd")
+
+    dw = torch.ops.bitfast.native_weight_standardize_bwd(grad, w, mean, rstd)
+    assert dw.dtype == dtype and dw.shape == w.shape and dw.is_contiguous()
+    dw64 = reference.weight_standardize_backward(grad.double(), w.double(), mean64, rstd64)
+    dw_b = reference.weight_standardize_backward(grad, w, mean_b, rstd_b)
+    assert_parity(dw, dw64, dw_b, dtype, "backward")
+
+
+def check_ws_autograd(w: torch.Tensor, backend: str, eps: float = EPS) -> None:
+    """Gradients through ``bitfast.ops.weight_standardize(w, backend=...)`` against float64
+    autograd through ``reference.weight_standardize``."""
+    dtype = w.dtype
+    w = w.detach().requires_grad_()
+    y = bitfast.ops.weight_standardize(w, eps, backend=backend)
+    assert y.dtype == dtype and y.is_contiguous()
+    g = torch.randn(y.shape, device=w.device).to(dtype)
+    (gw,) = torch.autograd.grad(y, w, g)
+    w64 = w.detach().double().requires_grad_()
+    y64 = reference.weight_standardize(w64, eps)
+    (gw64,) = torch.autograd.grad(y64, w64, g.double())
+    wb = w.detach().clone().requires_grad_()
+    yb = reference.weight_standardize(wb, eps)
+    (gwb,) = torch.autograd.grad(yb, wb, g)
+    assert_parity(y, y64.detach(), yb.detach(), dtype, f"{backend} forward")
+    assert_parity(gw, gw64, gwb, dtype, f"{backend} backward")
+
+
+# ----------------------------------------------------------------------------------------
+# SGD: shared cases
+# ----------------------------------------------------------------------------------------
+
+
+def check_sgd(shapes, dtype, device, backend, opts, steps=8, native=False, make=None) -> None:
+    """``steps`` SGD steps on ``backend`` (through the native op when ``native``) against
+    float64 steps of the reference, with the reference in ``dtype`` as the error baseline.
+    ``make(shape, dtype, device)`` builds each param/grad/buffer (layout tests)."""
+    make = make or (lambda s, dt, dev: torch.randn(s, device=dev).to(dt))
+    params = [make(s, dtype, device) for s in shapes]
+    momentum = opts["momentum"]
+    bufs = [make(s, dtype, device) for s in shapes] if momentum else []
+    p64 = [p.double() for p in params]
+    b64 = [b.double() for b in bufs]
+    pb = [p.clone() for p in params]
+    bb = [b.clone() for b in bufs]
+    ids = [(p.data_ptr(), p.stride()) for p in params]
+    for step in range(steps):
+        lr = 0.05 if step < steps // 2 else 0.01  # a schedule change mid-run
+        grads = [make(s, dtype, device) for s in shapes]
+        args = (lr, momentum, opts["dampening"], opts["weight_decay"], opts["nesterov"], opts["maximize"], step == 0)
+        if native:
+            torch.ops.bitfast.native_sgd_momentum_(params, grads, bufs, *args)
+        else:
+            bitfast.ops.sgd_momentum_(
+                params, grads, bufs, lr=lr, momentum=momentum, dampening=opts["dampening"],
+                weight_decay=opts["weight_decay"], nesterov=opts["nesterov"], maximize=opts["maximize"],
+                is_first_step=step == 0, backend=backend,
+            )
+        reference.sgd_momentum_(p64, [g.double() for g in grads], b64, *args)
+        reference.sgd_momentum_(pb, grads, bb, *args)
+    # updated in place: same storage, same strides
+    assert [(p.data_ptr(), p.stride()) for p in params] == ids
+    for i, (a, r, b) in enumerate(zip(params, p64, pb)):
+        assert_parity(a, r, b, dtype, f"param {i} {tuple(a.shape)}")
+    for i, (a, r, b) in enumerate(zip(bufs, b64, bb)):
+        assert_parity(a, r, b, dtype, f"momentum buffer {i} {tuple(a.shape)}")
+
+
+def check_sgd_matches_torch_optim(device, backend, opts, steps=6) -> None:
+    """The backend's steps against torch.optim.SGD itself (fp32, several param groups'
+    worth of tensors, the buffers initialised on the first step)."""
+    shapes = [(64, 3, 7, 7), (256,), (33, 17)]
+    params = [torch.randn(s, device=device) for s in shapes]
+    torch_params = [p.clone().requires_grad_() for p in params]
+    opt = torch.optim.SGD(torch_params, lr=0.1, foreach=False, **opts)
+    bufs = [torch.zeros_like(p) for p in params] if opts["momentum"] else []
+    for step in range(steps):
+        grads = [torch.randn(s, device=device) for s in shapes]
+        for p, g in zip(torch_params, grads):
+            p.grad = g.clone()
+        opt.step()
+        bitfast.ops.sgd_momentum_(params, grads, bufs, lr=0.1, is_first_step=step == 0, backend=backend, **opts)
+    for a, b in zip(params, torch_params):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-6)
+    for a, b in zip(bufs, torch_params):
+        torch.testing.assert_close(a, opt.state[b]["momentum_buffer"], rtol=1e-5, atol=1e-6)
+
+
+def make_strided(kind: str):
+    """A ``make`` for check_sgd building tensors of the layout ``kind``."""
+
+    def make(shape, dtype, device):
+        x = torch.randn(shape, device=device).to(dtype)
+        if kind == "transposed":
+            return x.transpose(0, -1).contiguous().transpose(0, -1)
+        if kind == "channels_last" and len(shape) == 4:
+            return x.contiguous(memory_format=torch.channels_last)
+        if kind == "sliced":
+            wide = torch.zeros(*shape[:-1], 2 * shape[-1], dtype=dtype, device=device)
+            wide[..., ::2] = x
+            return wide[..., ::2]
+        if kind == "offset":  # storage offset of one element: unaligned vectors
+            flat = torch.zeros(x.numel() + 1, dtype=dtype, device=device)
+            flat[1:] = x.reshape(-1)
+            return flat[1:].view(shape)
+        return x
+
+    return make
+
+
+# ----------------------------------------------------------------------------------------
+# the cpp backend
+# ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(autouse=True)
+def _needs_cpp():
+    require(BACKEND, "weight_standardize", DEVICE)
+    require(BACKEND, "sgd_momentum", DEVICE)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,label", WS_SHAPES, ids=[s[1] for s in WS_SHAPES])
+def test_ws_native_parity(dtype, shape, label):
+    w = random_weight(shape, dtype, DEVICE)
+    check_ws_native(w, torch.randn(shape).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_ws_native_non_contiguous(dtype, layout):
+    w = layouts(random_weight((32, 16, 3, 3), dtype, DEVICE))[layout]
+    g = layouts(torch.randn(32, 16, 3, 3).to(dtype))[layout]
+    assert not w.is_contiguous()
+    check_ws_native(w, g)
+
+
+@pytest.mark.parametrize("eps", [1e-10, 1e-5, 0.5])
+def test_ws_native_eps(eps):
+    w = random_weight((16, 8, 3, 3), torch.float32, DEVICE)
+    check_ws_native(w, torch.randn(16, 8, 3, 3), eps)
+
+
+def test_ws_native_constant_rows_are_finite():
+    w = torch.zeros(4, 3, 3, 3)
+    w[1] = 0.5
+    w[2] = -3.0
+    w[3] = torch.randn(3, 3, 3)
+    for dtype in ALL_DTYPES:
+        out, mean, rstd = torch.ops.bitfast.native_weight_standardize_fwd(w.to(dtype), EPS)
+        dw = torch.ops.bitfast.native_weight_standardize_bwd(torch.ones(w.shape, dtype=dtype), w.to(dtype), mean, rstd)
+        assert torch.isfinite(out).all() and torch.isfinite(dw).all(), dtype
+        assert (out[:3] == 0).all(), dtype
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,label", WS_SHAPES[:4], ids=[s[1] for s in WS_SHAPES[:4]])
+def test_ws_autograd_parity(dtype, shape, label):
+    check_ws_autograd(random_weight(shape, dtype, DEVICE), BACKEND)
+
+
+def test_ws_autograd_non_contiguous():
+    w = torch.randn(3, 3, 12, 16).permute(3, 2, 0, 1)  # (16, 12, 3, 3)
+    check_ws_autograd(w, BACKEND)
+
+
+def test_ws_gradcheck_float64():
+    w = torch.randn(3, 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: bitfast.ops.weight_standardize(t, 1e-5, backend=BACKEND), (w,))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sgd_parity(dtype, opts):
+    # sizes around the vector width and the kernel's 16384-element chunk
+    shapes = [(1,), (7,), (33, 17), (64, 3, 7, 7), (16389,), (256, 64, 1, 1)]
+    check_sgd(shapes, dtype, DEVICE, BACKEND, opts)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sgd_native_op_parity(dtype):
+    opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True, maximize=False)
+    check_sgd([(5,), (40000,), (64, 3, 7, 7)], dtype, DEVICE, BACKEND, opts, native=True)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "offset"])
+def test_sgd_non_contiguous(layout):
+    opts = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=False)
+    shapes = [(6, 5), (64, 3, 7, 7), (300, 70)]
+    check_sgd(shapes, torch.float32, DEVICE, BACKEND, opts, make=make_strided(layout))
+
+
+def test_sgd_mixed_layouts():
+    """A grad and a buffer laid out unlike their channels_last parameter."""
+    p = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    g, buf = torch.randn(8, 4, 3, 3), torch.randn(3, 3, 4, 8).permute(3, 2, 0, 1)
+    p64, g64, b64 = p.double(), g.double(), buf.double()
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.9, 0.0, 0.01, True, False, False)
+    reference.sgd_momentum_([p64], [g64], [b64], 0.1, 0.9, 0.0, 0.01, True, False, False)
+    assert p.is_contiguous(memory_format=torch.channels_last) and buf.stride() == (1, 8, 96, 32)
+    torch.testing.assert_close(p, p64.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(buf, b64.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sgd_matches_torch_optim(opts):
+    check_sgd_matches_torch_optim(DEVICE, BACKEND, opts)
+
+
+def test_sgd_empty_list_and_zero_size():
+    # an empty list has no device to dispatch on: the public API returns before the op
+    bitfast.ops.sgd_momentum_([], [], [], lr=0.1, momentum=0.9, backend=BACKEND)
+    p, g = torch.randn(0, 3), torch.randn(0, 3)
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+
+
+def test_sgd_without_momentum_ignores_buffers():
+    p, g, buf = torch.randn(10), torch.randn(10), torch.randn(10)
+    expect, buf0 = p - 0.1 * g, buf.clone()
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.0, 0.0, 0.0, False, False, False)
+    torch.testing.assert_close(p, expect)
+    assert torch.equal(buf, buf0)
+
+
+# ----------------------------------------------------------------------------------------
+# opcheck and errors
+# ----------------------------------------------------------------------------------------
+
+
+def opcheck_ws(device: str, non_contiguous: bool, dtype: torch.dtype = torch.float32) -> None:
+    w = layouts(random_weight((8, 4, 3, 3), dtype, device))["transposed" if non_contiguous else "contiguous"]
+    torch.library.opcheck(torch.ops.bitfast.native_weight_standardize_fwd.default, (w, EPS))
+    _, mean, rstd = torch.ops.bitfast.native_weight_standardize_fwd(w, EPS)
+    g = layouts(torch.randn(8, 4, 3, 3, device=device).to(dtype))["transposed" if non_contiguous else "contiguous"]
+    torch.library.opcheck(torch.ops.bitfast.native_weight_standardize_bwd.default, (g, w, mean, rstd))
+
+
+def opcheck_sgd(device: str, non_contiguous: bool, momentum: float) -> None:
+    make = make_strided("transposed" if non_contiguous else "contiguous")
+    shapes = [(6, 5), (64, 3, 7, 7)]
+    params = [make(s, torch.float32, device) for s in shapes]
+    grads = [make(s, torch.float32, device) for s in shapes]
+    bufs = [make(s, torch.float32, device) for s in shapes] if momentum else []
+    torch.library.opcheck(
+        torch.ops.bitfast.native_sgd_momentum_.default,
+        (params, grads, bufs, 0.1, momentum, 0.0, 1e-4, False, False, False),
+    )
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_ws(non_contiguous, dtype):
+    opcheck_ws(DEVICE, non_contiguous, dtype)
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_opcheck_sgd(non_contiguous, momentum):
+    opcheck_sgd(DEVICE, non_contiguous, momentum)
+
+
+def check_errors(device: str) -> None:
+    """Bad calls of the native ops raise RuntimeErrors that say what was wrong."""
+    ws_fwd, ws_bwd = torch.ops.bitfast.native_weight_standardize_fwd, torch.ops.bitfast.native_weight_standardize_bwd
+    sgd = torch.ops.bitfast.native_sgd_momentum_
+    w = torch.randn(4, 3, 3, 3, device=device)
+    _, mean, rstd = ws_fwd(w, EPS)
+    cases = [
+        (lambda: ws_fwd(torch.randn(5, device=device), EPS), r"w has 1 dims"),
+        (lambda: ws_fwd(torch.ones(2, 2, dtype=torch.int32, device=device), EPS), r"expected Half, BFloat16, Float"),
+        (lambda: ws_bwd(torch.randn(4, 3, 3, 2, device=device), w, mean, rstd), r"expected equal shapes"),
+        (lambda: ws_bwd(w.double(), w, mean, rstd), r"expected equal dtypes"),
+        (lambda: ws_bwd(w, w, mean[:3], rstd), r"mean has shape \[3\]; expected \(4,\)"),
+        (lambda: ws_bwd(w, w, mean, rstd.double()), r"rstd has dtype Double; expected Float"),
+        (lambda: sgd([w], [], [], 0.1, 0.0, 0.0, 0.0, False, False, False), r"got 1 params but 0 grads"),
+        (lambda: sgd([w], [w.clone()], [], 0.1, 0.9, 0.0, 0.0, False, False, False), r"needs one buffer per param"),
+        (lambda: sgd([w], [w[:2].clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False), r"grads\[0\] is Float"),
+        (lambda: sgd([w, w.double()], [w, w.double()], [], 0.1, 0.0, 0.0, 0.0, False, False, False),
+         r"one dtype and device per call"),
+        (lambda: sgd([torch.randn(1, device=device).expand(3)], [torch.randn(3, device=device)], [], 0.1, 0.0, 0.0,
+                     0.0, False, False, False), r"share memory"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+
+
+def test_errors():
+    check_errors(DEVICE)

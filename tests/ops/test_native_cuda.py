@@ -1,0 +1,220 @@
+"""Parity of bitfast's CUDA kernels (the ``cuda`` backend, ``bitfast._C_cuda``) with the
+spec in ``bitfast.ops.reference``: the cases of tests/ops/test_native_cpp.py on CUDA
+tensors, plus BiT-sized weights, a whole BiT-R50x1 SGD step (multi-tensor launches over
+about 150 tensors) checked against the CPU kernel, unaligned tensors (the scalar path of
+the vectorized SGD kernel) and the current-stream contract. Every test needs a GPU and the
+CUDA build; they skip otherwise.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bitfast
+from bitfast import backends
+from bitfast.ops import reference
+from tests.ops.test_native_cpp import (
+    ALL_DTYPES,
+    SGD_OPTIONS,
+    WS_SHAPES,
+    check_errors,
+    check_sgd,
+    check_sgd_matches_torch_optim,
+    check_ws_autograd,
+    check_ws_native,
+    layouts,
+    make_strided,
+    opcheck_sgd,
+    opcheck_ws,
+    random_weight,
+    require,
+)
+
+DEVICE, BACKEND = "cuda", "cuda"
+
+pytestmark = pytest.mark.cuda
+
+# The weights of BiT-R50x1 where K or O is largest, and one beyond a block's 256 threads x 4
+BIT_WS_SHAPES = [
+    ((2048, 512, 1, 1), "stage4-conv3"),
+    ((512, 512, 3, 3), "stage4-conv2"),
+    ((2048, 1024, 1, 1), "stage4-downsample"),
+    ((1000, 2048, 1, 1), "head"),
+    ((64, 3, 7, 7), "stem"),
+]
+
+
+def bit_r50x1_shapes(num_classes: int = 1000) -> list[tuple[int, ...]]:
+    """Parameter shapes of BiT-R50x1 (ResNetV2-50, pre-activation bottlenecks with
+    GroupNorm): stem conv, per block GN/conv pairs and a projection in each stage's first
+    block, the final GN and the 1x1 conv head. About 25.5M parameters in 153 tensors."""
+    shapes: list[tuple[int, ...]] = [(64, 3, 7, 7)]
+    in_chs = 64
+    for depth, mid in zip((3, 4, 6, 3), (64, 128, 256, 512)):
+        out = mid * 4
+        for block in range(depth):
+            shapes += [(in_chs,), (in_chs,)]  # norm1
+            if block == 0:
+                shapes.append((out, in_chs, 1, 1))  # downsample
+            shapes += [(mid, in_chs, 1, 1), (mid,), (mid,), (mid, mid, 3, 3), (mid,), (mid,), (out, mid, 1, 1)]
+            in_chs = out
+    shapes += [(in_chs,), (in_chs,), (num_classes, in_chs, 1, 1), (num_classes,)]
+    return shapes
+
+
+@pytest.fixture(autouse=True)
+def _needs_cuda():
+    require(BACKEND, "weight_standardize", DEVICE)
+    require(BACKEND, "sgd_momentum", DEVICE)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,label", WS_SHAPES + BIT_WS_SHAPES, ids=[s[1] for s in WS_SHAPES + BIT_WS_SHAPES])
+def test_ws_native_parity(dtype, shape, label):
+    w = random_weight(shape, dtype, DEVICE)
+    check_ws_native(w, torch.randn(shape, device=DEVICE).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_ws_native_non_contiguous(dtype, layout):
+    w = layouts(random_weight((32, 16, 3, 3), dtype, DEVICE))[layout]
+    g = layouts(torch.randn(32, 16, 3, 3, device=DEVICE).to(dtype))[layout]
+    check_ws_native(w, g)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_ws_matches_cpu_kernel(dtype):
+    """The CUDA and CPU kernels agree on the same BiT weight (when both are built)."""
+    require("cpp", "weight_standardize", "cpu", dtype)
+    w = random_weight((512, 512, 3, 3), dtype, DEVICE)
+    g = torch.randn(w.shape, device=DEVICE).to(dtype)
+    out, mean, rstd = torch.ops.bitfast.native_weight_standardize_fwd(w, 1e-8)
+    out_c, mean_c, rstd_c = torch.ops.bitfast.native_weight_standardize_fwd(w.cpu(), 1e-8)
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(mean.cpu(), mean_c, **tol)
+    torch.testing.assert_close(rstd.cpu(), rstd_c, **tol)
+    # fp16/bf16 outputs may round differently in the last bit
+    low = dtype in (torch.float16, torch.bfloat16)
+    torch.testing.assert_close(out.cpu(), out_c, **(dict(rtol=1e-2, atol=1e-2) if low else tol))
+    dw = torch.ops.bitfast.native_weight_standardize_bwd(g, w, mean, rstd)
+    dw_c = torch.ops.bitfast.native_weight_standardize_bwd(g.cpu(), w.cpu(), mean_c, rstd_c)
+    torch.testing.assert_close(dw.cpu(), dw_c, **(dict(rtol=2e-2, atol=2e-2) if low else dict(rtol=1e-4, atol=1e-4)))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,label", WS_SHAPES[:4] + BIT_WS_SHAPES[:2], ids=[s[1] for s in WS_SHAPES[:4] + BIT_WS_SHAPES[:2]])
+def test_ws_autograd_parity(dtype, shape, label):
+    check_ws_autograd(random_weight(shape, dtype, DEVICE), BACKEND)
+
+
+def test_ws_gradcheck_float64():
+    w = torch.randn(3, 2, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: bitfast.ops.weight_standardize(t, 1e-5, backend=BACKEND), (w,))
+
+
+def test_ws_constant_rows_are_finite():
+    w = torch.zeros(4, 3, 3, 3, device=DEVICE)
+    w[1] = 0.5
+    w[2] = -3.0
+    w[3] = torch.randn(3, 3, 3)
+    for dtype in ALL_DTYPES:
+        out, mean, rstd = torch.ops.bitfast.native_weight_standardize_fwd(w.to(dtype), 1e-8)
+        dw = torch.ops.bitfast.native_weight_standardize_bwd(torch.ones_like(out), w.to(dtype), mean, rstd)
+        assert torch.isfinite(out).all() and torch.isfinite(dw).all(), dtype
+        assert (out[:3] == 0).all(), dtype
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sgd_parity(dtype, opts):
+    # sizes around the 16-byte vector, the 32768-element chunk and the 256-thread block
+    shapes = [(1,), (7,), (33, 17), (64, 3, 7, 7), (32769,), (256, 64, 1, 1), (100003,)]
+    check_sgd(shapes, dtype, DEVICE, BACKEND, opts)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sgd_native_op_parity(dtype):
+    opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True, maximize=False)
+    check_sgd([(5,), (40000,), (64, 3, 7, 7)], dtype, DEVICE, BACKEND, opts, native=True)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "offset"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sgd_non_contiguous_and_unaligned(layout, dtype):
+    opts = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=False)
+    shapes = [(6, 5), (64, 3, 7, 7), (300, 70)]
+    check_sgd(shapes, dtype, DEVICE, BACKEND, opts, make=make_strided(layout))
+
+
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sgd_matches_torch_optim(opts):
+    check_sgd_matches_torch_optim(DEVICE, BACKEND, opts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sgd_bit_r50x1_step(dtype):
+    """Five steps over every BiT-R50x1 parameter (two launches of up to 96 tensors each)
+    against the float64 reference, as FusedSGD calls it."""
+    shapes = bit_r50x1_shapes()
+    assert len(shapes) > 96 and sum(torch.Size(s).numel() for s in shapes) > 25_000_000
+    opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=False, maximize=False)
+    check_sgd(shapes, dtype, DEVICE, BACKEND, opts, steps=5)
+
+
+def test_sgd_bit_r50x1_matches_cpu_kernel():
+    require("cpp", "sgd_momentum", "cpu")
+    shapes = bit_r50x1_shapes()
+    params = [torch.randn(s, device=DEVICE) for s in shapes]
+    bufs = [torch.randn(s, device=DEVICE) for s in shapes]
+    grads = [torch.randn(s, device=DEVICE) for s in shapes]
+    params_c, bufs_c, grads_c = ([t.cpu() for t in ts] for ts in (params, bufs, grads))
+    args = (0.1, 0.9, 0.0, 1e-4, True, False, False)
+    torch.ops.bitfast.native_sgd_momentum_(params, grads, bufs, *args)
+    torch.ops.bitfast.native_sgd_momentum_(params_c, grads_c, bufs_c, *args)
+    for a, b in zip(params + bufs, params_c + bufs_c):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
+
+
+def test_runs_on_the_current_stream():
+    """Work launched on a side stream is ordered after what that stream waits for."""
+    side = torch.cuda.Stream()
+    w = random_weight((512, 512, 3, 3), torch.float32, DEVICE)
+    p, g, buf = (torch.randn(1 << 20, device=DEVICE) for _ in range(3))
+    p64, g64, b64 = p.double(), g.double(), buf.double()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        out, _, _ = torch.ops.bitfast.native_weight_standardize_fwd(w, 1e-8)
+        torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.9, 0.0, 0.0, False, False, False)
+    side.synchronize()
+    torch.testing.assert_close(out, reference.weight_standardize_forward(w, 1e-8)[0], rtol=1e-5, atol=1e-5)
+    reference.sgd_momentum_([p64], [g64], [b64], 0.1, 0.9, 0.0, 0.0, False, False, False)
+    torch.testing.assert_close(p, p64.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_ws(non_contiguous, dtype):
+    opcheck_ws(DEVICE, non_contiguous, dtype)
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_opcheck_sgd(non_contiguous, momentum):
+    opcheck_sgd(DEVICE, non_contiguous, momentum)
+
+
+def test_errors():
+    check_errors(DEVICE)
+    # a list whose first tensor is on the GPU reaches the CUDA kernel, which checks the rest
+    p = [torch.randn(3, device=DEVICE), torch.randn(3)]
+    with pytest.raises(RuntimeError, match=r"one dtype and device per call"):
+        torch.ops.bitfast.native_sgd_momentum_(p, [t.clone() for t in p], [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+
+
+def test_backend_is_available_with_a_gpu():
+    """On a GPU machine with the CUDA build, auto picks the cuda backend for these ops."""
+    assert "cuda" in bitfast.available_backends()
+    for family in ("weight_standardize", "sgd_momentum"):
+        assert backends.resolve(family, "cuda", torch.float32) == "cuda"
