@@ -101,12 +101,21 @@ def extensions():
     class BuildExt(base):
         """Builds each extension on its own; an optional one that fails only warns."""
 
+        def build_extensions(self):
+            self._failed = set()
+            super().build_extensions()
+            # Forget the extensions that failed, so that the steps after the build (the copy
+            # into the source tree of an editable install, the list of outputs) do not look
+            # for their missing libraries. Filtered only now: the loop above walks the list.
+            self.extensions = [e for e in self.extensions if e.name not in self._failed]
+
         def build_extension(self, ext):
             try:
                 super().build_extension(ext)
             except Exception as exc:
                 if required.get(ext.name):
                     raise
+                self._failed.add(ext.name)
                 warnings.warn(f"bitfast: building {ext.name} failed ({exc}); continuing without it", stacklevel=1)
                 print(f"WARNING: bitfast: building {ext.name} failed: {exc}", file=sys.stderr)
 
