@@ -217,4 +217,4 @@ def test_backend_is_available_with_a_gpu():
     """On a GPU machine with the CUDA build, auto picks the cuda backend for these ops."""
     assert "cuda" in bitfast.available_backends()
     for family in ("weight_standardize", "sgd_momentum"):
-        assert backends.resolve(family, "cuda", torch.float32) == "cuda"
+        assert backends.resolve(family, "cuda", torch.float32, "auto") == "cuda"
