@@ -4,13 +4,14 @@ and backward matching eager.
 Compiler choice, measured on the 2-core CI machine (cold caches): inductor takes about
 140 s for R50x1 forward + backward (and still 90-120 s for a one-unit-per-stage model),
 almost all of it generating and compiling C++ kernels. The unmarked tests therefore compile
-the full R50x1 with ``aot_eager`` (about 10-25 s each): it runs everything that decides
-whether the model compiles, namely Dynamo with ``fullgraph=True`` (no graph break allowed)
-and AOTAutograd tracing the joint forward/backward graph through the ops' fake impls and
-registered autograd formulas, but no code generation. The inductor runs of the same
-model are marked ``slow``.
+the full R50x1 with ``aot_eager`` (about 10-25 s each, auto and reference backends): it runs
+everything that decides whether the model compiles, namely Dynamo with ``fullgraph=True``
+(no graph break allowed) and AOTAutograd tracing the joint forward/backward graph through
+the ops' fake impls and registered autograd formulas, but no code generation. One inductor
+run of the same model (auto backend, about 80 s cold) is marked ``slow``.
 """
 
+import copy
 import time
 
 import pytest
@@ -24,7 +25,20 @@ PARAMS = ["stem.conv.weight", "stages.0.blocks.0.downsample.conv.weight", "stage
           "norm.bias", "head.fc.weight"]
 
 
-def _run(backend_name: str, backend: str | None):
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _grads(model, x, target, run=None):
+    """Loss and the PARAMS gradients of ``model``, running it through ``run`` (its compiled
+    wrapper) when given."""
+    model.zero_grad()
+    loss = F.cross_entropy((model if run is None else run)(x), target)
+    loss.backward()
+    return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if k in PARAMS}
+
+
+def _check(backend_name: str, backend: str | None, exact: bool):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = create_model("resnetv2_50x1_bit", num_classes=10, backend=backend)
@@ -43,39 +57,40 @@ def _run(backend_name: str, backend: str | None):
     torch._dynamo.utils.counters.clear()
     compiled = torch.compile(model, backend=counting, fullgraph=True)
     start = time.perf_counter()
-    loss_c = F.cross_entropy(compiled(x), target)
-    loss_c.backward()
+    loss_c, grads_c = _grads(model, x, target, run=compiled)
     elapsed = time.perf_counter() - start
-    grads_c = {k: p.grad.clone() for k, p in model.named_parameters() if k in PARAMS}
-    model.zero_grad()
+    loss_e, grads_e = _grads(model, x, target)
 
-    loss_e = F.cross_entropy(model(x), target)
-    loss_e.backward()
-    grads_e = {k: p.grad.clone() for k, p in model.named_parameters() if k in PARAMS}
-    return graphs, loss_c.detach(), loss_e.detach(), grads_c, grads_e, elapsed
-
-
-def _check(backend_name, backend, rtol, atol):
-    graphs, loss_c, loss_e, grads_c, grads_e, elapsed = _run(backend_name, backend)
     assert len(graphs) == 1, f"expected one graph, got {len(graphs)}"
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     if backend is None and "cpp" in bitfast.available_backends():
         # The fused ops are in the graph, not traced around.
         assert "bitfast" in str(graphs[0].graph)
-    torch.testing.assert_close(loss_c, loss_e, rtol=rtol, atol=atol)
-    assert len(grads_c) == len(PARAMS)
-    for k in PARAMS:
-        assert grads_e[k].abs().sum() > 0, k
-        torch.testing.assert_close(grads_c[k], grads_e[k], rtol=rtol, atol=atol, msg=k)
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-5 if exact else 1e-4, atol=1e-6)
+    if exact:
+        # aot_eager runs the same kernels as eager: the gradients agree to rounding.
+        for k in PARAMS:
+            assert grads_e[k].abs().sum() > 0, k
+            assert _rel(grads_c[k], grads_e[k]) < 1e-5, k
+    else:
+        # Generated kernels reorder float sums, and some of these gradients are badly
+        # conditioned at initialisation (weight standardization's backward subtracts two
+        # projections; fp32 eager itself is about 1e-2 away from fp64 on the stem weight,
+        # as with timm's model). So judge against fp64: the compiled error may be at most
+        # twice eager's own fp32 error, plus a floor.
+        model64 = copy.deepcopy(model).double()
+        _, grads_64 = _grads(model64, x.double(), target)
+        for k in PARAMS:
+            e_eager, e_comp = _rel(grads_e[k], grads_64[k]), _rel(grads_c[k], grads_64[k])
+            assert e_comp <= 2 * e_eager + 1e-5, f"{k}: compiled {e_comp:.2e} vs eager {e_eager:.2e} (fp64 reference)"
     print(f"compile {backend_name} backend={backend}: {elapsed:.1f}s (compile + first step)")
 
 
 @pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"])
 def test_compile_fullgraph_r50x1_aot_eager(backend):
-    _check("aot_eager", backend, rtol=1e-5, atol=1e-6)
+    _check("aot_eager", backend, exact=True)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend", [None, "reference"], ids=["auto", "reference"])
-def test_compile_fullgraph_r50x1_inductor(backend):
-    _check("inductor", backend, rtol=1e-3, atol=1e-4)
+def test_compile_fullgraph_r50x1_inductor():
+    _check("inductor", None, exact=False)
