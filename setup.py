@@ -51,8 +51,11 @@ def extensions():
         warnings.warn("torch is not importable: building bitfast without native extensions", stacklevel=1)
         return [], {}
 
-    # torch's headers are written for C++20 (torch's own extension builds default to it).
-    cxx = ["-O3", "-std=c++20"]
+    # No -std flag: torch's extension builder adds the standard the installed torch was built
+    # with (C++20 for torch 2.13, C++17 for older releases). Forcing one that differs from
+    # libtorch's changes inline definitions in c10's headers: an extension built so crashed
+    # when it raised its first error on torch 2.11 (H100, 2026-11-26).
+    cxx = ["-O3"]
     # at::parallel_for runs on OpenMP inside the header: without -fopenmp every CPU kernel
     # would silently run on one thread. (GCC and Linux clang; Apple clang has no -fopenmp.)
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
@@ -90,7 +93,7 @@ def extensions():
                     include_dirs=[os.path.join(ROOT, "csrc")],
                     extra_compile_args={
                         "cxx": cxx + ["-DBITFAST_MODULE_NAME=_C_cuda"],
-                        "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-DBITFAST_MODULE_NAME=_C_cuda"],
+                        "nvcc": ["-O3", "--use_fast_math", "-DBITFAST_MODULE_NAME=_C_cuda"],
                     },
                 )
             )

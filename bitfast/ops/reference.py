@@ -121,7 +121,14 @@ def group_norm_relu(
 ) -> torch.Tensor:
     """timm's ``GroupNormAct``: ``F.group_norm`` then ReLU, keeping ``x``'s memory format."""
     fmt = _memory_format(x)
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    mixed = weight is not None and weight.dtype != x.dtype
+    if mixed and not torch.is_autocast_enabled(x.device.type):
+        # Half-precision activations with float32 parameters: F.group_norm on CUDA refuses
+        # mixed dtypes outside autocast, so compute as autocast would (in the parameters'
+        # dtype) and return x's dtype.
+        y = F.group_norm(x.to(weight.dtype), num_groups, weight, bias, eps).to(x.dtype)
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
     if relu:
         y = F.relu(y)
     return y.contiguous(memory_format=fmt)

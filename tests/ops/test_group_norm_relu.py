@@ -69,7 +69,8 @@ def test_group_norm_relu_parity(device, backend, dtype, n, c, h, w, groups, layo
     assert y.dtype == dtype and y.shape == x.shape
     if layout == "channels_last" and c > 1 and h * w > 1:
         assert y.is_contiguous(memory_format=torch.channels_last), "output must keep channels_last"
-        assert grads[0].is_contiguous(memory_format=torch.channels_last), "grad must keep channels_last"
+        if backend != "reference":  # the composite's gradient layout is PyTorch's choice (NCHW on CUDA)
+            assert grads[0].is_contiguous(memory_format=torch.channels_last), "grad must keep channels_last"
 
     def torch_op(a, wt, b):
         out = F.group_norm(a, groups, wt.to(a.dtype), b.to(a.dtype), eps)
