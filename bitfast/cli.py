@@ -48,8 +48,10 @@ def env_report() -> dict:
     import bitfast
     from bitfast import _native, backends
 
+    # The path shows which file loaded: an editable install keeps an extension built
+    # earlier in the source tree until it is rebuilt or removed.
     builds = {
-        name: ("loaded" if _native.loaded(name) else f"not loaded ({_native.load_error(name)})")
+        name: (f"loaded from {sys.modules[name].__file__}" if _native.loaded(name) else f"not loaded ({_native.load_error(name)})")
         for name in _native.EXTENSIONS
     }
     devices = ["cpu"] + [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
