@@ -15,7 +15,9 @@ from bitfast.ops import _checks, _library, _register, reference
 
 FAMILY = "group_norm_relu"
 
-backends.register_family(FAMILY, ("group_norm_relu_fwd", "group_norm_relu_bwd"))
+backends.register_family(
+    FAMILY, ("group_norm_relu_fwd", "group_norm_relu_bwd"), triton_module="group_norm_relu"
+)
 
 
 def memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -1,0 +1,316 @@
+"""Triton GroupNorm (Wu & He, 2018) fused with ReLU, forward and backward.
+
+The contract is ``bitfast.ops.reference.group_norm_relu_forward`` / ``_backward``.
+
+One program per (sample, group). A group is walked in 2D tiles of (spatial, channel)
+whose strides come from the memory format, so NCHW and channels_last (NHWC) inputs are
+read in place, never transposed: in NCHW a group is one contiguous run of C/G * H*W
+elements, in NHWC it is H*W runs of C/G channels, C apart.
+
+Forward: one read of the group for the statistics (per-tile mean and centred sum of
+squares, merged across tiles with Chan et al.'s pairwise update, so no E[x^2] - E[x]^2
+cancellation and no third pass), one read to normalize, scale, shift, ReLU and store.
+Statistics are float32 whatever the input dtype.
+
+Backward: the normalized value and the ReLU mask are recomputed from ``x`` and the saved
+(N, G) statistics. A first pass reduces, per channel of the group, sum(dy) and
+sum(dy * xhat) over H*W; these are written to (N, C) float32 buffers (grad_bias and
+grad_weight are their sums over N, taken by torch: deterministic, no atomics), and, weighted
+by gamma, give the two group sums the input gradient needs. A second pass writes dx.
+
+Offsets within a sample are int32 (C*H*W < 2**31, checked by the launchers); the sample
+offset is int64.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per (spatial x channel) tile. Large tiles also keep the interpreter's
+# per-iteration cost down (CI runs these kernels on CPU).
+_TILE = 4096
+
+
+@triton.jit
+def _tile_offsets(
+    CH,  # channel indices of the tile, (BLOCK_C,) int32
+    SP,  # spatial indices of the tile, (BLOCK_S,) int32
+    C,  # channels
+    HW,  # H * W
+    CHANNELS_LAST: tl.constexpr,  # NHWC (True) or NCHW (False) layout
+):
+    # Tiles are (BLOCK_S, BLOCK_C); offsets relative to the sample's first element.
+    if CHANNELS_LAST:
+        return SP[:, None] * C + CH[None, :]
+    else:
+        return CH[None, :] * HW + SP[:, None]
+
+
+@triton.jit
+def _gn_relu_fwd_kernel(
+    X,  # input, (N, C, H, W) in NCHW or NHWC memory
+    Y,  # output, like X
+    W,  # gamma, (C,) any float dtype; ignored unless HAS_WEIGHT
+    B,  # beta, (C,) any float dtype; ignored unless HAS_BIAS
+    MEAN,  # per-(sample, group) mean, (N, G) float32
+    RSTD,  # per-(sample, group) 1/sqrt(var + eps), (N, G) float32
+    C,  # channels
+    HW,  # H * W
+    G,  # groups
+    CG,  # channels per group, C // G
+    eps,  # added to the biased variance
+    HAS_WEIGHT: tl.constexpr,  # gamma given (else 1)
+    HAS_BIAS: tl.constexpr,  # beta given (else 0)
+    RELU: tl.constexpr,  # apply the ReLU
+    CHANNELS_LAST: tl.constexpr,  # memory layout of X and Y
+    BLOCK_C: tl.constexpr,  # channels per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    c_first = (pid % G) * CG
+    base = n.to(tl.int64) * C * HW
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+
+    count = 0.0
+    mean = 0.0
+    m2 = 0.0
+    for cs in range(0, CG, BLOCK_C):
+        cc = cs + offs_c
+        c_mask = cc < CG
+        for ss in range(0, HW, BLOCK_S):
+            sp = ss + offs_s
+            mask = (sp < HW)[:, None] & c_mask[None, :]
+            offs = _tile_offsets(c_first + cc, sp, C, HW, CHANNELS_LAST)
+            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+            n_b = (tl.minimum(CG - cs, BLOCK_C) * tl.minimum(HW - ss, BLOCK_S)).to(tl.float32)
+            mean_b = tl.sum(tl.sum(x, axis=1), axis=0) / n_b
+            d = tl.where(mask, x - mean_b, 0.0)
+            m2_b = tl.sum(tl.sum(d * d, axis=1), axis=0)
+            # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b).
+            total = count + n_b
+            delta = mean_b - mean
+            mean = mean + delta * (n_b / total)
+            m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+            count = total
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    tl.store(MEAN + pid, mean)
+    tl.store(RSTD + pid, rstd)
+
+    for cs in range(0, CG, BLOCK_C):
+        cc = cs + offs_c
+        c_mask = cc < CG
+        ch = c_first + cc
+        if HAS_WEIGHT:
+            w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_BIAS:
+            b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros([BLOCK_C], tl.float32)
+        scale = w * rstd
+        for ss in range(0, HW, BLOCK_S):
+            sp = ss + offs_s
+            mask = (sp < HW)[:, None] & c_mask[None, :]
+            offs = _tile_offsets(ch, sp, C, HW, CHANNELS_LAST)
+            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+            y = (x - mean) * scale[None, :] + b[None, :]
+            if RELU:
+                y = tl.maximum(y, 0.0)
+            tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_relu_bwd_kernel(
+    DY,  # gradient w.r.t. the output, (N, C, H, W) in X's memory layout
+    X,  # forward input, (N, C, H, W) in NCHW or NHWC memory
+    W,  # gamma, (C,) any float dtype; ignored unless HAS_WEIGHT
+    B,  # beta, (C,) any float dtype; ignored unless HAS_BIAS
+    MEAN,  # saved mean, (N, G) float32
+    RSTD,  # saved rstd, (N, G) float32
+    DX,  # gradient w.r.t. X, like X
+    DW_PART,  # per-(sample, channel) sum(dy * xhat), (N, C) float32
+    DB_PART,  # per-(sample, channel) sum(dy), (N, C) float32
+    C,  # channels
+    HW,  # H * W
+    G,  # groups
+    CG,  # channels per group, C // G
+    HAS_WEIGHT: tl.constexpr,  # gamma given (else 1)
+    HAS_BIAS: tl.constexpr,  # beta given (else 0)
+    RELU: tl.constexpr,  # the forward applied the ReLU
+    CHANNELS_LAST: tl.constexpr,  # memory layout of DY, X and DX
+    BLOCK_C: tl.constexpr,  # channels per tile
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    pid = tl.program_id(0)
+    n = pid // G
+    c_first = (pid % G) * CG
+    base = n.to(tl.int64) * C * HW
+    part = n.to(tl.int64) * C
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    mean = tl.load(MEAN + pid)
+    rstd = tl.load(RSTD + pid)
+
+    # Pass 1: per-channel sums, and from them the group's sum(g) and sum(g * xhat), g = dy * gamma.
+    sum_g = 0.0
+    sum_gx = 0.0
+    for cs in range(0, CG, BLOCK_C):
+        cc = cs + offs_c
+        c_mask = cc < CG
+        ch = c_first + cc
+        if HAS_WEIGHT:
+            w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_BIAS:
+            b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros([BLOCK_C], tl.float32)
+        scale = w * rstd
+        acc_db = tl.zeros([BLOCK_C], tl.float32)
+        acc_dw = tl.zeros([BLOCK_C], tl.float32)
+        for ss in range(0, HW, BLOCK_S):
+            sp = ss + offs_s
+            mask = (sp < HW)[:, None] & c_mask[None, :]
+            offs = _tile_offsets(ch, sp, C, HW, CHANNELS_LAST)
+            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+            xc = x - mean
+            if RELU:
+                # The forward's own expression, so the mask matches the stored output.
+                dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
+            acc_db += tl.sum(dy, axis=0)
+            acc_dw += tl.sum(dy * (xc * rstd), axis=0)
+        tl.store(DB_PART + part + ch, acc_db, mask=c_mask)
+        tl.store(DW_PART + part + ch, acc_dw, mask=c_mask)
+        sum_g += tl.sum(acc_db * w, axis=0)
+        sum_gx += tl.sum(acc_dw * w, axis=0)
+    m = (CG * HW).to(tl.float32)
+    mean_g = sum_g / m
+    mean_gx = sum_gx / m
+
+    # Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+    for cs in range(0, CG, BLOCK_C):
+        cc = cs + offs_c
+        c_mask = cc < CG
+        ch = c_first + cc
+        if HAS_WEIGHT:
+            w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            w = tl.full([BLOCK_C], 1.0, tl.float32)
+        if HAS_BIAS:
+            b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
+        else:
+            b = tl.zeros([BLOCK_C], tl.float32)
+        scale = w * rstd
+        for ss in range(0, HW, BLOCK_S):
+            sp = ss + offs_s
+            mask = (sp < HW)[:, None] & c_mask[None, :]
+            offs = _tile_offsets(ch, sp, C, HW, CHANNELS_LAST)
+            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+            xc = x - mean
+            if RELU:
+                dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
+            dx = rstd * (dy * w[None, :] - mean_g - (xc * rstd) * mean_gx)
+            tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    # The op layer's rule (bitfast.ops.group_norm_relu.memory_format): NHWC only when x is
+    # laid out so and not also plainly contiguous.
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _blocks(cg: int, hw: int) -> tuple[int, int]:
+    block_c = min(triton.next_power_of_2(cg), 256)
+    block_s = min(triton.next_power_of_2(hw), max(_TILE // block_c, 1))
+    return block_c, block_s
+
+
+def _layout(x: torch.Tensor, fn: str) -> tuple[torch.Tensor, bool]:
+    n, c, h, w = x.shape
+    if c * h * w >= 2**31:
+        raise ValueError(f"{fn}: a sample of x has {c * h * w} elements; the Triton kernel supports < 2**31")
+    cl = _channels_last(x)
+    if not cl and not x.is_contiguous():
+        x = x.contiguous()  # the op layer never passes this; kept for direct callers
+    return x, cl
+
+
+def group_norm_relu_fwd(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GroupNorm(+ReLU) of ``x`` (NCHW or channels_last) plus (N, G) float32 mean and rstd."""
+    x, cl = _layout(x, "group_norm_relu_fwd")
+    n, c, h, w = x.shape
+    hw, cg = h * w, c // num_groups
+    y = torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
+    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    block_c, block_s = _blocks(cg, hw)
+    _gn_relu_fwd_kernel[(n * num_groups,)](
+        x, y,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        mean, rstd,
+        c, hw, num_groups, cg, eps,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        CHANNELS_LAST=cl,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=8 if block_c * block_s >= 2048 else 4,
+    )
+    return y, mean, rstd
+
+
+def group_norm_relu_bwd(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients w.r.t. ``x`` (x's dtype and memory format), ``weight`` and ``bias``
+    (weight's dtype, float32 when weight is None)."""
+    x, cl = _layout(x, "group_norm_relu_bwd")
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    grad_y = grad_y.contiguous(memory_format=fmt)
+    n, c, h, w = x.shape
+    hw, cg = h * w, c // num_groups
+    dx = torch.empty_like(x, memory_format=fmt)
+    dw_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    block_c, block_s = _blocks(cg, hw)
+    _gn_relu_bwd_kernel[(n * num_groups,)](
+        grad_y, x,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        mean.contiguous(), rstd.contiguous(),
+        dx, dw_part, db_part,
+        c, hw, num_groups, cg,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        CHANNELS_LAST=cl,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=8 if block_c * block_s >= 2048 else 4,
+    )
+    pdtype = weight.dtype if weight is not None else torch.float32
+    return dx, dw_part.sum(0).to(pdtype), db_part.sum(0).to(pdtype)
