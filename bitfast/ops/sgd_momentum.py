@@ -9,7 +9,7 @@ from bitfast.ops import _checks, _register
 
 FAMILY = "sgd_momentum"
 
-backends.register_family(FAMILY, ("sgd_momentum_",))
+backends.register_family(FAMILY, ("sgd_momentum_",), triton_module="sgd_momentum")
 
 
 def _fake(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, is_first_step):

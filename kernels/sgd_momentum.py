@@ -1,0 +1,177 @@
+"""Triton multi-tensor SGD step with momentum (``torch.optim.SGD``'s update, term for term).
+
+The contract is ``bitfast.ops.reference.sgd_momentum_``. One launch updates every tensor
+of the list: the launcher writes the tensors' addresses into small int64 tables and cuts
+each tensor into chunks of ``_CHUNK`` elements; program ``i`` looks up its chunk's tensor
+and start, turns the addresses back into typed pointers and updates that chunk (params
+and momentum buffers in place). Math is float32 whatever the storage dtype, so a half
+precision buffer is rounded once per step rather than after every term.
+
+Each tensor is walked in storage order, so params, grads and buffers must share one dense
+layout (contiguous, channels_last, a transpose ...). A tensor whose layout differs from its
+param's, or a param that is not dense (a strided slice), goes through a working copy in
+the param's layout, written back after the launch.
+
+Not yet done: the addresses carry no alignment hint, so loads are not vectorized (the
+tensors of a model are 16-byte aligned; a checked hint would let the compiler use 128-bit
+accesses), and the tables are rebuilt on the host at every step.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_BLOCK = 2048  # elements per loop step
+_CHUNK = 4 * _BLOCK  # elements per program
+
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _round_to(
+    X,  # values to store, float32 tensor
+    DTYPE: tl.constexpr,  # storage element type
+):
+    # float32 -> bfloat16 rounded to nearest even by hand: the Triton interpreter (what CI
+    # runs) truncates in this cast, and a truncated parameter drifts a little every step.
+    # On a GPU this is what the native conversion does; it costs a few integer ops here.
+    if DTYPE == tl.bfloat16:
+        bits = X.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(X == X, y, X.to(tl.bfloat16))  # NaN stays NaN
+    else:
+        return X.to(DTYPE)
+
+
+@triton.jit
+def _sgd_momentum_kernel(
+    P_ADDR,  # param addresses, (T,) int64
+    G_ADDR,  # grad addresses, (T,) int64
+    M_ADDR,  # momentum buffer addresses, (T,) int64; unused unless HAS_MOMENTUM
+    NUMEL,  # elements of each tensor, (T,) int64
+    CHUNK_TENSOR,  # tensor of each chunk, (num_chunks,) int32
+    CHUNK_START,  # first element of each chunk within its tensor, (num_chunks,) int64
+    lr,  # learning rate
+    momentum,  # momentum factor
+    dampening,  # dampening of the gradient in the buffer update
+    weight_decay,  # L2 penalty added to the gradient
+    DTYPE: tl.constexpr,  # element type of params, grads and buffers
+    HAS_MOMENTUM: tl.constexpr,  # momentum != 0
+    HAS_WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
+    NESTEROV: tl.constexpr,  # Nesterov momentum
+    MAXIMIZE: tl.constexpr,  # ascend instead of descend
+    FIRST_STEP: tl.constexpr,  # buffers are initialised with the first direction
+    BLOCK: tl.constexpr,  # elements per loop step
+    CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
+):
+    pid = tl.program_id(0)
+    t = tl.load(CHUNK_TENSOR + pid)
+    start = tl.load(CHUNK_START + pid)
+    numel = tl.load(NUMEL + t)
+    p_ptr = tl.load(P_ADDR + t).to(tl.pointer_type(DTYPE))
+    g_ptr = tl.load(G_ADDR + t).to(tl.pointer_type(DTYPE))
+    if HAS_MOMENTUM:
+        m_ptr = tl.load(M_ADDR + t).to(tl.pointer_type(DTYPE))
+    offs = tl.arange(0, BLOCK)
+    # A tensor's last chunk stops at its end (small tensors are common: biases, norms).
+    for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
+        idx = start + off + offs
+        mask = idx < numel
+        p = tl.load(p_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        d = tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+        if MAXIMIZE:
+            d = -d
+        if HAS_WEIGHT_DECAY:
+            d = d + weight_decay * p
+        if HAS_MOMENTUM:
+            if FIRST_STEP:
+                buf = d
+            else:
+                buf = tl.load(m_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+                buf = momentum * buf + (1.0 - dampening) * d
+            tl.store(m_ptr + idx, _round_to(buf, DTYPE), mask=mask)
+            if NESTEROV:
+                d = d + momentum * buf
+            else:
+                d = buf
+        p = p - lr * d
+        tl.store(p_ptr + idx, _round_to(p, DTYPE), mask=mask)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill a gap-free block of memory in some dim order."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def sgd_momentum_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    momentum_buffers: list[torch.Tensor],
+    lr: float,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+    is_first_step: bool,
+) -> None:
+    """One in-place SGD step over lists of same-dtype tensors on one device, one launch."""
+    has_momentum = momentum != 0
+    addrs: list[list[int]] = [[], [], []]
+    numels: list[int] = []
+    chunk_tensor: list[int] = []
+    chunk_start: list[int] = []
+    write_back: list[tuple[torch.Tensor, torch.Tensor]] = []
+    keep: list[torch.Tensor] = []  # working copies stay alive until the launch is queued
+    for i, p in enumerate(params):
+        n = p.numel()
+        if n == 0:
+            continue
+        ref = p if _dense(p) else p.contiguous()
+        group = (p, grads[i], momentum_buffers[i]) if has_momentum else (p, grads[i])
+        for k, t in enumerate(group):
+            if t.stride() != ref.stride() or not _dense(t):
+                w = torch.empty_like(ref).copy_(t)
+                keep.append(w)
+                if k != 1:  # params and buffers are updated: copy the result back
+                    write_back.append((t, w))
+                t = w
+            addrs[k].append(t.data_ptr())
+        if not has_momentum:
+            addrs[2].append(0)
+        for s in range(0, n, _CHUNK):
+            chunk_tensor.append(len(numels))
+            chunk_start.append(s)
+        numels.append(n)
+    if not numels:
+        return
+    device = params[0].device
+    tables = torch.tensor(addrs + [numels], dtype=torch.int64).to(device)
+    chunks_t = torch.tensor(chunk_tensor, dtype=torch.int32).to(device)
+    chunks_s = torch.tensor(chunk_start, dtype=torch.int64).to(device)
+    _sgd_momentum_kernel[(len(chunk_tensor),)](
+        tables[0], tables[1], tables[2], tables[3],
+        chunks_t, chunks_s,
+        lr, momentum, dampening, weight_decay,
+        DTYPE=_TL_DTYPES[params[0].dtype],
+        HAS_MOMENTUM=has_momentum,
+        HAS_WEIGHT_DECAY=weight_decay != 0,
+        NESTEROV=nesterov,
+        MAXIMIZE=maximize,
+        FIRST_STEP=is_first_step,
+        BLOCK=_BLOCK,
+        CHUNK=_CHUNK,
+        num_warps=8,
+    )
+    for t, w in write_back:
+        t.copy_(w)
