@@ -18,7 +18,9 @@ from bitfast.ops.group_norm_relu import memory_format
 FAMILY = "batch_norm_relu"
 
 backends.register_family(
-    FAMILY, ("batch_norm_relu_fwd", "batch_norm_relu_bwd", "batch_norm_update_stats_")
+    FAMILY,
+    ("batch_norm_relu_fwd", "batch_norm_relu_bwd", "batch_norm_update_stats_"),
+    triton_module="batch_norm_relu",
 )
 
 
