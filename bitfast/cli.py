@@ -6,6 +6,10 @@
                                   the official .npz layout unless --checkpoint is given),
                                   run a forward pass on the embedded default images and
                                   report, checked against the reference backend
+    bitfast bench [--quick] [--json FILE] [--markdown FILE]
+                                  time every op on every backend against the baselines
+                                  (eager, torch.compile, torch.optim.SGD) and a BiT-R50x1
+                                  training step; print one table (see bitfast.bench)
 """
 
 from __future__ import annotations
@@ -172,6 +176,34 @@ def cmd_demo(args) -> int:
     return 0 if ok else 1
 
 
+def cmd_bench(args) -> int:
+    from bitfast import bench
+
+    ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else list(bench.OPS)
+    for op in ops:
+        if op not in bench.OPS:
+            raise ValueError(f"unknown op {op!r} in --ops; expected some of {', '.join(bench.OPS)}")
+    device = args.device or bench.default_device()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    meta, results, skipped = bench.run(ops, device=device, quick=args.quick, runs=args.runs, progress=not args.no_progress)
+    meta["command"] = "bitfast " + " ".join(args.argv)
+    meta["wall_s"] = round(time.perf_counter() - t0, 1)
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(bench.to_json(meta, results, skipped))
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(bench.to_markdown(meta, results, skipped))
+    print(f"bitfast bench on {meta['device']} (copy bandwidth {meta['copy_GBps']} GB/s), {meta['wall_s']} s; "
+          f"torch {meta['torch']}, bitfast {meta['bitfast']}")
+    for line in bench._skip_summary(skipped):
+        print(f"  not measured: {line}")
+    print(bench.format_table(results))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bitfast`` command."""
     p = argparse.ArgumentParser(prog="bitfast", description="Fast Big Transfer (BiT) training for PyTorch.")
@@ -192,12 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", help="benchmark the ops and a BiT training step against the baselines")
+    b.add_argument("--quick", action="store_true", help="fewer shapes and dtypes; no torch.compile on CPU")
+    b.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
+    b.add_argument("--markdown", default=None, metavar="FILE", help="write the results as a markdown report")
+    b.add_argument("--ops", default=None, help="comma-separated subset of: weight_standardize, group_norm_relu, "
+                   "batch_norm_relu, sgd_momentum, train_step (default: all)")
+    b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    b.add_argument("--runs", type=int, default=2, help="time each case this many times and report the spread")
+    b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bitfast`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
     except (ValueError, TypeError, FileNotFoundError) as exc:

@@ -1,0 +1,165 @@
+"""The benchmark machinery (bitfast.bench) on tiny sizes: factories, floors, GB/s, skips,
+the table and the JSON/markdown reports, and the ``bitfast bench`` command."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from bitfast import bench, cli
+
+TINY = {
+    "group_norm_relu": (2, 64, 5, 5),
+    "batch_norm_relu": (2, 8, 5, 5),
+    "weight_standardize": [(8, 4, 3, 3), (16, 8, 1, 1)],
+    "sgd_momentum": [(7,), (3, 5)],
+}
+
+
+def _spec(op, impl, mode="full", dtype="fp32", layout="nchw"):
+    if op in ("weight_standardize", "sgd_momentum"):
+        layout = "-"
+    return bench.Spec(op, "tiny", dtype, layout, mode, impl)
+
+
+@pytest.mark.parametrize("op", ["group_norm_relu", "batch_norm_relu", "weight_standardize"])
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
+@pytest.mark.parametrize("impl", ["reference", "eager"])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_norm_and_ws_factories_check_and_run(op, mode, impl, layout):
+    case = bench.make_case(_spec(op, impl, mode, layout=layout), "cpu", shape=TINY[op])
+    case.check()
+    out = case.fn()
+    assert out is not None
+    assert case.bytes_floor > 0
+
+
+def test_floors_follow_perf_md():
+    n, c, h, w = TINY["group_norm_relu"]
+    numel = n * c * h * w
+    fwd = bench.make_case(_spec("group_norm_relu", "eager", "fwd", "bf16"), "cpu", shape=TINY["group_norm_relu"])
+    bwd = bench.make_case(_spec("group_norm_relu", "eager", "bwd", "bf16"), "cpu", shape=TINY["group_norm_relu"])
+    assert fwd.bytes_floor == 2 * numel * 2 + 2 * c * 4  # read x, write y (bf16) + params
+    assert bwd.bytes_floor == 3 * numel * 2 + 4 * c * 4  # read x, dy, write dx + params, grads
+    sgd = bench.make_case(_spec("sgd_momentum", "sgd_foreach", "step"), "cpu", shape=TINY["sgd_momentum"])
+    assert sgd.bytes_floor == 20 * (7 + 15)  # 20 B/param in float32
+    ws = bench.make_case(_spec("weight_standardize", "eager", "fwd"), "cpu", shape=TINY["weight_standardize"])
+    assert ws.bytes_floor == 2 * 4 * (8 * 4 * 9 + 16 * 8)
+
+
+@pytest.mark.parametrize("impl", ["reference", "cpp", "sgd_foreach", "sgd_fused"])
+def test_sgd_factory(impl):
+    spec = _spec("sgd_momentum", impl, "step")
+    if bench.skip_reason(spec, "cpu"):
+        pytest.skip(bench.skip_reason(spec, "cpu"))
+    case = bench.make_case(spec, "cpu", shape=TINY["sgd_momentum"])
+    case.check()
+    case.fn()
+
+
+def test_check_catches_a_wrong_result():
+    x, w, b = torch.randn(2, 64, 5, 5), torch.ones(64), torch.zeros(64)
+    spec = _spec("group_norm_relu", "eager", "fwd")
+
+    def wrong(*args):
+        return bench.eager_group_norm_relu(*args) * 1.1
+
+    def expected(args, dy, mode):
+        return bench.eager_group_norm_relu(*[a.double() for a in args])
+
+    _fn, check = bench._autograd_modes(spec, "cpu", wrong, [((x, w, b), (x, w, b), None)], expected)
+    with pytest.raises(AssertionError, match="differs from the float64 reference"):
+        check()
+
+
+def test_skips_carry_reasons():
+    # The Triton backend on CPU is never timed, and says why.
+    why = bench.skip_reason(_spec("weight_standardize", "triton"), "cpu")
+    assert why and "triton" in why
+    why = bench.skip_reason(_spec("group_norm_relu", "cuda"), "cpu")
+    assert why and "cuda" in why
+    with pytest.raises(bench.Skip):
+        bench.make_case(_spec("group_norm_relu", "cuda"), "cpu", shape=TINY["group_norm_relu"])
+    assert "compile" in bench.skip_reason(bench.Spec("train_step", "x", "fp32", "channels_last", "step", "compile"), "cpu", quick=True)
+
+
+def test_grid_covers_every_backend_and_baseline():
+    for op in bench.OPS:
+        specs = bench.grid(op, "cpu", quick=True)
+        impls = {s.impl for s in specs}
+        assert set(bench.BASELINES[op]) <= impls
+        if op != "train_step":
+            assert set(bench.implementations(op)) == impls
+        assert all(s.mode in bench.MODES[op] for s in specs)
+    cuda = bench.shapes("group_norm_relu", "cuda")
+    assert "R50x1 s1 mid 128x64x56x56" in cuda and any(k.startswith("R101x3") for k in cuda)
+
+
+def _result(impl, t, baseline, **kw):
+    return bench.Result("group_norm_relu", "s", "bf16", "nchw", "fwd", impl, baseline, [t, t * 1.1], **kw)
+
+
+def test_gbps_pct_and_speedups():
+    r = _result("cuda", 0.002, False, bytes_floor=4_000_000, copy_gbps=4.0)
+    assert math.isclose(r.gbps, 2.0)  # floor / median
+    assert math.isclose(r.pct_copy, 50.0)
+    assert math.isclose(r.spread, 0.1)
+    rs = [r, _result("eager", 0.006, True, bytes_floor=4_000_000), _result("compile", 0.003, True)]
+    ups = bench.speedups(rs)
+    assert math.isclose(ups[0]["eager"], 3.0) and math.isclose(ups[0]["compile"], 1.5)
+    assert "eager" not in ups[1]
+    step = bench.Result("train_step", "s", "bf16", "channels_last", "step", "bitfast", False, [0.5], items=128)
+    assert math.isclose(step.img_per_s, 256.0) and step.gbps is None
+
+
+def test_table_json_markdown():
+    rs = [_result("reference", 0.002, False, bytes_floor=4_000_000, copy_gbps=8.0, peak_bytes=2**20),
+          _result("eager", 0.004, True, bytes_floor=4_000_000, copy_gbps=8.0)]
+    table = bench.format_table(rs)
+    lines = table.splitlines()
+    assert lines[0].startswith("| op") and "GB/s" in lines[0] and "% copy" in lines[0] and "speed-up" in lines[0]
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1  # aligned columns
+    assert "eager 2.00x" in lines[2] and "2.000" in lines[2] and "25" in lines[2]
+    skipped = [(_spec("group_norm_relu", "cuda"), "cuda: not here")]
+    meta = {"device": "cpu: test", "date": "today", "command": "bitfast bench"}
+    data = json.loads(bench.to_json(meta, rs, skipped))
+    assert data["meta"]["command"] == "bitfast bench"
+    assert data["results"][0]["gbps"] == pytest.approx(2.0) and data["results"][0]["baseline"] is False
+    assert data["skipped"][0]["reason"] == "cuda: not here"
+    md = bench.to_markdown(meta, rs, skipped)
+    assert "# bitfast bench" in md and table in md and "cuda (1 cases): cuda: not here" in md
+
+
+def test_time_fn_and_copy_bandwidth():
+    samples = bench.time_fn(lambda: torch.ones(10).sum(), "cpu", min_time=0, min_reps=3, max_reps=3, warmup=1)
+    assert len(samples) == 3 and all(s > 0 for s in samples)
+    assert bench.copy_bandwidth("cpu", 2**20) > 0
+
+
+def test_progress_bar(capsys):
+    import io
+
+    stream = io.StringIO()
+    bar = bench.Progress(2, stream=stream)
+    bar.step("a")
+    bar.step("b")
+    out = stream.getvalue().splitlines()
+    assert out[0].startswith("[###") and "1/2" in out[0] and "2/2" in out[1]
+
+
+def test_cli_bench_writes_reports(tmp_path, capsys, monkeypatch):
+    # One tiny op run end to end through the command (shapes shrunk for speed).
+    monkeypatch.setitem(bench._WS_SETS, ("cpu", True), ["R50x1 s1 conv2 3x3"])
+    monkeypatch.setattr(bench, "_compile_policy", lambda spec, device, quick: "compile: not in this test")
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    rc = cli.main(["bench", "--quick", "--ops", "weight_standardize", "--runs", "1", "--no-progress",
+                   "--json", str(js), "--markdown", str(md)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| op" in out and "weight_standardize" in out and "eager" in out
+    data = json.loads(js.read_text())
+    assert data["meta"]["command"].startswith("bitfast bench --quick")
+    assert {r["impl"] for r in data["results"]} >= {"reference", "eager"}
+    assert "not measured" not in md.read_text() or "Not measured" in md.read_text()
+    assert cli.main(["bench", "--ops", "nope"]) == 2
