@@ -2,7 +2,8 @@
 # Set up bitfast in a virtual environment (./.venv by default) and run one of:
 #   demo   the main job: build BiT-R50x1, load a synthetic official-layout checkpoint,
 #          run a forward pass on the embedded default images and report
-#   test   ruff check, then the test suite (pytest; benchmarks are not collected)
+#   test   ruff check, the test suite (pytest; benchmarks are not collected), then the
+#          benchmarks' smoke run (pytest benchmarks/ --benchmark-disable: each case once)
 #   setup  only the set-up
 # Idempotent: a second run reuses the environment. Knobs: BITFAST_VENV (path),
 # BITFAST_TORCH (the torch requirement installed when the environment has none;
@@ -24,7 +25,11 @@ fi
 "$py" -m pip install -q --no-build-isolation -e .
 case "${1:-demo}" in
     demo) shift || true; exec "$venv/bin/bitfast" demo "$@" ;;
-    test) shift || true; "$venv/bin/ruff" check . && exec "$py" -m pytest "$@" ;;
+    test) shift || true
+        "$venv/bin/ruff" check .
+        "$py" -m pytest "$@"
+        # Arguments go to the main suite only; the smoke run keeps the benchmarks from rotting.
+        exec "$py" -m pytest benchmarks/ --benchmark-disable -q -p no:cacheprovider ;;
     setup) "$venv/bin/bitfast" env ;;
     *) echo "usage: $0 [demo|test|setup] [args...]" >&2; exit 2 ;;
 esac
