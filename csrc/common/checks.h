@@ -12,6 +12,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace bitfast {
@@ -158,6 +159,134 @@ inline void sgd_finish(std::vector<SgdOperands>& ops) {
   for (auto& o : ops) {
     if (o.p_out.defined()) o.p_out.copy_(o.p);
     if (o.m_out.defined()) o.m_out.copy_(o.m);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// GroupNorm + ReLU and BatchNorm + ReLU
+// ---------------------------------------------------------------------------------------
+
+// An optional per-channel tensor (weight, bias, running statistics): (C,), a kernel dtype,
+// on x's device.
+inline void check_channel_vector(const char* op, const char* name, const std::optional<at::Tensor>& t,
+                                 const at::Tensor& x) {
+  if (!t.has_value() || !t->defined()) return;
+  const int64_t c = x.size(1);
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == c, op, ": ", name, " has shape ", t->sizes(), "; expected (", c,
+              ",), one value per channel of x");
+  TORCH_CHECK(is_kernel_dtype(t->scalar_type()), op, ": ", name, " has dtype ", t->scalar_type(),
+              "; expected Half, BFloat16, Float or Double");
+  TORCH_CHECK(t->device() == x.device(), op, ": ", name, " is on ", t->device(), " but x is on ", x.device());
+}
+
+inline void check_nchw(const char* op, const at::Tensor& x, c10::DeviceType device) {
+  check_kernel_tensor(op, "x", x, device);
+  TORCH_CHECK(x.dim() == 4, op, ": x has ", x.dim(), " dims (shape ", x.sizes(), "); expected (N, C, H, W)");
+}
+
+// grad_y: x's shape, dtype and device.
+inline void check_like_x(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), " but x has shape ", x.sizes(),
+              "; expected equal shapes");
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(),
+              " but x has dtype ", x.scalar_type(), "; expected equal dtypes");
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+// Saved statistics: the given shape, the statistics dtype of x, x's device.
+inline void check_stat(const char* op, const char* name, const at::Tensor& s, const at::Tensor& x,
+                       at::IntArrayRef shape, const char* what) {
+  TORCH_CHECK(s.defined(), op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(s.sizes() == shape, op, ": ", name, " has shape ", s.sizes(), "; expected ", shape, ", ", what);
+  const auto sd = stat_dtype(x.scalar_type());
+  TORCH_CHECK(s.scalar_type() == sd, op, ": ", name, " has dtype ", s.scalar_type(), "; expected ", sd,
+              " (the statistics dtype for ", x.scalar_type(), " inputs)");
+  TORCH_CHECK(s.device() == x.device(), op, ": ", name, " is on ", s.device(), " but x is on ", x.device());
+}
+
+inline void check_num_groups(const char* op, const at::Tensor& x, int64_t num_groups) {
+  TORCH_CHECK(num_groups >= 1, op, ": num_groups is ", num_groups, "; expected >= 1");
+  TORCH_CHECK(x.size(1) % num_groups == 0, op, ": x has ", x.size(1), " channels, not divisible by num_groups=",
+              num_groups);
+}
+
+inline void check_group_norm_relu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias, int64_t num_groups,
+                                      c10::DeviceType device) {
+  constexpr const char* op = "native_group_norm_relu_fwd";
+  check_nchw(op, x, device);
+  check_num_groups(op, x, num_groups);
+  check_channel_vector(op, "weight", weight, x);
+  check_channel_vector(op, "bias", bias, x);
+}
+
+inline void check_group_norm_relu_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+                                      c10::DeviceType device) {
+  constexpr const char* op = "native_group_norm_relu_bwd";
+  check_nchw(op, x, device);
+  check_like_x(op, "grad_y", grad_y, x);
+  check_num_groups(op, x, num_groups);
+  check_channel_vector(op, "weight", weight, x);
+  check_channel_vector(op, "bias", bias, x);
+  const std::vector<int64_t> shape = {x.size(0), num_groups};
+  check_stat(op, "mean", mean, x, shape, "one value per (sample, group)");
+  check_stat(op, "rstd", rstd, x, shape, "one value per (sample, group)");
+}
+
+inline void check_batch_norm_relu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
+                                      const std::optional<at::Tensor>& running_var,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      bool training, c10::DeviceType device) {
+  constexpr const char* op = "native_batch_norm_relu_fwd";
+  check_nchw(op, x, device);
+  check_channel_vector(op, "running_mean", running_mean, x);
+  check_channel_vector(op, "running_var", running_var, x);
+  check_channel_vector(op, "weight", weight, x);
+  check_channel_vector(op, "bias", bias, x);
+  const bool has_rm = running_mean.has_value() && running_mean->defined();
+  const bool has_rv = running_var.has_value() && running_var->defined();
+  TORCH_CHECK(training || (has_rm && has_rv), op,
+              ": running_mean and running_var are required when training=False");
+}
+
+inline void check_batch_norm_relu_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      const at::Tensor& mean, const at::Tensor& var, c10::DeviceType device) {
+  constexpr const char* op = "native_batch_norm_relu_bwd";
+  check_nchw(op, x, device);
+  check_like_x(op, "grad_y", grad_y, x);
+  check_channel_vector(op, "weight", weight, x);
+  check_channel_vector(op, "bias", bias, x);
+  const std::vector<int64_t> shape = {x.size(1)};
+  check_stat(op, "mean", mean, x, shape, "one value per channel");
+  check_stat(op, "var", var, x, shape, "one value per channel");
+}
+
+inline void check_batch_norm_update_stats(const at::Tensor& running_mean, const at::Tensor& running_var,
+                                          const at::Tensor& mean, const at::Tensor& var, int64_t count,
+                                          c10::DeviceType device) {
+  constexpr const char* op = "native_batch_norm_update_stats_";
+  check_kernel_tensor(op, "running_mean", running_mean, device);
+  TORCH_CHECK(running_mean.dim() == 1, op, ": running_mean has shape ", running_mean.sizes(),
+              "; expected (C,)");
+  const int64_t c = running_mean.size(0);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"running_var", running_var},
+                                {"mean", mean},
+                                {"var", var}}) {
+    check_kernel_tensor(op, name, t, device);
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == c, op, ": ", name, " has shape ", t.sizes(), "; expected (", c,
+                ",) like running_mean");
+    TORCH_CHECK(t.device() == running_mean.device(), op, ": ", name, " is on ", t.device(),
+                " but running_mean is on ", running_mean.device());
+  }
+  TORCH_CHECK(count >= 0, op, ": count is ", count, "; expected the number of elements per channel (>= 0)");
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor&>{"running_mean", running_mean},
+                                {"running_var", running_var}}) {
+    TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name,
+                " has elements that share memory; it cannot be updated in place");
   }
 }
 

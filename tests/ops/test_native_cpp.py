@@ -4,7 +4,10 @@ spec in ``bitfast.ops.reference``.
 Covers the native ops themselves (``torch.ops.bitfast.native_*``) and the public API with
 ``backend="cpp"``: weight standardization forward and backward (fp32, fp64, bf16, fp16;
 BiT and edge shapes; non-contiguous weights and gradients; autograd and fp64 gradcheck) and
-the SGD step over many steps for every option combination, against a float64 evaluation of
+the SGD step over many steps for every option combination; GroupNorm+ReLU and
+BatchNorm+ReLU forward and backward (every dtype, NCHW, channels_last and other layouts,
+float32 parameters with half-precision inputs, with and without affine and ReLU, training
+and eval, the running-statistics update, reproducibility across thread counts); all against a float64 evaluation of
 the reference with PyTorch's own math in the same dtype as the error baseline (the
 tolerance rule of tests/ops/_util.py); ``torch.library.opcheck`` of the native ops; and the
 error messages of bad calls.
@@ -201,6 +204,138 @@ def make_strided(kind: str):
     return make
 
 
+
+# ----------------------------------------------------------------------------------------
+# GroupNorm+ReLU and BatchNorm+ReLU: shared cases
+# ----------------------------------------------------------------------------------------
+
+# (shape, num_groups, label): minimal, one group, groups == channels, odd sizes, BiT shapes
+GN_SHAPES = [
+    ((1, 2, 1, 2), 1, "minimal"),
+    ((2, 6, 5, 3), 1, "one-group"),
+    ((2, 12, 3, 5), 12, "groups==channels"),
+    ((3, 40, 7, 9), 8, "odd"),
+    ((2, 64, 14, 14), 32, "bit-C64"),
+    ((2, 2048, 4, 4), 32, "bit-final-4x4"),
+]
+
+# (shape, label)
+BN_SHAPES = [
+    ((2, 1, 2, 1), "minimal"),
+    ((3, 5, 7, 3), "odd"),
+    ((4, 64, 14, 14), "bit-C64"),
+    ((2, 512, 7, 7), "bit-late"),
+]
+
+NORM_LAYOUTS = ["nchw", "channels_last", "non_contiguous"]
+
+
+def make_activation(shape, dtype, layout, device) -> torch.Tensor:
+    """Activations with an offset and a spread (the mean matters) in ``layout``: NCHW,
+    channels_last, or H and W swapped in memory (neither of the two)."""
+    x = (torch.randn(shape, device=device) * 1.5 + 0.3).to(dtype)
+    if layout == "channels_last":
+        return x.contiguous(memory_format=torch.channels_last)
+    if layout == "non_contiguous":
+        return x.transpose(2, 3).contiguous().transpose(2, 3)
+    return x
+
+
+def _f64(t):
+    return None if t is None else t.double()
+
+
+def check_gn_native(x, weight, bias, groups, relu, eps=1e-5) -> None:
+    """native_group_norm_relu_fwd/bwd against the float64 reference, with the reference in
+    x's dtype as the error baseline."""
+    dtype, sd = x.dtype, stat_dtype(x.dtype)
+    n, c = x.shape[:2]
+    y, mean, rstd = torch.ops.bitfast.native_group_norm_relu_fwd(x, weight, bias, groups, eps, relu)
+    fmt = reference._memory_format(x)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=fmt)
+    assert mean.dtype == rstd.dtype == sd and mean.shape == rstd.shape == (n, groups)
+    y64, mean64, rstd64 = reference.group_norm_relu_forward(x.double(), _f64(weight), _f64(bias), groups, eps, relu)
+    yb, mean_b, rstd_b = reference.group_norm_relu_forward(x, weight, bias, groups, eps, relu)
+    assert_parity(y, y64, yb, dtype, "forward y")
+    assert_parity(mean, mean64, mean_b, sd, "forward mean")
+    assert_parity(rstd, rstd64, rstd_b, sd, "forward rstd")
+
+    g = torch.randn(x.shape, device=x.device).to(dtype).contiguous(memory_format=fmt)
+    dx, dw, db = torch.ops.bitfast.native_group_norm_relu_bwd(g, x, weight, bias, mean, rstd, groups, relu)
+    pdtype = weight.dtype if weight is not None else torch.float32
+    assert dx.dtype == dtype and dx.is_contiguous(memory_format=fmt)
+    assert dw.dtype == db.dtype == pdtype and dw.shape == db.shape == (c,)
+    ref64 = reference.group_norm_relu_backward(
+        g.double(), x.double(), _f64(weight), _f64(bias), mean64, rstd64, groups, relu
+    )
+    base = reference.group_norm_relu_backward(g, x, weight, bias, mean_b, rstd_b, groups, relu)
+    for name, a, r, b in zip(("grad_x", "grad_weight", "grad_bias"), (dx, dw, db), ref64, base):
+        assert_parity(a, r, b, dtype, name)
+
+
+def check_bn_native(x, running_mean, running_var, weight, bias, training, relu, eps=1e-5) -> None:
+    """native_batch_norm_relu_fwd/bwd against the float64 reference; the running
+    statistics are read, never written."""
+    dtype, sd = x.dtype, stat_dtype(x.dtype)
+    c = x.shape[1]
+    saved = [None if t is None else t.clone() for t in (running_mean, running_var)]
+    y, mean, var = torch.ops.bitfast.native_batch_norm_relu_fwd(
+        x, running_mean, running_var, weight, bias, training, eps, relu
+    )
+    for t, t0 in zip((running_mean, running_var), saved):
+        assert t is None or torch.equal(t, t0), "the forward must not touch the running statistics"
+    if not training:
+        assert mean.data_ptr() != running_mean.data_ptr() and var.data_ptr() != running_var.data_ptr()
+    fmt = reference._memory_format(x)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=fmt)
+    assert mean.dtype == var.dtype == sd and mean.shape == var.shape == (c,)
+    args64 = (_f64(running_mean), _f64(running_var), _f64(weight), _f64(bias), training, eps, relu)
+    y64, mean64, var64 = reference.batch_norm_relu_forward(x.double(), *args64)
+    yb, mean_b, var_b = reference.batch_norm_relu_forward(
+        x, running_mean, running_var, weight, bias, training, eps, relu
+    )
+    assert_parity(y, y64, yb, dtype, "forward y")
+    assert_parity(mean, mean64, mean_b, sd, "forward mean")
+    assert_parity(var, var64, var_b, sd, "forward var")
+
+    g = torch.randn(x.shape, device=x.device).to(dtype).contiguous(memory_format=fmt)
+    dx, dw, db = torch.ops.bitfast.native_batch_norm_relu_bwd(g, x, weight, bias, mean, var, training, eps, relu)
+    pdtype = weight.dtype if weight is not None else torch.float32
+    assert dx.dtype == dtype and dx.is_contiguous(memory_format=fmt)
+    assert dw.dtype == db.dtype == pdtype and dw.shape == db.shape == (c,)
+    ref64 = reference.batch_norm_relu_backward(
+        g.double(), x.double(), _f64(weight), _f64(bias), mean64, var64, training, eps, relu
+    )
+    base = reference.batch_norm_relu_backward(g, x, weight, bias, mean_b, var_b, training, eps, relu)
+    for name, a, r, b in zip(("grad_x", "grad_weight", "grad_bias"), (dx, dw, db), ref64, base):
+        assert_parity(a, r, b, dtype, name)
+
+
+def check_bn_update_stats(device, dtype=torch.float32) -> None:
+    """native_batch_norm_update_stats_ against the reference update, in place."""
+    c = 7
+    mean, var = torch.randn(c, device=device, dtype=stat_dtype(dtype)), torch.rand(c, device=device) + 0.5
+    var = var.to(stat_dtype(dtype))
+    for count in (1, 2, 75):
+        rm, rv = torch.randn(c, device=device).to(dtype), (torch.rand(c, device=device) + 0.5).to(dtype)
+        rm_ref, rv_ref = rm.clone(), rv.clone()
+        ptrs = (rm.data_ptr(), rv.data_ptr())
+        torch.ops.bitfast.native_batch_norm_update_stats_(rm, rv, mean, var, 0.1, count)
+        reference.batch_norm_update_stats_(rm_ref, rv_ref, mean, var, 0.1, count)
+        assert (rm.data_ptr(), rv.data_ptr()) == ptrs
+        # exact in fp32/fp64; half-precision buffers may round the last bit differently
+        low = dtype in (torch.float16, torch.bfloat16)
+        tol = dict(rtol=1e-2, atol=1e-3) if low else dict(rtol=0, atol=0)
+        torch.testing.assert_close(rm, rm_ref, **tol)
+        torch.testing.assert_close(rv, rv_ref, **tol)
+
+
+def norm_params(c, device, dtype=torch.float32, affine=True):
+    if not affine:
+        return None, None
+    return (torch.randn(c, device=device) * 0.5 + 1.0).to(dtype), (torch.randn(c, device=device) * 0.5).to(dtype)
+
+
 # ----------------------------------------------------------------------------------------
 # the cpp backend
 # ----------------------------------------------------------------------------------------
@@ -208,8 +343,8 @@ def make_strided(kind: str):
 
 @pytest.fixture(autouse=True)
 def _needs_cpp():
-    require(BACKEND, "weight_standardize", DEVICE)
-    require(BACKEND, "sgd_momentum", DEVICE)
+    for family in ("weight_standardize", "sgd_momentum", "group_norm_relu", "batch_norm_relu"):
+        require(BACKEND, family, DEVICE)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -315,6 +450,122 @@ def test_sgd_without_momentum_ignores_buffers():
     assert torch.equal(buf, buf0)
 
 
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", NORM_LAYOUTS)
+@pytest.mark.parametrize("shape,groups,label", GN_SHAPES, ids=[s[2] for s in GN_SHAPES])
+def test_gn_native_parity(dtype, layout, shape, groups, label):
+    x = make_activation(shape, dtype, layout, DEVICE)
+    weight, bias = norm_params(shape[1], DEVICE)
+    check_gn_native(x, weight.to(dtype), bias.to(dtype), groups, relu=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_gn_native_options(layout, relu, affine):
+    x = make_activation((3, 24, 5, 6), torch.float32, layout, DEVICE)
+    check_gn_native(x, *norm_params(24, DEVICE, affine=affine), 6, relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gn_native_float32_params(dtype, layout):
+    """Half-precision activations with float32 parameters (autocast); the parameter
+    gradients come back in float32."""
+    x = make_activation((2, 32, 6, 6), dtype, layout, DEVICE)
+    check_gn_native(x, *norm_params(32, DEVICE), 8, relu=True)
+
+
+@pytest.mark.parametrize("eps", [1e-10, 1e-5, 0.5])
+def test_gn_native_eps(eps):
+    check_gn_native(make_activation((2, 16, 4, 4), torch.float32, "nchw", DEVICE), *norm_params(16, DEVICE), 4,
+                    True, eps)
+
+
+def test_gn_native_constant_groups_are_finite():
+    x = torch.zeros(2, 8, 3, 3)
+    x[1, 4:] = 2.5
+    for layout in ("nchw", "channels_last"):
+        for dtype in ALL_DTYPES:
+            xx = x.to(dtype).contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                        torch.contiguous_format)
+            y, mean, rstd = torch.ops.bitfast.native_group_norm_relu_fwd(xx, None, None, 2, 1e-5, True)
+            dx, dw, db = torch.ops.bitfast.native_group_norm_relu_bwd(torch.ones_like(y), xx, None, None, mean, rstd,
+                                                                       2, True)
+            for t in (y, dx, dw, db):
+                assert torch.isfinite(t).all(), (layout, dtype)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", NORM_LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,label", BN_SHAPES, ids=[s[1] for s in BN_SHAPES])
+def test_bn_native_parity(dtype, layout, training, shape, label):
+    c = shape[1]
+    x = make_activation(shape, dtype, layout, DEVICE)
+    rm, rv = torch.randn(c) * 0.1, torch.rand(c) + 0.5
+    weight, bias = norm_params(c, DEVICE)
+    check_bn_native(x, rm, rv, weight.to(dtype), bias.to(dtype), training, relu=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_native_options(layout, relu, affine, training):
+    x = make_activation((3, 24, 5, 6), torch.float32, layout, DEVICE)
+    rm, rv = (None, None) if training and affine else (torch.randn(24) * 0.1, torch.rand(24) + 0.5)
+    check_bn_native(x, rm, rv, *norm_params(24, DEVICE, affine=affine), training, relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bn_native_float32_params(dtype, layout):
+    x = make_activation((4, 16, 5, 5), dtype, layout, DEVICE)
+    check_bn_native(x, torch.zeros(16), torch.ones(16), *norm_params(16, DEVICE), True, True)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_bn_native_update_stats(dtype):
+    check_bn_update_stats(DEVICE, dtype)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_norms_reproducible_across_thread_counts(layout):
+    """Fixed blocks and fixed-order sums: one thread and all threads give the same bits."""
+    x = make_activation((4, 256, 12, 12), torch.float32, layout, DEVICE)
+    g = torch.randn(x.shape).contiguous(memory_format=reference._memory_format(x))
+    w, b = norm_params(256, DEVICE)
+
+    def run():
+        out = torch.ops.bitfast.native_group_norm_relu_fwd(x, w, b, 32, 1e-5, True)
+        out += torch.ops.bitfast.native_group_norm_relu_bwd(g, x, w, b, out[1], out[2], 32, True)
+        bn = torch.ops.bitfast.native_batch_norm_relu_fwd(x, None, None, w, b, True, 1e-5, True)
+        bn += torch.ops.bitfast.native_batch_norm_relu_bwd(g, x, w, b, bn[1], bn[2], True, 1e-5, True)
+        return out + bn
+
+    threads = torch.get_num_threads()
+    many = run()
+    torch.set_num_threads(1)
+    try:
+        one = run()
+    finally:
+        torch.set_num_threads(threads)
+    for a, b_ in zip(many, one):
+        assert torch.equal(a, b_)
+
+
+def test_gn_gradcheck_float64_native():
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    for inp in (x, xl):
+        assert torch.autograd.gradcheck(
+            lambda a, ww, bb: bitfast.ops.group_norm_relu(a, 3, ww, bb, backend=BACKEND), (inp, w, b)
+        )
+
 # ----------------------------------------------------------------------------------------
 # opcheck and errors
 # ----------------------------------------------------------------------------------------
@@ -352,6 +603,61 @@ def test_opcheck_sgd(non_contiguous, momentum):
     opcheck_sgd(DEVICE, non_contiguous, momentum)
 
 
+def opcheck_norms(device: str, layout: str, dtype: torch.dtype = torch.float32) -> None:
+    """opcheck of the native GroupNorm+ReLU and BatchNorm+ReLU ops (float32 parameters)."""
+    x = make_activation((2, 8, 5, 5), dtype, layout, device)
+    w, b = norm_params(8, device)
+    g = torch.randn(x.shape, device=device).to(dtype)
+    torch.library.opcheck(torch.ops.bitfast.native_group_norm_relu_fwd.default, (x, w, b, 4, 1e-5, True))
+    _, mean, rstd = torch.ops.bitfast.native_group_norm_relu_fwd(x, w, b, 4, 1e-5, True)
+    torch.library.opcheck(
+        torch.ops.bitfast.native_group_norm_relu_bwd.default, (g, x, w, b, mean, rstd, 4, True)
+    )
+    torch.library.opcheck(torch.ops.bitfast.native_group_norm_relu_fwd.default, (x, None, None, 2, 1e-5, False))
+    rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
+    for training in (True, False):
+        args = (x, rm, rv, w, b, training, 1e-5, True)
+        torch.library.opcheck(torch.ops.bitfast.native_batch_norm_relu_fwd.default, args)
+        _, mean, var = torch.ops.bitfast.native_batch_norm_relu_fwd(*args)
+        torch.library.opcheck(
+            torch.ops.bitfast.native_batch_norm_relu_bwd.default, (g, x, w, b, mean, var, training, 1e-5, True)
+        )
+    torch.library.opcheck(torch.ops.bitfast.native_batch_norm_update_stats_.default, (rm, rv, mean, var, 0.1, 50))
+
+
+def check_norm_errors(device: str) -> None:
+    """Bad calls of the native norm ops raise RuntimeErrors that say what was wrong."""
+    gn_fwd, gn_bwd = torch.ops.bitfast.native_group_norm_relu_fwd, torch.ops.bitfast.native_group_norm_relu_bwd
+    bn_fwd, bn_bwd = torch.ops.bitfast.native_batch_norm_relu_fwd, torch.ops.bitfast.native_batch_norm_relu_bwd
+    update = torch.ops.bitfast.native_batch_norm_update_stats_
+    x = torch.randn(2, 6, 3, 3, device=device)
+    w = torch.randn(6, device=device)
+    _, mean, rstd = gn_fwd(x, w, w, 3, 1e-5, True)
+    _, bmean, bvar = bn_fwd(x, None, None, w, w, True, 1e-5, True)
+    rm, rv = torch.zeros(6, device=device), torch.ones(6, device=device)
+    cases = [
+        (lambda: gn_fwd(torch.randn(2, 6, 3, device=device), None, None, 3, 1e-5, True), r"x has 3 dims"),
+        (lambda: gn_fwd(x.int(), None, None, 3, 1e-5, True), r"expected Half, BFloat16, Float or Double"),
+        (lambda: gn_fwd(x, None, None, 4, 1e-5, True), r"x has 6 channels, not divisible by num_groups=4"),
+        (lambda: gn_fwd(x, None, None, 0, 1e-5, True), r"num_groups is 0; expected >= 1"),
+        (lambda: gn_fwd(x, w[:5], None, 3, 1e-5, True), r"weight has shape \[5\]; expected \(6,\)"),
+        (lambda: gn_fwd(x, None, w.int(), 3, 1e-5, True), r"bias has dtype Int"),
+        (lambda: gn_bwd(x[:1], x, w, w, mean, rstd, 3, True), r"grad_y has shape .* expected equal shapes"),
+        (lambda: gn_bwd(x.double(), x, w, w, mean, rstd, 3, True), r"expected equal dtypes"),
+        (lambda: gn_bwd(x, x, w, w, mean[:, :2], rstd, 3, True), r"mean has shape \[2, 2\]; expected \[2, 3\]"),
+        (lambda: gn_bwd(x, x, w, w, mean, rstd.double(), 3, True), r"rstd has dtype Double; expected Float"),
+        (lambda: bn_fwd(x, None, None, w, w, False, 1e-5, True), r"running_mean and running_var are required"),
+        (lambda: bn_fwd(x, rm[:4], rv, w, w, False, 1e-5, True), r"running_mean has shape \[4\]; expected \(6,\)"),
+        (lambda: bn_bwd(x, x, w, w, bmean, bvar.double(), True, 1e-5, True), r"var has dtype Double; expected Float"),
+        (lambda: bn_bwd(x, x, w, w, bmean[:2], bvar, True, 1e-5, True), r"mean has shape \[2\]; expected \[6\]"),
+        (lambda: update(rm, rv, bmean[:2], bvar, 0.1, 18), r"mean has shape \[2\]; expected \(6,\) like running_mean"),
+        (lambda: update(torch.zeros(1, device=device).expand(6), rv, bmean, bvar, 0.1, 18), r"share memory"),
+    ]
+    for fn, pattern in cases:
+        with pytest.raises(RuntimeError, match=pattern):
+            fn()
+
+
 def check_errors(device: str) -> None:
     """Bad calls of the native ops raise RuntimeErrors that say what was wrong."""
     ws_fwd, ws_bwd = torch.ops.bitfast.native_weight_standardize_fwd, torch.ops.bitfast.native_weight_standardize_bwd
@@ -380,3 +686,13 @@ def check_errors(device: str) -> None:
 
 def test_errors():
     check_errors(DEVICE)
+
+
+@pytest.mark.parametrize("layout", NORM_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_norms(layout, dtype):
+    opcheck_norms(DEVICE, layout, dtype)
+
+
+def test_norm_errors():
+    check_norm_errors(DEVICE)

@@ -1,0 +1,232 @@
+// See norm_rows.h. Plain loops the compiler vectorizes (OpenMP simd splits the sums into
+// vector lanes), each entry point compiled for the baseline and for AVX2 (cpu/simd.h).
+// at::vec::Vectorized is not used: inside an extension it is compiled for the baseline
+// only (ATen picks its AVX2 and AVX-512 variants at build time of ATen itself), while a
+// cloned plain loop gets AVX2 on every machine that has it.
+#include "cpu/norm_rows.h"
+
+#include "cpu/simd.h"
+
+#include <algorithm>
+
+namespace bitfast::cpu::rows {
+namespace {
+
+// Elements summed in float lanes before the partial sum moves to double: 512 / 8 lanes =
+// 64 additions per lane, whose rounding error stays far below float32's output precision.
+constexpr int64_t kSumChunk = 512;
+
+template <typename T>
+BITFAST_INLINE double sum_impl(const T* __restrict x, int64_t n) {
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kSumChunk) {
+    const int64_t e = std::min(n, b + kSumChunk);
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = b; i < e; ++i) s += x[i];
+    total += double(s);
+  }
+  return total;
+}
+
+template <typename T>
+BITFAST_INLINE double sum_sq_dev_impl(const T* __restrict x, int64_t n, T m) {
+  double total = 0;
+  for (int64_t b = 0; b < n; b += kSumChunk) {
+    const int64_t e = std::min(n, b + kSumChunk);
+    T s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t i = b; i < e; ++i) s += (x[i] - m) * (x[i] - m);
+    total += double(s);
+  }
+  return total;
+}
+
+template <typename T, bool RELU>
+BITFAST_INLINE void affine_row(const T* __restrict x, T* __restrict y, int64_t n, T s, T t) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i] * s + t;
+    y[i] = RELU ? (v > T(0) ? v : T(0)) : v;
+  }
+}
+
+template <typename T>
+BITFAST_INLINE void planar_affine_impl(const T* x, T* y, int64_t R, int64_t L, int64_t stride, const T* s, const T* t,
+                                       bool relu) {
+  for (int64_t r = 0; r < R; ++r) {
+    if (relu) {
+      affine_row<T, true>(x + r * stride, y + r * stride, L, s[r], t[r]);
+    } else {
+      affine_row<T, false>(x + r * stride, y + r * stride, L, s[r], t[r]);
+    }
+  }
+}
+
+template <typename T, bool RELU>
+BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, int64_t n, T s, T t, T m,
+                                 double* sum_dy, double* sum_dyx) {
+  double tot_d = 0, tot_dx = 0;
+  for (int64_t b = 0; b < n; b += kSumChunk) {
+    const int64_t e = std::min(n, b + kSumChunk);
+    T sd = 0, sdx = 0;
+#pragma omp simd reduction(+ : sd, sdx)
+    for (int64_t i = b; i < e; ++i) {
+      const T d = RELU ? (x[i] * s + t > T(0) ? dy[i] : T(0)) : dy[i];
+      sd += d;
+      sdx += d * (x[i] - m);
+    }
+    tot_d += double(sd);
+    tot_dx += double(sdx);
+  }
+  *sum_dy = tot_d;
+  *sum_dyx = tot_dx;
+}
+
+template <typename T>
+BITFAST_INLINE void planar_bwd_sums_impl(const T* dy, const T* x, int64_t R, int64_t L, int64_t stride, const T* s,
+                                         const T* t, const T* m, bool relu, double* sum_dy, double* sum_dyx) {
+  for (int64_t r = 0; r < R; ++r) {
+    if (relu) {
+      bwd_sums_row<T, true>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], sum_dy + r, sum_dyx + r);
+    } else {
+      bwd_sums_row<T, false>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], sum_dy + r, sum_dyx + r);
+    }
+  }
+}
+
+template <typename T, bool RELU>
+BITFAST_INLINE void bwd_dx_row(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t n, T s, T t,
+                               T a, T kx, T k0) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const T d = RELU ? (x[i] * s + t > T(0) ? dy[i] : T(0)) : dy[i];
+    dx[i] = a * d + kx * x[i] + k0;
+  }
+}
+
+template <typename T>
+BITFAST_INLINE void planar_bwd_dx_impl(const T* dy, const T* x, T* dx, int64_t R, int64_t L, int64_t stride,
+                                       const T* s, const T* t, const T* a, const T* kx, const T* k0, bool relu) {
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t o = r * stride;
+    if (relu) {
+      bwd_dx_row<T, true>(dy + o, x + o, dx + o, L, s[r], t[r], a[r], kx[r], k0[r]);
+    } else {
+      bwd_dx_row<T, false>(dy + o, x + o, dx + o, L, s[r], t[r], a[r], kx[r], k0[r]);
+    }
+  }
+}
+
+template <typename T>
+BITFAST_INLINE void cols_sum_impl(const T* __restrict x, int64_t R, int64_t C, T* __restrict acc) {
+  std::fill(acc, acc + C, T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* __restrict xr = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += xr[c];
+  }
+}
+
+template <typename T>
+BITFAST_INLINE void cols_sum_sq_dev_impl(const T* __restrict x, int64_t R, int64_t C, const T* __restrict m,
+                                         T* __restrict acc) {
+  std::fill(acc, acc + C, T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* __restrict xr = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) acc[c] += (xr[c] - m[c]) * (xr[c] - m[c]);
+  }
+}
+
+template <typename T, bool RELU>
+BITFAST_INLINE void cols_affine_impl(const T* __restrict x, T* __restrict y, int64_t R, int64_t C,
+                                     const T* __restrict s, const T* __restrict t) {
+  for (int64_t r = 0; r < R; ++r) {
+    const T* __restrict xr = x + r * C;
+    T* __restrict yr = y + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = xr[c] * s[c] + t[c];
+      yr[c] = RELU ? (v > T(0) ? v : T(0)) : v;
+    }
+  }
+}
+
+template <typename T, bool RELU>
+BITFAST_INLINE void cols_bwd_sums_impl(const T* __restrict dy, const T* __restrict x, int64_t R, int64_t C,
+                                       const T* __restrict s, const T* __restrict t, const T* __restrict m,
+                                       T* __restrict sum_dy, T* __restrict sum_dyx) {
+  std::fill(sum_dy, sum_dy + C, T(0));
+  std::fill(sum_dyx, sum_dyx + C, T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* __restrict dyr = dy + r * C;
+    const T* __restrict xr = x + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T d = RELU ? (xr[c] * s[c] + t[c] > T(0) ? dyr[c] : T(0)) : dyr[c];
+      sum_dy[c] += d;
+      sum_dyx[c] += d * (xr[c] - m[c]);
+    }
+  }
+}
+
+template <typename T, bool RELU>
+BITFAST_INLINE void cols_bwd_dx_impl(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t R,
+                                     int64_t C, const T* __restrict s, const T* __restrict t, const T* __restrict a,
+                                     const T* __restrict kx, const T* __restrict k0) {
+  for (int64_t r = 0; r < R; ++r) {
+    const T* __restrict dyr = dy + r * C;
+    const T* __restrict xr = x + r * C;
+    T* __restrict dxr = dx + r * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T d = RELU ? (xr[c] * s[c] + t[c] > T(0) ? dyr[c] : T(0)) : dyr[c];
+      dxr[c] = a[c] * d + kx[c] * xr[c] + k0[c];
+    }
+  }
+}
+
+}  // namespace
+
+// One cloned entry point per loop and type; the templates above are inlined into each clone.
+#define BITFAST_NORM_ROWS(T)                                                                                         \
+  BITFAST_TARGET_CLONES double sum(const T* x, int64_t n) { return sum_impl<T>(x, n); }                              \
+  BITFAST_TARGET_CLONES double sum_sq_dev(const T* x, int64_t n, T m) { return sum_sq_dev_impl<T>(x, n, m); }        \
+  BITFAST_TARGET_CLONES void planar_affine(const T* x, T* y, int64_t R, int64_t L, int64_t stride, const T* s,       \
+                                           const T* t, bool relu) {                                                  \
+    planar_affine_impl<T>(x, y, R, L, stride, s, t, relu);                                                           \
+  }                                                                                                                  \
+  BITFAST_TARGET_CLONES void planar_bwd_sums(const T* dy, const T* x, int64_t R, int64_t L, int64_t stride,          \
+                                             const T* s, const T* t, const T* m, bool relu, double* sum_dy,          \
+                                             double* sum_dyx) {                                                      \
+    planar_bwd_sums_impl<T>(dy, x, R, L, stride, s, t, m, relu, sum_dy, sum_dyx);                                    \
+  }                                                                                                                  \
+  BITFAST_TARGET_CLONES void planar_bwd_dx(const T* dy, const T* x, T* dx, int64_t R, int64_t L, int64_t stride,     \
+                                           const T* s, const T* t, const T* a, const T* kx, const T* k0, bool relu) { \
+    planar_bwd_dx_impl<T>(dy, x, dx, R, L, stride, s, t, a, kx, k0, relu);                                           \
+  }                                                                                                                  \
+  BITFAST_TARGET_CLONES void cols_sum(const T* x, int64_t R, int64_t C, T* acc) { cols_sum_impl<T>(x, R, C, acc); }  \
+  BITFAST_TARGET_CLONES void cols_sum_sq_dev(const T* x, int64_t R, int64_t C, const T* m, T* acc) {                 \
+    cols_sum_sq_dev_impl<T>(x, R, C, m, acc);                                                                        \
+  }                                                                                                                  \
+  BITFAST_TARGET_CLONES void cols_affine(const T* x, T* y, int64_t R, int64_t C, const T* s, const T* t, bool relu) { \
+    relu ? cols_affine_impl<T, true>(x, y, R, C, s, t) : cols_affine_impl<T, false>(x, y, R, C, s, t);               \
+  }                                                                                                                  \
+  BITFAST_TARGET_CLONES void cols_bwd_sums(const T* dy, const T* x, int64_t R, int64_t C, const T* s, const T* t,    \
+                                           const T* m, bool relu, T* sum_dy, T* sum_dyx) {                           \
+    relu ? cols_bwd_sums_impl<T, true>(dy, x, R, C, s, t, m, sum_dy, sum_dyx)                                        \
+         : cols_bwd_sums_impl<T, false>(dy, x, R, C, s, t, m, sum_dy, sum_dyx);                                      \
+  }                                                                                                                  \
+  BITFAST_TARGET_CLONES void cols_bwd_dx(const T* dy, const T* x, T* dx, int64_t R, int64_t C, const T* s,           \
+                                         const T* t, const T* a, const T* kx, const T* k0, bool relu) {              \
+    relu ? cols_bwd_dx_impl<T, true>(dy, x, dx, R, C, s, t, a, kx, k0)                                               \
+         : cols_bwd_dx_impl<T, false>(dy, x, dx, R, C, s, t, a, kx, k0);                                             \
+  }
+
+BITFAST_NORM_ROWS(float)
+BITFAST_NORM_ROWS(double)
+
+#undef BITFAST_NORM_ROWS
+
+}  // namespace bitfast::cpu::rows

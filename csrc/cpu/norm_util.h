@@ -1,0 +1,94 @@
+// Helpers shared by bitfast's GroupNorm+ReLU and BatchNorm+ReLU CPU kernels: memory-format
+// handling, per-channel parameters in the math type, and widening of fp16/bf16 blocks into
+// float buffers around the loops of cpu/norm_rows.h.
+#pragma once
+
+#include "cpu/convert.h"
+
+#include <ATen/OpMathType.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+
+#include <algorithm>
+#include <optional>
+#include <type_traits>
+#include <vector>
+
+namespace bitfast::cpu {
+
+// Whether x is taken as channels_last: laid out so and not also plainly contiguous (the
+// rule of bitfast.ops.group_norm_relu.memory_format, so outputs match the fake kernels).
+inline bool is_channels_last(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline at::MemoryFormat format_of(bool channels_last) {
+  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+}
+
+// A per-channel parameter as a contiguous (C,) tensor of dtype `acc`, `fill` when absent.
+inline at::Tensor channel_param(const std::optional<at::Tensor>& t, int64_t c, at::ScalarType acc, double fill) {
+  if (t.has_value() && t->defined()) return t->to(acc).contiguous();
+  return at::full({c}, fill, at::TensorOptions().dtype(acc));
+}
+
+// n elements of p in the math type: p itself for fp32/fp64, else widened into buf.
+template <typename scalar_t>
+const at::opmath_type<scalar_t>* load(const scalar_t* p, int64_t n, std::vector<at::opmath_type<scalar_t>>& buf) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    return p;
+  } else {
+    if (int64_t(buf.size()) < n) buf.resize(n);
+    widen(p, buf.data(), n);
+    return buf.data();
+  }
+}
+
+// Where the loops write n elements destined for p: p itself, or buf (then store() them).
+template <typename scalar_t>
+at::opmath_type<scalar_t>* out_buffer(scalar_t* p, int64_t n, std::vector<at::opmath_type<scalar_t>>& buf) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    return p;
+  } else {
+    if (int64_t(buf.size()) < n) buf.resize(n);
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+void store(const at::opmath_type<scalar_t>* src, scalar_t* p, int64_t n) {
+  if constexpr (!std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) narrow(src, p, n);
+}
+
+// R rows of L elements, `stride` apart, in the math type: p itself (*out_stride = stride)
+// for fp32/fp64, else widened into buf as contiguous rows (*out_stride = L).
+template <typename scalar_t>
+const at::opmath_type<scalar_t>* load_rows(const scalar_t* p, int64_t R, int64_t L, int64_t stride,
+                                           std::vector<at::opmath_type<scalar_t>>& buf, int64_t* out_stride) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    *out_stride = stride;
+    return p;
+  } else {
+    if (int64_t(buf.size()) < R * L) buf.resize(R * L);
+    for (int64_t r = 0; r < R; ++r) widen(p + r * stride, buf.data() + r * L, L);
+    *out_stride = L;
+    return buf.data();
+  }
+}
+
+template <typename scalar_t>
+void store_rows(const at::opmath_type<scalar_t>* src, scalar_t* p, int64_t R, int64_t L, int64_t stride) {
+  if constexpr (!std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    for (int64_t r = 0; r < R; ++r) narrow(src + r * L, p + r * stride, L);
+  }
+}
+
+// Rows of C channels per block of a channels_last pass: about 8192 elements, so a block's
+// column sums stay in L1, and at most 256 rows, so each float column sum adds few terms
+// before the callers combine the blocks in double.
+inline int64_t rows_per_block(int64_t c) {
+  return std::max<int64_t>(1, std::min<int64_t>(256, 8192 / std::max<int64_t>(c, 1)));
+}
+
+}  // namespace bitfast::cpu
