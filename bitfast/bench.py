@@ -906,7 +906,23 @@ def environment(device: str) -> dict:
         env["timm"] = timm.__version__
     except ImportError:
         env["timm"] = "not installed"
+    env["commit"] = _git_commit()
     return env
+
+
+def _git_commit() -> str:
+    """The commit of the source tree bitfast runs from (editable installs), else unknown."""
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", root, "log", "-1", "--format=%h %s"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", root, "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    if out.returncode != 0:
+        return "unknown"
+    return out.stdout.strip()[:80] + (" (with uncommitted changes)" if dirty.stdout.strip() else "")
 
 
 def to_json(meta: dict, results: Sequence[Result], skipped: Sequence[tuple[Spec, str]]) -> str:
