@@ -1,7 +1,8 @@
 """Triton weight standardization (BiT's StdConv2d), forward and backward.
 
-One program per output channel; each loops over the channel's K = Cin/groups * kh * kw
-elements in blocks. Statistics are float32 (eps 1e-8 and 1e-10 vanish in half precision).
+One program per BLOCK_O output channels (several when K is short, one when it is long);
+each loops over the channels' K = Cin/groups * kh * kw elements in blocks. Statistics
+are float32 (eps 1e-8 and 1e-10 vanish in half precision).
 The weights are small (at most a few MB per conv), so two passes over a channel cost
 little; launch count, not bandwidth, is what matters here (one launch per conv and
 direction).
@@ -20,35 +21,40 @@ def _ws_fwd_kernel(
     OUT,  # standardized weight, (O, K), W's dtype
     MEAN,  # per-channel mean, (O,) float32
     RSTD,  # per-channel 1/sqrt(var + eps), (O,) float32
+    NUM_O,  # output channels
     K,  # elements per output channel
     eps,  # added to the biased variance
+    BLOCK_O: tl.constexpr,  # output channels per program
     BLOCK: tl.constexpr,  # elements per loop step
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = row * K
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_mask = rows < NUM_O
+    base = (rows * K)[:, None]
     offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
     for start in range(0, K, BLOCK):
         idx = start + offs
-        acc += tl.load(W + base + idx, mask=idx < K, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=0) / K
+        m = row_mask[:, None] & (idx < K)[None, :]
+        acc += tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / K
     # Second pass on the centred values: no cancellation for filters with a large mean.
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
     for start in range(0, K, BLOCK):
         idx = start + offs
-        w = tl.load(W + base + idx, mask=idx < K, other=0.0).to(tl.float32)
-        d = tl.where(idx < K, w - mean, 0.0)
+        m = row_mask[:, None] & (idx < K)[None, :]
+        w = tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+        d = tl.where(m, w - mean[:, None], 0.0)
         acc += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / K + eps)
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / K + eps)
     for start in range(0, K, BLOCK):
         idx = start + offs
-        m = idx < K
-        w = tl.load(W + base + idx, mask=m, other=0.0).to(tl.float32)
+        m = row_mask[:, None] & (idx < K)[None, :]
+        w = tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
         # Masked lanes hold (0 - mean) * rstd, which can overflow a half-precision cast.
-        w_hat = tl.where(m, (w - mean) * rstd, 0.0)
-        tl.store(OUT + base + idx, w_hat.to(OUT.dtype.element_ty), mask=m)
-    tl.store(MEAN + row, mean)
-    tl.store(RSTD + row, rstd)
+        w_hat = tl.where(m, (w - mean[:, None]) * rstd[:, None], 0.0)
+        tl.store(OUT + base + idx[None, :], w_hat.to(OUT.dtype.element_ty), mask=m)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -58,36 +64,46 @@ def _ws_bwd_kernel(
     MEAN,  # saved per-channel mean, (O,) float32
     RSTD,  # saved per-channel rstd, (O,) float32
     DW,  # gradient w.r.t. the raw weight, (O, K), W's dtype
+    NUM_O,  # output channels
     K,  # elements per output channel
+    BLOCK_O: tl.constexpr,  # output channels per program
     BLOCK: tl.constexpr,  # elements per loop step
 ):
-    row = tl.program_id(0).to(tl.int64)
-    base = row * K
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_mask = rows < NUM_O
+    base = (rows * K)[:, None]
     offs = tl.arange(0, BLOCK)
-    mean = tl.load(MEAN + row)
-    rstd = tl.load(RSTD + row)
-    sum_g = tl.zeros([BLOCK], dtype=tl.float32)
-    sum_gw = tl.zeros([BLOCK], dtype=tl.float32)
+    mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+    sum_g = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
+    sum_gw = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
     for start in range(0, K, BLOCK):
         idx = start + offs
-        m = idx < K
-        g = tl.load(G + base + idx, mask=m, other=0.0).to(tl.float32)
-        w_hat = (tl.load(W + base + idx, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+        m = row_mask[:, None] & (idx < K)[None, :]
+        g = tl.load(G + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+        w_hat = (tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32) - mean) * rstd
         sum_g += g
         sum_gw += tl.where(m, g * w_hat, 0.0)
-    mean_g = tl.sum(sum_g, axis=0) / K
-    mean_gw = tl.sum(sum_gw, axis=0) / K
+    mean_g = (tl.sum(sum_g, axis=1) / K)[:, None]
+    mean_gw = (tl.sum(sum_gw, axis=1) / K)[:, None]
     for start in range(0, K, BLOCK):
         idx = start + offs
-        m = idx < K
-        g = tl.load(G + base + idx, mask=m, other=0.0).to(tl.float32)
-        w_hat = (tl.load(W + base + idx, mask=m, other=0.0).to(tl.float32) - mean) * rstd
+        m = row_mask[:, None] & (idx < K)[None, :]
+        g = tl.load(G + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+        w_hat = (tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32) - mean) * rstd
         dw = tl.where(m, rstd * (g - mean_g - w_hat * mean_gw), 0.0)
-        tl.store(DW + base + idx, dw.to(DW.dtype.element_ty), mask=m)
+        tl.store(DW + base + idx[None, :], dw.to(DW.dtype.element_ty), mask=m)
 
 
 def _block(k: int) -> int:
     return min(max(triton.next_power_of_2(k), 16), 2048)
+
+
+def _block_o(o: int, block: int, device: torch.device) -> int:
+    # Several output channels per program when K is short (1x1 convs). The interpreter (CPU
+    # tensors) pays per program, not per element, so it gets larger tiles.
+    tile = 4096 if device.type == "cuda" else 16384
+    return max(1, min(triton.next_power_of_2(o), tile // block))
 
 
 def weight_standardize_fwd(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -97,7 +113,9 @@ def weight_standardize_fwd(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, t
     out = torch.empty_like(w2)
     mean = torch.empty(o, device=w.device, dtype=torch.float32)
     rstd = torch.empty(o, device=w.device, dtype=torch.float32)
-    _ws_fwd_kernel[(o,)](w2, out, mean, rstd, k, eps, BLOCK=_block(k))
+    block = _block(k)
+    block_o = _block_o(o, block, w.device)
+    _ws_fwd_kernel[(triton.cdiv(o, block_o),)](w2, out, mean, rstd, o, k, eps, BLOCK_O=block_o, BLOCK=block)
     return out.reshape(w.shape), mean, rstd
 
 
@@ -109,5 +127,7 @@ def weight_standardize_bwd(
     w2 = w.contiguous().reshape(w.shape[0], -1)
     o, k = w2.shape
     dw = torch.empty_like(w2)
-    _ws_bwd_kernel[(o,)](g2, w2, mean, rstd, dw, k, BLOCK=_block(k))
+    block = _block(k)
+    block_o = _block_o(o, block, w.device)
+    _ws_bwd_kernel[(triton.cdiv(o, block_o),)](g2, w2, mean, rstd, dw, o, k, BLOCK_O=block_o, BLOCK=block)
     return dw.reshape(w.shape)
