@@ -31,22 +31,6 @@ _TILE = 4096  # elements per (rows x channels) tile
 
 
 @triton.jit
-def _bn_offsets(
-    ROWS,  # row indices n * HW + s, (BLOCK_R,) int64
-    CH,  # channel indices, (BLOCK_C,) int32
-    C,  # channels
-    HW,  # H * W
-    CHANNELS_LAST: tl.constexpr,  # NHWC (True) or NCHW (False) layout
-):
-    # Offsets of a (BLOCK_R, BLOCK_C) tile from the tensor's first element.
-    if CHANNELS_LAST:
-        return ROWS[:, None] * C + CH[None, :]
-    else:
-        n = ROWS // HW
-        return (n * C * HW + (ROWS - n * HW))[:, None] + (CH * HW)[None, :]
-
-
-@triton.jit
 def _bn_stats_partial_kernel(
     X,  # input, (N, C, H, W) in NCHW or NHWC memory
     PART_MEAN,  # per-(row chunk, channel) mean, (num_chunks, C) float32
@@ -66,13 +50,24 @@ def _bn_stats_partial_kernel(
     row_first = chunk.to(tl.int64) * ROWS_PER_CHUNK
     row_end = tl.minimum(row_first + ROWS_PER_CHUNK, R)
     offs_r = tl.arange(0, BLOCK_R)
+    # Offsets of a (BLOCK_R, BLOCK_C) tile: row part + channel part.
+    if CHANNELS_LAST:
+        ch_off = ch
+    else:
+        ch_off = ch * HW
     count = 0.0
     mean = tl.zeros([BLOCK_C], tl.float32)
     m2 = tl.zeros([BLOCK_C], tl.float32)
     for r0 in range(row_first, row_end, BLOCK_R):
         rows = r0 + offs_r
         mask = (rows < row_end)[:, None] & c_mask[None, :]
-        x = tl.load(X + _bn_offsets(rows, ch, C, HW, CHANNELS_LAST), mask=mask, other=0.0).to(tl.float32)
+        if CHANNELS_LAST:
+            row_off = rows * C
+        else:
+            # n * C * HW + s with n = row // HW, s = row % HW
+            row_off = (rows // HW) * (C - 1) * HW + rows
+        offs = row_off[:, None] + ch_off[None, :]
+        x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         n_b = tl.minimum(row_end - r0, BLOCK_R).to(tl.float32)
         mean_b = tl.sum(x, axis=0) / n_b
         d = tl.where(mask, x - mean_b[None, :], 0.0)
@@ -154,10 +149,20 @@ def _bn_relu_apply_kernel(
     else:
         b = tl.zeros([BLOCK_C], tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
+    # Offsets of a (BLOCK_R, BLOCK_C) tile: row part + channel part.
+    if CHANNELS_LAST:
+        ch_off = ch
+    else:
+        ch_off = ch * HW
     for r0 in range(row_first, row_end, BLOCK_R):
         rows = r0 + offs_r
         mask = (rows < row_end)[:, None] & c_mask[None, :]
-        offs = _bn_offsets(rows, ch, C, HW, CHANNELS_LAST)
+        if CHANNELS_LAST:
+            row_off = rows * C
+        else:
+            # n * C * HW + s with n = row // HW, s = row % HW
+            row_off = (rows // HW) * (C - 1) * HW + rows
+        offs = row_off[:, None] + ch_off[None, :]
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x - mean[None, :]) * scale[None, :] + b[None, :]
         if RELU:
@@ -205,10 +210,20 @@ def _bn_relu_bwd_reduce_kernel(
     acc_db = tl.zeros([BLOCK_C], tl.float32)
     acc_dw = tl.zeros([BLOCK_C], tl.float32)
     offs_r = tl.arange(0, BLOCK_R)
+    # Offsets of a (BLOCK_R, BLOCK_C) tile: row part + channel part.
+    if CHANNELS_LAST:
+        ch_off = ch
+    else:
+        ch_off = ch * HW
     for r0 in range(row_first, row_end, BLOCK_R):
         rows = r0 + offs_r
         mask = (rows < row_end)[:, None] & c_mask[None, :]
-        offs = _bn_offsets(rows, ch, C, HW, CHANNELS_LAST)
+        if CHANNELS_LAST:
+            row_off = rows * C
+        else:
+            # n * C * HW + s with n = row // HW, s = row % HW
+            row_off = (rows // HW) * (C - 1) * HW + rows
+        offs = row_off[:, None] + ch_off[None, :]
         xc = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[None, :]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         if RELU:
@@ -266,10 +281,20 @@ def _bn_relu_bwd_dx_kernel(
         mean_g = w * tl.load(SUM_DY + ch, mask=c_mask, other=0.0) * inv_r
         mean_gx = w * tl.load(SUM_DY_XHAT + ch, mask=c_mask, other=0.0) * inv_r
     offs_r = tl.arange(0, BLOCK_R)
+    # Offsets of a (BLOCK_R, BLOCK_C) tile: row part + channel part.
+    if CHANNELS_LAST:
+        ch_off = ch
+    else:
+        ch_off = ch * HW
     for r0 in range(row_first, row_end, BLOCK_R):
         rows = r0 + offs_r
         mask = (rows < row_end)[:, None] & c_mask[None, :]
-        offs = _bn_offsets(rows, ch, C, HW, CHANNELS_LAST)
+        if CHANNELS_LAST:
+            row_off = rows * C
+        else:
+            # n * C * HW + s with n = row // HW, s = row % HW
+            row_off = (rows // HW) * (C - 1) * HW + rows
+        offs = row_off[:, None] + ch_off[None, :]
         xc = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32) - mean[None, :]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         if RELU:

@@ -34,21 +34,6 @@ _TILE = 4096
 
 
 @triton.jit
-def _tile_offsets(
-    CH,  # channel indices of the tile, (BLOCK_C,) int32
-    SP,  # spatial indices of the tile, (BLOCK_S,) int32
-    C,  # channels
-    HW,  # H * W
-    CHANNELS_LAST: tl.constexpr,  # NHWC (True) or NCHW (False) layout
-):
-    # Tiles are (BLOCK_S, BLOCK_C); offsets relative to the sample's first element.
-    if CHANNELS_LAST:
-        return SP[:, None] * C + CH[None, :]
-    else:
-        return CH[None, :] * HW + SP[:, None]
-
-
-@triton.jit
 def _gn_relu_fwd_kernel(
     X,  # input, (N, C, H, W) in NCHW or NHWC memory
     Y,  # output, like X
@@ -74,6 +59,13 @@ def _gn_relu_fwd_kernel(
     base = n.to(tl.int64) * C * HW
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
+    # Tiles are (BLOCK_S, BLOCK_C); offsets from the sample's first element.
+    if CHANNELS_LAST:
+        stride_c = 1
+        stride_s = C
+    else:
+        stride_c = HW
+        stride_s = 1
 
     count = 0.0
     mean = 0.0
@@ -84,7 +76,7 @@ def _gn_relu_fwd_kernel(
         for ss in range(0, HW, BLOCK_S):
             sp = ss + offs_s
             mask = (sp < HW)[:, None] & c_mask[None, :]
-            offs = _tile_offsets(c_first + cc, sp, C, HW, CHANNELS_LAST)
+            offs = (c_first + cc)[None, :] * stride_c + sp[:, None] * stride_s
             x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
             n_b = (tl.minimum(CG - cs, BLOCK_C) * tl.minimum(HW - ss, BLOCK_S)).to(tl.float32)
             mean_b = tl.sum(tl.sum(x, axis=1), axis=0) / n_b
@@ -116,7 +108,7 @@ def _gn_relu_fwd_kernel(
         for ss in range(0, HW, BLOCK_S):
             sp = ss + offs_s
             mask = (sp < HW)[:, None] & c_mask[None, :]
-            offs = _tile_offsets(ch, sp, C, HW, CHANNELS_LAST)
+            offs = ch[None, :] * stride_c + sp[:, None] * stride_s
             x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
             y = (x - mean) * scale[None, :] + b[None, :]
             if RELU:
@@ -153,6 +145,13 @@ def _gn_relu_bwd_kernel(
     part = n.to(tl.int64) * C
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
+    # Tiles are (BLOCK_S, BLOCK_C); offsets from the sample's first element.
+    if CHANNELS_LAST:
+        stride_c = 1
+        stride_s = C
+    else:
+        stride_c = HW
+        stride_s = 1
     mean = tl.load(MEAN + pid)
     rstd = tl.load(RSTD + pid)
 
@@ -177,7 +176,7 @@ def _gn_relu_bwd_kernel(
         for ss in range(0, HW, BLOCK_S):
             sp = ss + offs_s
             mask = (sp < HW)[:, None] & c_mask[None, :]
-            offs = _tile_offsets(ch, sp, C, HW, CHANNELS_LAST)
+            offs = ch[None, :] * stride_c + sp[:, None] * stride_s
             x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
             xc = x - mean
@@ -211,7 +210,7 @@ def _gn_relu_bwd_kernel(
         for ss in range(0, HW, BLOCK_S):
             sp = ss + offs_s
             mask = (sp < HW)[:, None] & c_mask[None, :]
-            offs = _tile_offsets(ch, sp, C, HW, CHANNELS_LAST)
+            offs = ch[None, :] * stride_c + sp[:, None] * stride_s
             x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
             dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
             xc = x - mean
