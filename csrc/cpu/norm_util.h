@@ -84,11 +84,12 @@ void store_rows(const at::opmath_type<scalar_t>* src, scalar_t* p, int64_t R, in
   }
 }
 
-// Rows of C channels per block of a channels_last pass: about 8192 elements, so a block's
-// column sums stay in L1, and at most 256 rows, so each float column sum adds few terms
-// before the callers combine the blocks in double.
+// Rows of C channels per block of a channels_last pass: about 64K elements (L2-resident
+// while a block makes its two passes), at least 16 rows so that the per-block partial sums
+// stay small next to the data they summarize, and at most 256 rows so that each float
+// column sum adds few terms before the callers combine the blocks in double.
 inline int64_t rows_per_block(int64_t c) {
-  return std::max<int64_t>(1, std::min<int64_t>(256, 8192 / std::max<int64_t>(c, 1)));
+  return std::max<int64_t>(16, std::min<int64_t>(256, 65536 / std::max<int64_t>(c, 1)));
 }
 
 }  // namespace bitfast::cpu

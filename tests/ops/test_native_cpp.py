@@ -532,9 +532,12 @@ def test_bn_native_update_stats(dtype):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_norms_reproducible_across_thread_counts(layout):
-    """Fixed blocks and fixed-order sums: one thread and all threads give the same bits."""
-    x = make_activation((4, 256, 12, 12), torch.float32, layout, DEVICE)
+@pytest.mark.parametrize("n", [1, 4])
+def test_norms_reproducible_across_thread_counts(layout, n):
+    """Fixed blocks and fixed-order sums: one thread and all threads give the same bits
+    (with one sample, channels_last GroupNorm takes its per-sample path on one thread and
+    its all-blocks path on several)."""
+    x = make_activation((n, 256, 12, 12), torch.float32, layout, DEVICE)
     g = torch.randn(x.shape).contiguous(memory_format=reference._memory_format(x))
     w, b = norm_params(256, DEVICE)
 
