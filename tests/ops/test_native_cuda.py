@@ -29,6 +29,7 @@ from tests.ops.test_native_cpp import (
     opcheck_ws,
     random_weight,
     require,
+    run_in_child,
 )
 
 DEVICE, BACKEND = "cuda", "cuda"
@@ -205,12 +206,19 @@ def test_opcheck_sgd(non_contiguous, momentum):
     opcheck_sgd(DEVICE, non_contiguous, momentum)
 
 
-def test_errors():
-    check_errors(DEVICE)
-    # a list whose first tensor is on the GPU reaches the CUDA kernel, which checks the rest
-    p = [torch.randn(3, device=DEVICE), torch.randn(3)]
+def check_cuda_errors(device: str) -> None:
+    """check_errors on CUDA, plus a list whose first tensor is on the GPU: it reaches the
+    CUDA kernel, which checks the rest."""
+    check_errors(device)
+    p = [torch.randn(3, device=device), torch.randn(3)]
     with pytest.raises(RuntimeError, match=r"one dtype and device per call"):
         torch.ops.bitfast.native_sgd_momentum_(p, [t.clone() for t in p], [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+
+
+def test_errors():
+    # In a child process: the CUDA extension's error path crashed the process once (see
+    # run_in_child); a crash now fails this test alone, with a backtrace.
+    run_in_child(__name__, "check_cuda_errors", DEVICE)
 
 
 def test_backend_is_available_with_a_gpu():
