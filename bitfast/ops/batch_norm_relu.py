@@ -13,7 +13,7 @@ import torch
 
 from bitfast import backends
 from bitfast.ops import _checks, _library, _register, reference
-from bitfast.ops.group_norm_relu import memory_format
+from bitfast.ops.reference import memory_format, stat_dtype
 
 FAMILY = "batch_norm_relu"
 
@@ -24,15 +24,11 @@ backends.register_family(
 )
 
 
-def _stat_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fwd_fake(x, running_mean, running_var, weight, bias, training, eps, relu):
     torch._check(x.dim() == 4, lambda: f"batch_norm_relu: x has {x.dim()} dims; expected (N, C, H, W)")
     c = x.shape[1]
     y = torch.empty_like(x, memory_format=memory_format(x))
-    return y, x.new_empty((c,), dtype=_stat_dtype(x)), x.new_empty((c,), dtype=_stat_dtype(x))
+    return y, x.new_empty((c,), dtype=stat_dtype(x.dtype)), x.new_empty((c,), dtype=stat_dtype(x.dtype))
 
 
 def _bwd_fake(grad_y, x, weight, bias, mean, var, training, eps, relu):

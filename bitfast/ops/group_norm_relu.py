@@ -12,6 +12,7 @@ import torch
 
 from bitfast import backends
 from bitfast.ops import _checks, _library, _register, reference
+from bitfast.ops.reference import memory_format, stat_dtype
 
 FAMILY = "group_norm_relu"
 
@@ -20,23 +21,12 @@ backends.register_family(
 )
 
 
-def memory_format(x: torch.Tensor) -> torch.memory_format:
-    """channels_last when ``x`` is laid out so (and not also plainly contiguous)."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def _stat_dtype(x):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _fwd_fake(x, weight, bias, num_groups, eps, relu):
     torch._check(x.dim() == 4, lambda: f"group_norm_relu: x has {x.dim()} dims; expected (N, C, H, W)")
     torch._check(x.shape[1] % num_groups == 0, lambda: "group_norm_relu: C is not divisible by num_groups")
     n = x.shape[0]
     y = torch.empty_like(x, memory_format=memory_format(x))
-    return y, x.new_empty((n, num_groups), dtype=_stat_dtype(x)), x.new_empty((n, num_groups), dtype=_stat_dtype(x))
+    return y, x.new_empty((n, num_groups), dtype=stat_dtype(x.dtype)), x.new_empty((n, num_groups), dtype=stat_dtype(x.dtype))
 
 
 def _bwd_fake(grad_y, x, weight, bias, mean, rstd, num_groups, relu):

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "memory_format",
+    "stat_dtype",
     "weight_standardize",
     "weight_standardize_forward",
     "weight_standardize_backward",
@@ -39,11 +41,14 @@ __all__ = [
 ]
 
 
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
+def stat_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the statistics for inputs of ``dtype``: float64 for float64, else float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
+def memory_format(x: torch.Tensor) -> torch.memory_format:
+    """channels_last when ``x`` is laid out so (and not also plainly contiguous), else
+    contiguous: the layout every op keeps for its outputs."""
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
@@ -62,14 +67,14 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     element (K = 1) standardizes to zero instead of raising. Computed in float32 (eps 1e-8
     and 1e-10 round to zero in half precision), returned in ``w``'s dtype.
     """
-    wf = w.to(_stat_dtype(w.dtype)).reshape(w.shape[0], -1)
+    wf = w.to(stat_dtype(w.dtype)).reshape(w.shape[0], -1)
     var, mean = torch.var_mean(wf, dim=1, correction=0, keepdim=True)
     return ((wf - mean) * torch.rsqrt(var + eps)).reshape(w.shape).to(w.dtype)
 
 
 def weight_standardize_forward(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standardized weight plus the per-output-channel ``mean`` and ``rstd`` (float32)."""
-    wf = w.to(_stat_dtype(w.dtype)).reshape(w.shape[0], -1)
+    wf = w.to(stat_dtype(w.dtype)).reshape(w.shape[0], -1)
     mean = wf.mean(dim=1)
     var = (wf - mean[:, None]).square().mean(dim=1)
     rstd = torch.rsqrt(var + eps)
@@ -120,7 +125,7 @@ def group_norm_relu(
     relu: bool = True,
 ) -> torch.Tensor:
     """timm's ``GroupNormAct``: ``F.group_norm`` then ReLU, keeping ``x``'s memory format."""
-    fmt = _memory_format(x)
+    fmt = memory_format(x)
     mixed = weight is not None and weight.dtype != x.dtype
     if mixed and not torch.is_autocast_enabled(x.device.type):
         # Half-precision activations with float32 parameters: F.group_norm on CUDA refuses
@@ -155,7 +160,7 @@ def group_norm_relu_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GroupNorm(+ReLU) output plus per-(sample, group) ``mean`` and ``rstd`` (float32)."""
     n, c = x.shape[:2]
-    sd = _stat_dtype(x.dtype)
+    sd = stat_dtype(x.dtype)
     xg = _group_view(x.to(sd), num_groups)
     mean = xg.mean(dim=(2, 3))
     var = (xg - mean[..., None, None]).square().mean(dim=(2, 3))
@@ -166,7 +171,7 @@ def group_norm_relu_forward(
     y = xhat * w + b
     if relu:
         y = y.clamp_min(0)
-    y = y.reshape(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
+    y = y.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format(x))
     return y, mean, rstd
 
 
@@ -202,7 +207,7 @@ def group_norm_relu_backward(
     dx = rstd[..., None, None] * (
         g - g.mean(dim=(2, 3), keepdim=True) - xhat * (g * xhat).mean(dim=(2, 3), keepdim=True)
     )
-    dx = dx.reshape(x.shape).to(x.dtype).contiguous(memory_format=_memory_format(x))
+    dx = dx.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format(x))
     pdtype = weight.dtype if weight is not None else torch.float32
     return dx, grad_weight.to(pdtype), grad_bias.to(pdtype)
 
@@ -224,7 +229,7 @@ def batch_norm_relu(
     relu: bool = True,
 ) -> torch.Tensor:
     """``F.batch_norm`` then ReLU (timm's ``BatchNormAct2d``), keeping the memory format."""
-    fmt = _memory_format(x)
+    fmt = memory_format(x)
     y = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
     if relu:
         y = F.relu(y)
@@ -251,7 +256,7 @@ def batch_norm_relu_forward(
     float32 copies). Running statistics are not touched: see ``batch_norm_update_stats_``.
     """
     c = x.shape[1]
-    sd = _stat_dtype(x.dtype)
+    sd = stat_dtype(x.dtype)
     xf = x.to(sd)
     if training:
         mean = xf.mean(dim=(0, 2, 3))
@@ -265,7 +270,7 @@ def batch_norm_relu_forward(
     y = (xf - _bcast(mean)) * _bcast(rstd * w) + _bcast(b)
     if relu:
         y = y.clamp_min(0)
-    return y.to(x.dtype).contiguous(memory_format=_memory_format(x)), mean, var
+    return y.to(x.dtype).contiguous(memory_format=memory_format(x)), mean, var
 
 
 def batch_norm_relu_backward(
@@ -303,7 +308,7 @@ def batch_norm_relu_backward(
         )
     else:
         dx = g * _bcast(rstd)
-    dx = dx.to(x.dtype).contiguous(memory_format=_memory_format(x))
+    dx = dx.to(x.dtype).contiguous(memory_format=memory_format(x))
     pdtype = weight.dtype if weight is not None else torch.float32
     return dx, grad_weight.to(pdtype), grad_bias.to(pdtype)
 

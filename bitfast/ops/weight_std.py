@@ -24,7 +24,7 @@ backends.register_family(
 
 def _fwd_fake(w, eps):
     torch._check(w.dim() >= 2, lambda: f"weight_standardize: w has {w.dim()} dims; expected (O, ...)")
-    sd = torch.float64 if w.dtype == torch.float64 else torch.float32
+    sd = reference.stat_dtype(w.dtype)
     o = w.shape[0]
     return torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty(o, dtype=sd), w.new_empty(o, dtype=sd)
 

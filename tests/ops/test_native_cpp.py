@@ -254,7 +254,7 @@ def check_gn_native(x, weight, bias, groups, relu, eps=1e-5) -> None:
     dtype, sd = x.dtype, stat_dtype(x.dtype)
     n, c = x.shape[:2]
     y, mean, rstd = torch.ops.bitfast.native_group_norm_relu_fwd(x, weight, bias, groups, eps, relu)
-    fmt = reference._memory_format(x)
+    fmt = reference.memory_format(x)
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=fmt)
     assert mean.dtype == rstd.dtype == sd and mean.shape == rstd.shape == (n, groups)
     y64, mean64, rstd64 = reference.group_norm_relu_forward(x.double(), _f64(weight), _f64(bias), groups, eps, relu)
@@ -289,7 +289,7 @@ def check_bn_native(x, running_mean, running_var, weight, bias, training, relu, 
         assert t is None or torch.equal(t, t0), "the forward must not touch the running statistics"
     if not training:
         assert mean.data_ptr() != running_mean.data_ptr() and var.data_ptr() != running_var.data_ptr()
-    fmt = reference._memory_format(x)
+    fmt = reference.memory_format(x)
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=fmt)
     assert mean.dtype == var.dtype == sd and mean.shape == var.shape == (c,)
     args64 = (_f64(running_mean), _f64(running_var), _f64(weight), _f64(bias), training, eps, relu)
@@ -541,7 +541,7 @@ def test_norms_reproducible_across_thread_counts(layout, n):
     (with one sample, channels_last GroupNorm takes its per-sample path on one thread and
     its all-blocks path on several)."""
     x = make_activation((n, 256, 12, 12), torch.float32, layout, DEVICE)
-    g = torch.randn(x.shape).contiguous(memory_format=reference._memory_format(x))
+    g = torch.randn(x.shape).contiguous(memory_format=reference.memory_format(x))
     w, b = norm_params(256, DEVICE)
 
     def run():
