@@ -204,6 +204,10 @@ class ResNetV2(nn.Module):
             stage ``i`` ``cmid = 64 * 2^i * wf``, ``cout = 256 * 2^i * wf``.
         num_classes: classes of the head; 0 builds no classifier (the model returns the
             pooled (N, 2048*wf) features).
+        base_width: the stem width of the x1 model (64 in every BiT model); smaller values
+            build narrow BiT-style networks for quick experiments: stem ``base_width*wf``,
+            ``cmid = base_width * 2^i * wf``, ``cout = 4 * cmid``. With the default GroupNorm
+            (32 groups) it must be a multiple of 32.
         in_chans: input channels.
         conv_layer: factory ``conv_layer(cin, cout, kernel_size, stride=, padding=)``.
             Default ``StdConv2d``. When it is ``StdConv2d`` or a subclass, ``ws_eps`` and
@@ -237,6 +241,7 @@ class ResNetV2(nn.Module):
         zero_head: bool = False,
         drop_rate: float = 0.0,
         device: torch.device | str | None = None,
+        base_width: int = 64,
     ) -> None:
         super().__init__()
         cls = "ResNetV2"
@@ -244,6 +249,7 @@ class ResNetV2(nn.Module):
             raise TypeError(f"{cls}: layers must be a sequence of 4 ints (units per stage); got {layers!r}")
         layers = tuple(_int_at_least(cls, f"layers[{i}]", v, 1) for i, v in enumerate(layers))
         width_factor = _int_at_least(cls, "width_factor", width_factor, 1)
+        base_width = _int_at_least(cls, "base_width", base_width, 1)
         num_classes = _int_at_least(cls, "num_classes", num_classes, 0)
         in_chans = _int_at_least(cls, "in_chans", in_chans, 1)
         ws_eps = _check_eps(cls, "ws_eps", ws_eps)
@@ -260,6 +266,7 @@ class ResNetV2(nn.Module):
 
         self.layers = layers
         self.width_factor = width_factor
+        self.base_width = base_width
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.norm_kind = norm
@@ -268,8 +275,8 @@ class ResNetV2(nn.Module):
         self.zero_head = bool(zero_head)
         self.drop_rate = drop_rate
         wf = width_factor
-        stem_chs = 64 * wf
-        self.num_features = 2048 * wf
+        stem_chs = base_width * wf
+        self.num_features = 32 * base_width * wf
 
         ctx = torch.device(device) if device is not None else contextlib.nullcontext()
         with ctx:
@@ -285,7 +292,7 @@ class ResNetV2(nn.Module):
             stages = []
             in_chs = stem_chs
             for i, depth in enumerate(layers):
-                out_chs, mid_chs = 256 * 2**i * wf, 64 * 2**i * wf
+                out_chs, mid_chs = 4 * base_width * 2**i * wf, base_width * 2**i * wf
                 stages.append(
                     ResNetStage(
                         in_chs, out_chs, mid_chs, 1 if i == 0 else 2, depth,
@@ -300,9 +307,11 @@ class ResNetV2(nn.Module):
 
     @property
     def arch(self) -> str:
-        """The architecture name, e.g. ``"R50x1"`` (``"R?x1"`` for a non-standard depth)."""
+        """The architecture name, e.g. ``"R50x1"`` (``"R?x1"`` for a non-standard depth,
+        ``"R?x1-w32"`` for a non-standard ``base_width``)."""
         depth = {(3, 4, 6, 3): 50, (3, 4, 23, 3): 101, (3, 8, 36, 3): 152}.get(self.layers, "?")
-        return f"R{depth}x{self.width_factor}"
+        suffix = "" if self.base_width == 64 else f"-w{self.base_width}"
+        return f"R{depth}x{self.width_factor}{suffix}"
 
     def _init_weights(self) -> None:
         for name, m in self.named_modules():

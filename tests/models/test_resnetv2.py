@@ -420,3 +420,15 @@ def test_bn_variant_train_and_eval():
         assert model.norm.num_batches_tracked.item() == tracked  # eval does not update
     torch.testing.assert_close(single, pre[:1], rtol=1e-4, atol=1e-4)  # eval: per-sample
     torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_base_width_builds_a_narrow_bit_network():
+    model = ResNetV2((1, 1, 1, 1), base_width=32, num_classes=5)
+    assert model.arch == "R?x1-w32"
+    assert model.stem.conv.weight.shape[0] == 32
+    assert model.num_features == 1024
+    assert [s.blocks[0].conv3.weight.shape[0] for s in model.stages] == [128, 256, 512, 1024]
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 5)
+    with pytest.raises(ValueError, match="base_width"):
+        ResNetV2((1, 1, 1, 1), base_width=0)
