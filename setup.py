@@ -135,9 +135,13 @@ setup(
         "bitfast.models",
         "bitfast.optim",
         "bitfast.checkpoint",
+        "bitfast.data",
+        "bitfast.train",
         "bitfast.kernels",
     ],
     package_dir={"bitfast.kernels": "kernels"},
+    # The embedded default dataset (UCI handwritten digits, CC BY 4.0) and its license.
+    package_data={"bitfast.data": ["digits.csv.gz", "DIGITS_LICENSE.txt"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
