@@ -6,13 +6,48 @@ Plain functions, importable without the training loops:
 subsets, feature extraction, closed-form ridge heads).
 """
 
-from bitfast.train import hyperrule, schedules
+# ``mixup`` stays the module (``bitfast.train.mixup.mixup`` is the function), so that
+# ``import bitfast.train.mixup`` and ``from bitfast.train import mixup`` agree.
+from bitfast.train import fewshot, hyperrule, metrics, mixup, schedules
+from bitfast.train.fewshot import (
+    extract_features,
+    kshot_indices,
+    ridge_head,
+    ridge_predict,
+    run_ridge_episodes,
+    select_lambda,
+)
+from bitfast.train.metrics import (
+    confusion_matrix,
+    ensemble_logits,
+    expected_calibration_error,
+    reliability_bins,
+    topk_accuracy,
+    topk_correct,
+)
+from bitfast.train.mixup import soft_cross_entropy
 from bitfast.train.schedules import cosine_lr, scaled_lr, upstream_step_lr
 
 __all__ = [
+    "confusion_matrix",
     "cosine_lr",
+    "ensemble_logits",
+    "expected_calibration_error",
+    "extract_features",
+    "fewshot",
     "hyperrule",
+    "kshot_indices",
+    "metrics",
+    "mixup",
+    "reliability_bins",
+    "ridge_head",
+    "ridge_predict",
+    "run_ridge_episodes",
     "scaled_lr",
     "schedules",
+    "select_lambda",
+    "soft_cross_entropy",
+    "topk_accuracy",
+    "topk_correct",
     "upstream_step_lr",
 ]
