@@ -222,7 +222,9 @@ def select_lambda(
     on the rest, and the lambda with the best held-out accuracy wins, ties going to the lower
     held-out squared error, then to the larger lambda. With one example of some class (1-shot)
     a hold-out would remove the class, so the exact leave-one-out squared error of the
-    one-hot regression (closed form, no refits) decides instead.
+    one-hot regression (closed form, no refits) decides instead. It favours strong
+    shrinkage, the limit in which the head scores ``z`` by its inner product with each
+    class's (centred) example: a prototype classifier, a sound default for one shot.
     """
     fn = "select_lambda"
     y = _labels(fn, y)
