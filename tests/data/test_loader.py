@@ -88,3 +88,20 @@ def test_bad_arguments(kwargs, words):
         make_loader(TensorDataset(torch.zeros(3)), train=True, **kwargs)
     with pytest.raises(ValueError, match="empty"):
         make_loader(TensorDataset(torch.zeros(0)), 2, train=False)
+
+
+def test_distributed_single_process_group(tmp_path):
+    # A one-process gloo group exercises the distributed path without spawning processes.
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("this torch build has no torch.distributed")
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        ds = TensorDataset(torch.zeros(9, 2), torch.arange(9))
+        loader = make_loader(ds, 4, train=True, distributed=True, seed=3)
+        assert isinstance(loader.sampler, EpochSampler) and loader.sampler.num_replicas == 1
+        assert _ids(loader) == _ids(make_loader(ds, 4, train=True, seed=3))
+    finally:
+        dist.destroy_process_group()
