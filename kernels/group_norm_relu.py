@@ -18,6 +18,13 @@ sum(dy * xhat) over H*W; these are written to (N, C) float32 buffers (grad_bias 
 grad_weight are their sums over N, taken by torch: deterministic, no atomics), and, weighted
 by gamma, give the two group sums the input gradient needs. A second pass writes dx.
 
+Residual add (``group_norm_relu_add_*``, the joint of two pre-activation units): with
+HAS_RESIDUAL the forward's first pass reads a and b, stores their sum (rounded to the
+storage dtype, as ``a + b`` is) and takes the statistics of the rounded sum; the second
+pass reads the sum back (from L2 on a GPU: a group is at most a few hundred KB). With
+HAS_GRAD_SUM the backward adds the gradient reaching the sum directly to dx before its one
+rounding, so the gradient of a and b leaves in the pass that writes dx.
+
 Offsets within a sample are int32 (C*H*W < 2**31, checked by the launchers); the sample
 offset is int64.
 """
@@ -34,9 +41,28 @@ _TILE = 4096
 
 
 @triton.jit
+def _round_to(
+    X,  # values to store, float32 tensor
+    DTYPE: tl.constexpr,  # storage element type
+):
+    # float32 -> bfloat16 rounded to nearest even by hand, so that the stored residual sum
+    # is bit for bit the a + b of PyTorch: the Triton interpreter (what CI runs) truncates
+    # in this cast, while a GPU rounds to nearest even as done here.
+    if DTYPE == tl.bfloat16:
+        bits = X.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(X == X, y, X.to(tl.bfloat16))  # NaN stays NaN
+    else:
+        return X.to(DTYPE)
+
+
+@triton.jit
 def _gn_relu_fwd_kernel(
-    X,  # input, (N, C, H, W) in NCHW or NHWC memory
+    X,  # input, (N, C, H, W) in NCHW or NHWC memory; with HAS_RESIDUAL, the sum written here
     Y,  # output, like X
+    RES_A,  # residual operand a, like X; ignored unless HAS_RESIDUAL
+    RES_B,  # residual operand b, like X; ignored unless HAS_RESIDUAL
     W,  # gamma, (C,) any float dtype; ignored unless HAS_WEIGHT
     B,  # beta, (C,) any float dtype; ignored unless HAS_BIAS
     MEAN,  # per-(sample, group) mean, (N, G) float32
@@ -46,6 +72,7 @@ def _gn_relu_fwd_kernel(
     G,  # groups
     CG,  # channels per group, C // G
     eps,  # added to the biased variance
+    HAS_RESIDUAL: tl.constexpr,  # X = RES_A + RES_B is computed and stored, then normalized
     HAS_WEIGHT: tl.constexpr,  # gamma given (else 1)
     HAS_BIAS: tl.constexpr,  # beta given (else 0)
     RELU: tl.constexpr,  # apply the ReLU
@@ -77,7 +104,16 @@ def _gn_relu_fwd_kernel(
             sp = ss + offs_s
             mask = (sp < HW)[:, None] & c_mask[None, :]
             offs = (c_first + cc)[None, :] * stride_c + sp[:, None] * stride_s
-            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+            if HAS_RESIDUAL:
+                # The sum rounded to the storage dtype, as a + b is, and its statistics are
+                # those of the rounded values that pass 2 reads back.
+                ra = tl.load(RES_A + base + offs, mask=mask, other=0.0).to(tl.float32)
+                rb = tl.load(RES_B + base + offs, mask=mask, other=0.0).to(tl.float32)
+                xs = _round_to(ra + rb, X.dtype.element_ty)
+                tl.store(X + base + offs, xs, mask=mask)
+                x = xs.to(tl.float32)
+            else:
+                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
             n_b = (tl.minimum(CG - cs, BLOCK_C) * tl.minimum(HW - ss, BLOCK_S)).to(tl.float32)
             mean_b = tl.sum(tl.sum(x, axis=1), axis=0) / n_b
             d = tl.where(mask, x - mean_b, 0.0)
@@ -91,6 +127,9 @@ def _gn_relu_fwd_kernel(
     rstd = 1.0 / tl.sqrt(m2 / count + eps)
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, rstd)
+    if HAS_RESIDUAL:
+        # Pass 2 reads the sum back; a thread may load elements another thread stored.
+        tl.debug_barrier()
 
     for cs in range(0, CG, BLOCK_C):
         cc = cs + offs_c
@@ -124,13 +163,15 @@ def _gn_relu_bwd_kernel(
     B,  # beta, (C,) any float dtype; ignored unless HAS_BIAS
     MEAN,  # saved mean, (N, G) float32
     RSTD,  # saved rstd, (N, G) float32
-    DX,  # gradient w.r.t. X, like X
+    DX,  # gradient w.r.t. X, like X; with HAS_GRAD_SUM, plus GRAD_SUM
+    GRAD_SUM,  # gradient reaching X from elsewhere, like X; ignored unless HAS_GRAD_SUM
     DW_PART,  # per-(sample, channel) sum(dy * xhat), (N, C) float32
     DB_PART,  # per-(sample, channel) sum(dy), (N, C) float32
     C,  # channels
     HW,  # H * W
     G,  # groups
     CG,  # channels per group, C // G
+    HAS_GRAD_SUM: tl.constexpr,  # add GRAD_SUM to dx before the store
     HAS_WEIGHT: tl.constexpr,  # gamma given (else 1)
     HAS_BIAS: tl.constexpr,  # beta given (else 0)
     RELU: tl.constexpr,  # the forward applied the ReLU
@@ -217,6 +258,8 @@ def _gn_relu_bwd_kernel(
             if RELU:
                 dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
             dx = rstd * (dy * w[None, :] - mean_g - (xc * rstd) * mean_gx)
+            if HAS_GRAD_SUM:
+                dx += tl.load(GRAD_SUM + base + offs, mask=mask, other=0.0).to(tl.float32)
             tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
@@ -259,11 +302,12 @@ def group_norm_relu_fwd(
     rstd = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     block_c, block_s = _blocks(cg, hw)
     _gn_relu_fwd_kernel[(n * num_groups,)](
-        x, y,
+        x, y, x, x,
         weight if weight is not None else x,
         bias if bias is not None else x,
         mean, rstd,
         c, hw, num_groups, cg, eps,
+        HAS_RESIDUAL=False,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         RELU=relu,
@@ -301,8 +345,92 @@ def group_norm_relu_bwd(
         weight if weight is not None else x,
         bias if bias is not None else x,
         mean.contiguous(), rstd.contiguous(),
-        dx, dw_part, db_part,
+        dx, dx, dw_part, db_part,
         c, hw, num_groups, cg,
+        HAS_GRAD_SUM=False,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        CHANNELS_LAST=cl,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=8 if block_c * block_s >= 2048 else 4,
+    )
+    pdtype = weight.dtype if weight is not None else torch.float32
+    return dx, dw_part.sum(0).to(pdtype), db_part.sum(0).to(pdtype)
+
+
+def group_norm_relu_add_fwd(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The sum ``a + b`` and its GroupNorm(+ReLU), in ``a``'s memory format (NCHW or
+    channels_last; ``b`` is brought to it), plus (N, G) float32 mean and rstd."""
+    a, cl = _layout(a, "group_norm_relu_add_fwd")
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    b = b.contiguous(memory_format=fmt)
+    n, c, h, w = a.shape
+    hw, cg = h * w, c // num_groups
+    s = torch.empty_like(a, memory_format=fmt)
+    y = torch.empty_like(a, memory_format=fmt)
+    mean = torch.empty((n, num_groups), device=a.device, dtype=torch.float32)
+    rstd = torch.empty((n, num_groups), device=a.device, dtype=torch.float32)
+    block_c, block_s = _blocks(cg, hw)
+    _gn_relu_fwd_kernel[(n * num_groups,)](
+        s, y, a, b,
+        weight if weight is not None else a,
+        bias if bias is not None else a,
+        mean, rstd,
+        c, hw, num_groups, cg, eps,
+        HAS_RESIDUAL=True,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        CHANNELS_LAST=cl,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=8 if block_c * block_s >= 2048 else 4,
+    )
+    return s, y, mean, rstd
+
+
+def group_norm_relu_add_bwd(
+    grad_y: torch.Tensor,
+    grad_sum: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``grad_sum`` (None: zero) plus the GroupNorm(+ReLU) gradient w.r.t. the sum ``s``,
+    in ``s``'s dtype and memory format, and the gradients w.r.t. ``weight`` and ``bias``."""
+    s, cl = _layout(s, "group_norm_relu_add_bwd")
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    grad_y = grad_y.contiguous(memory_format=fmt)
+    if grad_sum is not None:
+        grad_sum = grad_sum.contiguous(memory_format=fmt)
+    n, c, h, w = s.shape
+    hw, cg = h * w, c // num_groups
+    dx = torch.empty_like(s, memory_format=fmt)
+    dw_part = torch.empty((n, c), device=s.device, dtype=torch.float32)
+    db_part = torch.empty((n, c), device=s.device, dtype=torch.float32)
+    block_c, block_s = _blocks(cg, hw)
+    _gn_relu_bwd_kernel[(n * num_groups,)](
+        grad_y, s,
+        weight if weight is not None else s,
+        bias if bias is not None else s,
+        mean.contiguous(), rstd.contiguous(),
+        dx, grad_sum if grad_sum is not None else dx, dw_part, db_part,
+        c, hw, num_groups, cg,
+        HAS_GRAD_SUM=grad_sum is not None,
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         RELU=relu,

@@ -13,13 +13,14 @@ _native.load_all()
 
 from bitfast.ops import reference  # noqa: E402
 from bitfast.ops.batch_norm_relu import batch_norm_relu  # noqa: E402
-from bitfast.ops.group_norm_relu import group_norm_relu  # noqa: E402
+from bitfast.ops.group_norm_relu import group_norm_relu, group_norm_relu_add  # noqa: E402
 from bitfast.ops.sgd_momentum import sgd_momentum_  # noqa: E402
 from bitfast.ops.weight_std import std_conv2d, weight_standardize  # noqa: E402
 
 __all__ = [
     "batch_norm_relu",
     "group_norm_relu",
+    "group_norm_relu_add",
     "reference",
     "sgd_momentum_",
     "std_conv2d",

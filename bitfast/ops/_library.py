@@ -47,6 +47,18 @@ SCHEMAS: dict[str, str] = {
         "(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd,"
         " int num_groups, bool relu) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)"
     ),
+    # The residual sum s = a + b of a pre-activation ResNet fused with the next unit's
+    # GroupNorm+ReLU: returns s and y = relu(group_norm(s)). The backward's grad_input is
+    # the gradient of a and of b alike: grad_sum (None: zero) plus that of y through s.
+    "group_norm_relu_add_fwd": (
+        "(Tensor a, Tensor b, Tensor? weight, Tensor? bias, int num_groups, float eps, bool relu)"
+        " -> (Tensor sum, Tensor y, Tensor mean, Tensor rstd)"
+    ),
+    "group_norm_relu_add_bwd": (
+        "(Tensor grad_y, Tensor? grad_sum, Tensor sum, Tensor? weight, Tensor? bias, Tensor mean,"
+        " Tensor rstd, int num_groups, bool relu)"
+        " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)"
+    ),
     "batch_norm_relu_fwd": (
         "(Tensor x, Tensor? running_mean, Tensor? running_var, Tensor? weight, Tensor? bias,"
         " bool training, float eps, bool relu) -> (Tensor y, Tensor mean, Tensor var)"

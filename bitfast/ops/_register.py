@@ -15,6 +15,8 @@ _REFERENCE: dict[str, Callable] = {
     "weight_standardize_bwd": reference.weight_standardize_backward,
     "group_norm_relu_fwd": reference.group_norm_relu_forward,
     "group_norm_relu_bwd": reference.group_norm_relu_backward,
+    "group_norm_relu_add_fwd": reference.group_norm_relu_add_forward,
+    "group_norm_relu_add_bwd": reference.group_norm_relu_add_backward,
     "batch_norm_relu_fwd": reference.batch_norm_relu_forward,
     "batch_norm_relu_bwd": reference.batch_norm_relu_backward,
     "batch_norm_update_stats_": reference.batch_norm_update_stats_,

@@ -1,4 +1,5 @@
-"""GroupNorm (Wu & He, 2018) fused with the ReLU that follows it in every BiT unit.
+"""GroupNorm (Wu & He, 2018) fused with the ReLU that follows it in every BiT unit, and
+with the residual add before it (``group_norm_relu_add``).
 
 Statistics per (sample, group) in float32 with biased variance and eps inside the square
 root, as ``F.group_norm``; NCHW and channels_last inputs, the output in the input's
@@ -66,6 +67,29 @@ torch.library.register_autograd(
 )
 
 
+def _check_args(fn, xname, x, num_groups, weight, bias, eps, relu) -> None:
+    # The checks every GroupNorm+ReLU entry point makes on its input ``x`` (named xname).
+    _checks.tensor(fn, xname, x)
+    _checks.floating(fn, xname, x)
+    _checks.ndim(fn, xname, x, 4, "(N, C, H, W)")
+    _checks.positive_int(fn, "num_groups", num_groups)
+    c = x.shape[1]
+    if c % num_groups:
+        raise ValueError(f"{fn}: {xname} has {c} channels, not divisible by num_groups={num_groups}")
+    if x.numel() == 0:
+        raise ValueError(f"{fn}: {xname} has shape {tuple(x.shape)} with no elements; expected a non-empty input")
+    if x.numel() // (x.shape[0] * num_groups) < 2:
+        raise ValueError(
+            f"{fn}: each group of {xname} (shape {tuple(x.shape)}, num_groups={num_groups}) has a single "
+            f"element; expected more than 1 value per group, as F.group_norm does"
+        )
+    _checks.channel_vector(fn, "weight", weight, c, x)
+    _checks.channel_vector(fn, "bias", bias, c, x)
+    _checks.non_negative(fn, "eps", eps)
+    if not isinstance(relu, bool):
+        raise TypeError(f"{fn}: relu must be a bool; got {type(relu).__name__}")
+
+
 def group_norm_relu(
     x: torch.Tensor,
     num_groups: int,
@@ -92,28 +116,153 @@ def group_norm_relu(
         A tensor of ``x``'s shape, dtype and memory format. Differentiable w.r.t. ``x``,
         ``weight`` and ``bias``.
     """
-    fn = "group_norm_relu"
-    _checks.tensor(fn, "x", x)
-    _checks.floating(fn, "x", x)
-    _checks.ndim(fn, "x", x, 4, "(N, C, H, W)")
-    _checks.positive_int(fn, "num_groups", num_groups)
-    c = x.shape[1]
-    if c % num_groups:
-        raise ValueError(f"{fn}: x has {c} channels, not divisible by num_groups={num_groups}")
-    if x.numel() == 0:
-        raise ValueError(f"{fn}: x has shape {tuple(x.shape)} with no elements; expected a non-empty input")
-    if x.numel() // (x.shape[0] * num_groups) < 2:
-        raise ValueError(
-            f"{fn}: each group of x (shape {tuple(x.shape)}, num_groups={num_groups}) has a single "
-            f"element; expected more than 1 value per group, as F.group_norm does"
-        )
-    _checks.channel_vector(fn, "weight", weight, c, x)
-    _checks.channel_vector(fn, "bias", bias, c, x)
-    _checks.non_negative(fn, "eps", eps)
-    if not isinstance(relu, bool):
-        raise TypeError(f"{fn}: relu must be a bool; got {type(relu).__name__}")
+    _check_args("group_norm_relu", "x", x, num_groups, weight, bias, eps, relu)
     name = backends.resolve(FAMILY, x.device.type, x.dtype, backend)
     if name == "reference":
         return reference.group_norm_relu(x, num_groups, weight, bias, eps, relu)
     x = x.contiguous(memory_format=memory_format(x))
     return torch.ops.bitfast.group_norm_relu_fwd(x, weight, bias, num_groups, float(eps), relu, name)[0]
+
+
+# --------------------------------------------------------------------------------------
+# Residual add fused with GroupNorm+ReLU
+# --------------------------------------------------------------------------------------
+#
+# In a pre-activation ResNet every unit ends with s = a + b (conv output + shortcut) and
+# the next unit begins with relu(group_norm(s)). The fused op writes s and y from one pass
+# over a and b; its backward writes grad_sum + d y / d s, which is the gradient of a and
+# of b alike, in the pass that writes the GroupNorm input gradient.
+
+ADD_FAMILY = "group_norm_relu_add"
+
+backends.register_family(
+    ADD_FAMILY, ("group_norm_relu_add_fwd", "group_norm_relu_add_bwd"), triton_module="group_norm_relu"
+)
+
+
+def _add_fwd_fake(a, b, weight, bias, num_groups, eps, relu):
+    torch._check(a.dim() == 4, lambda: f"group_norm_relu_add: a has {a.dim()} dims; expected (N, C, H, W)")
+    torch._check(a.shape == b.shape, lambda: "group_norm_relu_add: a and b must have the same shape")
+    torch._check(a.dtype == b.dtype, lambda: "group_norm_relu_add: a and b must have the same dtype")
+    torch._check(a.shape[1] % num_groups == 0, lambda: "group_norm_relu_add: C is not divisible by num_groups")
+    n, fmt, sd = a.shape[0], memory_format(a), stat_dtype(a.dtype)
+    return (
+        torch.empty_like(a, memory_format=fmt),
+        torch.empty_like(a, memory_format=fmt),
+        a.new_empty((n, num_groups), dtype=sd),
+        a.new_empty((n, num_groups), dtype=sd),
+    )
+
+
+def _add_bwd_fake(grad_y, grad_sum, s, weight, bias, mean, rstd, num_groups, relu):
+    c = s.shape[1]
+    pdtype = weight.dtype if weight is not None else torch.float32
+    return (
+        torch.empty_like(s, memory_format=memory_format(s)),
+        s.new_empty((c,), dtype=pdtype),
+        s.new_empty((c,), dtype=pdtype),
+    )
+
+
+_register.register("group_norm_relu_add_fwd", _add_fwd_fake)
+_register.register("group_norm_relu_add_bwd", _add_bwd_fake)
+
+
+def _add_setup_context(ctx, inputs, output):
+    _a, _b, weight, bias, num_groups, _eps, relu, backend = inputs
+    s, _y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(s, weight, bias, mean, rstd)
+    ctx.num_groups, ctx.relu, ctx.backend = num_groups, relu, backend
+    ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+
+
+def _add_backward(ctx, grad_sum, grad_y, _grad_mean, _grad_rstd):
+    s, weight, bias, mean, rstd = ctx.saved_tensors
+    fmt = memory_format(s)
+    if grad_sum is not None:
+        grad_sum = grad_sum.contiguous(memory_format=fmt)
+    if grad_y is None:  # only the sum was used: y contributes nothing
+        grad_y = torch.zeros_like(s, memory_format=fmt)
+    grad_y = grad_y.contiguous(memory_format=fmt)
+    grad_in, dw, db = torch.ops.bitfast.group_norm_relu_add_bwd(
+        grad_y, grad_sum, s, weight, bias, mean, rstd, ctx.num_groups, ctx.relu, ctx.backend
+    )
+    return (
+        grad_in,
+        grad_in,
+        dw if ctx.has_weight else None,
+        db if ctx.has_bias else None,
+        None,
+        None,
+        None,
+        None,
+    )
+
+
+torch.library.register_autograd(
+    _library.qualname("group_norm_relu_add_fwd"), _add_backward, setup_context=_add_setup_context, lib=_library.lib
+)
+
+
+def group_norm_relu_add(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    relu: bool = True,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum ``s = a + b`` and ``relu(group_norm(s, num_groups, weight, bias,
+    eps))``, computed together in one pass over ``a`` and ``b``.
+
+    This is the joint of two pre-activation units: ``a`` is a unit's last conv output,
+    ``b`` its shortcut, ``s`` the residual stream (the next unit's shortcut) and ``y`` the
+    next unit's pre-activation.
+
+    Args:
+        a, b: (N, C, H, W) tensors of the same shape, dtype, device and memory format
+            (NCHW or channels_last, by the rule of ``bitfast.ops.reference.memory_format``);
+            no broadcasting. float16/bfloat16/float32/float64.
+        num_groups: number of groups; must divide C (BiT: 32).
+        weight, bias: optional per-channel affine parameters, shape (C,), any float dtype.
+        eps: added to the biased variance inside the square root.
+        relu: apply the ReLU (``False`` gives plain GroupNorm of the sum).
+        backend: force a backend (see ``bitfast.backends``); default: auto.
+
+    Returns:
+        ``(s, y)``, both of ``a``'s shape, dtype and memory format. ``s`` equals ``a + b``
+        (rounded to the dtype as ``a + b`` is). Both are differentiable: gradients flow to
+        ``a``, ``b``, ``weight`` and ``bias`` from ``s`` and from ``y``.
+    """
+    fn = "group_norm_relu_add"
+    _checks.tensor(fn, "a", a)
+    _checks.tensor(fn, "b", b)
+    _check_args(fn, "a", a, num_groups, weight, bias, eps, relu)
+    if b.shape != a.shape:
+        raise ValueError(
+            f"{fn}: b has shape {tuple(b.shape)} but a has shape {tuple(a.shape)}; expected equal shapes "
+            f"(no broadcasting)"
+        )
+    if b.dtype != a.dtype:
+        raise TypeError(f"{fn}: b has dtype {b.dtype} but a has dtype {a.dtype}; expected equal dtypes")
+    if b.device != a.device:
+        raise ValueError(f"{fn}: b is on {b.device} but a is on {a.device}; expected the same device")
+    fmt = memory_format(a)
+    if memory_format(b) != fmt:
+        def _name(f):
+            return "channels_last" if f == torch.channels_last else "contiguous (NCHW)"
+
+        raise ValueError(
+            f"{fn}: b is laid out {_name(memory_format(b))} but a is {_name(fmt)}; expected the same memory format"
+        )
+    name = backends.resolve(ADD_FAMILY, a.device.type, a.dtype, backend)
+    if name == "reference":
+        return reference.group_norm_relu_add(a, b, num_groups, weight, bias, eps, relu)
+    a = a.contiguous(memory_format=fmt)
+    b = b.contiguous(memory_format=fmt)
+    s, y, _mean, _rstd = torch.ops.bitfast.group_norm_relu_add_fwd(a, b, weight, bias, num_groups, float(eps), relu, name)
+    return s, y

@@ -9,8 +9,8 @@ output channel with biased variance and eps inside the square root; ``GroupNormA
 Two kinds of function live here:
 
 * differentiable composites (``weight_standardize``, ``group_norm_relu``,
-  ``batch_norm_relu``, ``std_conv2d``): plain PyTorch, differentiated by autograd, what a
-  user of timm runs today;
+  ``group_norm_relu_add``, ``batch_norm_relu``, ``std_conv2d``): plain PyTorch,
+  differentiated by autograd, what a user of timm runs today;
 * explicit forward/backward pairs (``*_forward`` returning the saved statistics,
   ``*_backward`` the hand-derived gradients): the contract every kernel implements, and the
   kernels of the registered ops under ``backend="reference"``.
@@ -33,6 +33,9 @@ __all__ = [
     "group_norm_relu",
     "group_norm_relu_forward",
     "group_norm_relu_backward",
+    "group_norm_relu_add",
+    "group_norm_relu_add_forward",
+    "group_norm_relu_add_backward",
     "batch_norm_relu",
     "batch_norm_relu_forward",
     "batch_norm_relu_backward",
@@ -192,6 +195,12 @@ def group_norm_relu_backward(
     ``g = dy * mask * gamma``: ``dx = rstd * (g - mean(g) - xhat * mean(g * xhat))``.
     ``grad_weight``/``grad_bias`` have ``weight``'s dtype (float32 when ``weight`` is None).
     """
+    return _group_norm_relu_grads(grad_y, None, x, weight, bias, mean, rstd, num_groups, relu)
+
+
+def _group_norm_relu_grads(grad_y, grad_sum, x, weight, bias, mean, rstd, num_groups, relu):
+    # GroupNorm(+ReLU) gradients; grad_sum (when given) is added to dx in the statistics
+    # dtype, before dx's one rounding to x's dtype (the fused residual backward).
     n, c = x.shape[:2]
     cg = c // num_groups
     sd = mean.dtype
@@ -207,9 +216,62 @@ def group_norm_relu_backward(
     dx = rstd[..., None, None] * (
         g - g.mean(dim=(2, 3), keepdim=True) - xhat * (g * xhat).mean(dim=(2, 3), keepdim=True)
     )
-    dx = dx.reshape(x.shape).to(x.dtype).contiguous(memory_format=memory_format(x))
+    dx = dx.reshape(x.shape)
+    if grad_sum is not None:
+        dx = dx + grad_sum.to(sd)
+    dx = dx.to(x.dtype).contiguous(memory_format=memory_format(x))
     pdtype = weight.dtype if weight is not None else torch.float32
     return dx, grad_weight.to(pdtype), grad_bias.to(pdtype)
+
+
+def group_norm_relu_add(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    relu: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual sum ``s = a + b`` and ``group_norm_relu(s)``, as a pre-activation
+    ResNet computes them unfused: returns ``(s, y)``, both in ``a``'s memory format."""
+    s = (a + b).contiguous(memory_format=memory_format(a))
+    return s, group_norm_relu(s, num_groups, weight, bias, eps, relu)
+
+
+def group_norm_relu_add_forward(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    num_groups: int,
+    eps: float,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(s, y, mean, rstd)``: the sum ``s = a + b`` rounded to the inputs' dtype (what
+    ``a + b`` gives), then ``group_norm_relu_forward(s)``. ``s`` and ``y`` keep ``a``'s
+    memory format; ``b`` must have ``a``'s shape and dtype (no broadcasting)."""
+    s = (a + b).contiguous(memory_format=memory_format(a))
+    y, mean, rstd = group_norm_relu_forward(s, weight, bias, num_groups, eps, relu)
+    return s, y, mean, rstd
+
+
+def group_norm_relu_add_backward(
+    grad_y: torch.Tensor,
+    grad_sum: torch.Tensor | None,
+    s: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    num_groups: int,
+    relu: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of ``group_norm_relu_add`` w.r.t. its inputs: ``(grad_input, grad_weight,
+    grad_bias)``. ``grad_input = grad_sum + d y / d s`` (``grad_sum`` None counts as zero),
+    added in the statistics dtype and rounded once; it is the gradient of ``a`` and of ``b``
+    alike. ``grad_weight``/``grad_bias`` as in ``group_norm_relu_backward``."""
+    return _group_norm_relu_grads(grad_y, grad_sum, s, weight, bias, mean, rstd, num_groups, relu)
 
 
 # --------------------------------------------------------------------------------------
