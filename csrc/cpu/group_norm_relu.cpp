@@ -1,4 +1,6 @@
-// GroupNorm+ReLU on CPU, NCHW and channels_last, without transposing either.
+// GroupNorm+ReLU on CPU, NCHW and channels_last, without transposing either; also with the
+// residual add before it (native_group_norm_relu_add_*): the forward's first read of a
+// block computes and stores s = a + b, and the backward adds grad_sum to dx before storing.
 //
 // NCHW: a (sample, group) is one contiguous run of M = C / G * H * W elements, and one
 // parallel task. The forward makes two passes over it for the statistics (the mean, then
@@ -28,6 +30,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 namespace bitfast::cpu {
@@ -58,6 +61,54 @@ int64_t grain(int64_t elems_per_task) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(elems_per_task, 1));
 }
 
+// The residual operands of native_group_norm_relu_add_fwd: the norm's input is then the
+// sum a + b, written to `sum` as the forward reads it. All null for plain GroupNorm.
+template <typename scalar_t>
+struct Residual {
+  const scalar_t* a = nullptr;
+  const scalar_t* b = nullptr;
+  scalar_t* sum = nullptr;
+};
+
+// n elements of the norm's input at element offset off, in the math type: those of X, or
+// with a residual, sum = a + b rounded to scalar_t (stored) and read back rounded, so the
+// statistics and y are those of the stored sum, as with an unfused a + b.
+template <typename scalar_t>
+const at::opmath_type<scalar_t>* load_input(const scalar_t* X, const Residual<scalar_t>& r, int64_t off, int64_t n,
+                                            std::vector<at::opmath_type<scalar_t>>& buf,
+                                            std::vector<at::opmath_type<scalar_t>>& tmp) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (r.a == nullptr) return load(X + off, n, buf);
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    const scalar_t* __restrict a = r.a + off;
+    const scalar_t* __restrict b = r.b + off;
+    scalar_t* __restrict out = r.sum + off;
+    for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+    return out;
+  } else {
+    if (int64_t(buf.size()) < n) buf.resize(n);
+    if (int64_t(tmp.size()) < n) tmp.resize(n);
+    acc_t* __restrict x = buf.data();
+    acc_t* __restrict y = tmp.data();
+    widen(r.a + off, x, n);
+    widen(r.b + off, y, n);
+    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+    narrow(x, r.sum + off, n);
+    widen(r.sum + off, x, n);
+    return x;
+  }
+}
+
+// dx[0..n) += the gradient that reached the sum directly (GS at element offset off), when
+// there is one: added in the math type, before dx is rounded once.
+template <typename scalar_t>
+void add_grad_sum(const scalar_t* GS, int64_t off, int64_t n, at::opmath_type<scalar_t>* dx,
+                  std::vector<at::opmath_type<scalar_t>>& buf) {
+  if (GS == nullptr) return;
+  const at::opmath_type<scalar_t>* g = load(GS + off, n, buf);
+  for (int64_t i = 0; i < n; ++i) dx[i] += g[i];
+}
+
 // ---------------------------------------------------------------------------------------
 // NCHW
 // ---------------------------------------------------------------------------------------
@@ -65,13 +116,13 @@ int64_t grain(int64_t elems_per_task) {
 template <typename scalar_t>
 void fwd_nchw(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, at::opmath_type<scalar_t>* RSTD,
               const at::opmath_type<scalar_t>* W, const at::opmath_type<scalar_t>* B, const Shape& s, double eps,
-              bool relu) {
+              bool relu, const Residual<scalar_t>& res) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, s.N * s.G, grain(s.M), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf, ybuf, sc(s.Cg), sh(s.Cg);
+    std::vector<acc_t> xbuf, tbuf, ybuf, sc(s.Cg), sh(s.Cg);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t c0 = (ng % s.G) * s.Cg;
-      const acc_t* x = load(X + ng * s.M, s.M, xbuf);
+      const acc_t* x = load_input(X, res, ng * s.M, s.M, xbuf, tbuf);
       // 0 / 0 = NaN for an empty group, as the reference's mean of nothing.
       const acc_t mean = acc_t(rows::sum(x, s.M) / double(s.M));
       const double var = rows::sum_sq_dev(x, s.M, mean) / double(s.M);
@@ -90,13 +141,15 @@ void fwd_nchw(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
 }
 
 // DWN, DBN: (N, C) per-sample sums of d * xhat and d, for grad_weight and grad_bias.
+// GS: the gradient reaching X directly, added to dx (null: none).
 template <typename scalar_t>
 void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opmath_type<scalar_t>* MEAN,
               const at::opmath_type<scalar_t>* RSTD, const at::opmath_type<scalar_t>* W,
-              const at::opmath_type<scalar_t>* B, double* DWN, double* DBN, const Shape& s, bool relu) {
+              const at::opmath_type<scalar_t>* B, double* DWN, double* DBN, const Shape& s, bool relu,
+              const scalar_t* GS) {
   using acc_t = at::opmath_type<scalar_t>;
   at::parallel_for(0, s.N * s.G, grain(2 * s.M), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf, dybuf, dxbuf, sc(s.Cg), sh(s.Cg), mv(s.Cg), a(s.Cg), kx(s.Cg), k0(s.Cg);
+    std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf, sc(s.Cg), sh(s.Cg), mv(s.Cg), a(s.Cg), kx(s.Cg), k0(s.Cg);
     std::vector<double> sdy(s.Cg), sdyx(s.Cg);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / s.G, c0 = (ng % s.G) * s.Cg;
@@ -127,6 +180,7 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
       }
       acc_t* dx = out_buffer(DX + ng * s.M, s.M, dxbuf);
       rows::planar_bwd_dx(dy, x, dx, s.Cg, s.HW, s.HW, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
+      add_grad_sum(GS, ng * s.M, s.M, dx, gsbuf);
       store(dx, DX + ng * s.M, s.M);
     }
   });
@@ -177,15 +231,17 @@ void nhwc_passes(const Shape& s, Sums&& sums, Combine&& combine, Write&& write) 
 template <typename scalar_t>
 void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, at::opmath_type<scalar_t>* RSTD,
               const at::opmath_type<scalar_t>* W, const at::opmath_type<scalar_t>* B, const Shape& s, double eps,
-              bool relu) {
+              bool relu, const Residual<scalar_t>& res) {
   using acc_t = at::opmath_type<scalar_t>;
+  // With a residual, the sums pass writes the sum block by block and the write pass reads it.
+  const scalar_t* XS = res.a != nullptr ? res.sum : X;
   // per block and channel: the sum, and the sum of squares about the block's own channel
   // mean, both from one read of the block (the second pass hits L1)
   std::vector<acc_t> sum(s.N * s.nblk * s.C), m2(s.N * s.nblk * s.C), sc(s.N * s.C), sh(s.N * s.C);
   auto block_pixels = [&](int64_t b) { return std::min(s.Rb, s.HW - b * s.Rb); };
   auto sums = [&](int64_t task, int64_t, int64_t np, int64_t off) {
-    thread_local std::vector<acc_t> xbuf, bmean;
-    const acc_t* x = load(X + off, np * s.C, xbuf);
+    thread_local std::vector<acc_t> xbuf, tbuf, bmean;
+    const acc_t* x = load_input(X, res, off, np * s.C, xbuf, tbuf);
     acc_t* bs = sum.data() + task * s.C;
     rows::cols_sum(x, np, s.C, bs);
     bmean.resize(s.C);
@@ -221,7 +277,7 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
   };
   auto write = [&](int64_t, int64_t n, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, ybuf;
-    const acc_t* x = load(X + off, np * s.C, xbuf);
+    const acc_t* x = load(XS + off, np * s.C, xbuf);
     acc_t* y = out_buffer(Y + off, np * s.C, ybuf);
     rows::cols_affine(x, y, np, s.C, sc.data() + n * s.C, sh.data() + n * s.C, relu);
     store(y, Y + off, np * s.C);
@@ -232,7 +288,8 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
 template <typename scalar_t>
 void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opmath_type<scalar_t>* MEAN,
               const at::opmath_type<scalar_t>* RSTD, const at::opmath_type<scalar_t>* W,
-              const at::opmath_type<scalar_t>* B, double* DWN, double* DBN, const Shape& s, bool relu) {
+              const at::opmath_type<scalar_t>* B, double* DWN, double* DBN, const Shape& s, bool relu,
+              const scalar_t* GS) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t NC = s.N * s.C;
   std::vector<acc_t> pdy(s.N * s.nblk * s.C), pdyx(s.N * s.nblk * s.C);
@@ -278,13 +335,14 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
     }
   };
   auto write = [&](int64_t, int64_t n, int64_t np, int64_t off) {
-    thread_local std::vector<acc_t> xbuf, dybuf, dxbuf;
+    thread_local std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf;
     const acc_t* x = load(X + off, np * s.C, xbuf);
     const acc_t* dy = load(DY + off, np * s.C, dybuf);
     acc_t* dx = out_buffer(DX + off, np * s.C, dxbuf);
     const int64_t o = n * s.C;
     rows::cols_bwd_dx(dy, x, dx, np, s.C, sc.data() + o, sh.data() + o, a.data() + o, kx.data() + o, k0.data() + o,
                       relu);
+    add_grad_sum(GS, off, np * s.C, dx, gsbuf);
     store(dx, DX + off, np * s.C);
   };
   nhwc_passes(s, sums, combine, write);
@@ -319,7 +377,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_fwd(const at::Ten
     using acc_t = at::opmath_type<scalar_t>;
     auto run = cl ? fwd_nhwc<scalar_t> : fwd_nchw<scalar_t>;
     run(xc.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
-        w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), s, eps, relu);
+        w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), s, eps, relu, Residual<scalar_t>{});
   });
   return {y, mean, rstd};
 }
@@ -344,7 +402,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(const at::Ten
     auto run = cl ? bwd_nhwc<scalar_t> : bwd_nchw<scalar_t>;
     run(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
         mc.const_data_ptr<acc_t>(), rc.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-        dwn.data(), dbn.data(), s, relu);
+        dwn.data(), dbn.data(), s, relu, nullptr);
+  });
+  const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : at::kFloat;
+  return {dx, sum_over_samples(dwn, s.N, s.C, pdtype), sum_over_samples(dbn, s.N, s.C, pdtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_fwd(
+    const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t num_groups, double eps, bool relu) {
+  constexpr const char* op = "native_group_norm_relu_add_fwd";
+  check_nchw(op, a, c10::DeviceType::CPU);
+  check_like_x(op, "b", b, a);
+  check_num_groups(op, a, num_groups);
+  check_channel_vector(op, "weight", weight, a);
+  check_channel_vector(op, "bias", bias, a);
+  const bool cl = is_channels_last(a);
+  const auto fmt = format_of(cl);
+  const at::Tensor ac = a.contiguous(fmt), bc = b.contiguous(fmt);
+  const Shape s = shape_of(a, num_groups);
+  const auto acc = stat_dtype(a.scalar_type());
+  at::Tensor sum = at::empty(a.sizes(), a.options().memory_format(fmt));
+  at::Tensor y = at::empty(a.sizes(), a.options().memory_format(fmt));
+  at::Tensor mean = at::empty({s.N, s.G}, a.options().dtype(acc));
+  at::Tensor rstd = at::empty({s.N, s.G}, a.options().dtype(acc));
+  const at::Tensor w = channel_param(weight, s.C, acc, 1.0), bb = channel_param(bias, s.C, acc, 0.0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = cl ? fwd_nhwc<scalar_t> : fwd_nchw<scalar_t>;
+    const Residual<scalar_t> res{ac.const_data_ptr<scalar_t>(), bc.const_data_ptr<scalar_t>(),
+                                 sum.data_ptr<scalar_t>()};
+    run(sum.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(),
+        w.const_data_ptr<acc_t>(), bb.const_data_ptr<acc_t>(), s, eps, relu, res);
+  });
+  return {sum, y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_bwd(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_sum, const at::Tensor& sum,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t num_groups, bool relu) {
+  constexpr const char* op = "native_group_norm_relu_add_bwd";
+  check_nchw(op, sum, c10::DeviceType::CPU);
+  check_like_x(op, "grad_y", grad_y, sum);
+  const bool has_gs = grad_sum.has_value() && grad_sum->defined();
+  if (has_gs) check_like_x(op, "grad_sum", *grad_sum, sum);
+  check_num_groups(op, sum, num_groups);
+  check_channel_vector(op, "weight", weight, sum);
+  check_channel_vector(op, "bias", bias, sum);
+  const std::vector<int64_t> stat_shape = {sum.size(0), num_groups};
+  check_stat(op, "mean", mean, sum, stat_shape, "one value per (sample, group)");
+  check_stat(op, "rstd", rstd, sum, stat_shape, "one value per (sample, group)");
+  const bool cl = is_channels_last(sum);
+  const auto fmt = format_of(cl);
+  const at::Tensor xc = sum.contiguous(fmt), gc = grad_y.contiguous(fmt);
+  const at::Tensor gsc = has_gs ? grad_sum->contiguous(fmt) : at::Tensor();
+  const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  const Shape s = shape_of(sum, num_groups);
+  const auto acc = stat_dtype(sum.scalar_type());
+  at::Tensor dx = at::empty(sum.sizes(), sum.options().memory_format(fmt));
+  const at::Tensor w = channel_param(weight, s.C, acc, 1.0), b = channel_param(bias, s.C, acc, 0.0);
+  std::vector<double> dwn(s.N * s.C), dbn(s.N * s.C);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sum.scalar_type(), op, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto run = cl ? bwd_nhwc<scalar_t> : bwd_nchw<scalar_t>;
+    run(gc.const_data_ptr<scalar_t>(), xc.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
+        mc.const_data_ptr<acc_t>(), rc.const_data_ptr<acc_t>(), w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
+        dwn.data(), dbn.data(), s, relu, has_gs ? gsc.const_data_ptr<scalar_t>() : nullptr);
   });
   const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : at::kFloat;
   return {dx, sum_over_samples(dwn, s.N, s.C, pdtype), sum_over_samples(dbn, s.N, s.C, pdtype)};

@@ -36,4 +36,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(
     int64_t num_groups,
     bool relu);
 
+// The residual sum of a pre-activation ResNet fused with the next unit's GroupNorm+ReLU:
+// returns (sum, y, mean, rstd) with sum = a + b (rounded to a's dtype, as a + b is) and
+// (y, mean, rstd) = group_norm_relu_fwd(sum), sum and y in a's memory format.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_fwd(
+    const at::Tensor& a,                      // (N, C, H, W); fp16, bf16, fp32 or fp64
+    const at::Tensor& b,                      // a's shape, dtype and device (b is brought to a's layout)
+    const std::optional<at::Tensor>& weight,  // (C,) or None (ones); any float dtype
+    const std::optional<at::Tensor>& bias,    // (C,) or None (zeros)
+    int64_t num_groups,                       // G, divides C
+    double eps,                               // added to the variance inside the square root
+    bool relu);                               // apply the ReLU
+
+// Returns (grad_input, grad_weight, grad_bias): grad_input = grad_sum + the GroupNorm+ReLU
+// gradient w.r.t. sum (added in float, rounded once), the gradient of a and of b alike;
+// grad_weight and grad_bias as in group_norm_relu_bwd.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_bwd(
+    const at::Tensor& grad_y,                   // like sum
+    const std::optional<at::Tensor>& grad_sum,  // like sum, or None (zero)
+    const at::Tensor& sum,                      // the forward's sum
+    const std::optional<at::Tensor>& weight,    // as in the forward
+    const std::optional<at::Tensor>& bias,      // as in the forward (for the ReLU mask)
+    const at::Tensor& mean,                     // (N, G) saved by the forward
+    const at::Tensor& rstd,                     // (N, G)
+    int64_t num_groups,
+    bool relu);
+
 }  // namespace bitfast::cpu

@@ -256,3 +256,22 @@ def test_bad_input_messages():
         f(x, x, 3, eps=-1.0)
     with pytest.raises(TypeError, match=r"relu must be a bool"):
         f(x, x, 3, relu=1)
+
+
+def test_native_op_errors():
+    """The native ops check their arguments themselves (they are callable directly)."""
+    require_backend("cpp", FAMILY, "cpu", torch.float32)
+    fwd, bwd = torch.ops.bitfast.native_group_norm_relu_add_fwd, torch.ops.bitfast.native_group_norm_relu_add_bwd
+    a = torch.randn(2, 4, 3, 3)
+    with pytest.raises(RuntimeError, match=r"native_group_norm_relu_add_fwd: b has shape \[2, 4, 3, 1\] but x has shape"):
+        fwd(a, a[..., :1], None, None, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"native_group_norm_relu_add_fwd: b has dtype Double but x has dtype Float"):
+        fwd(a, a.double(), None, None, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"native_group_norm_relu_add_fwd: x has 4 channels, not divisible by "
+                                           r"num_groups=3"):
+        fwd(a, a, None, None, 3, 1e-5, True)
+    s, _, mean, rstd = fwd(a, a, None, None, 2, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r"native_group_norm_relu_add_bwd: grad_sum has shape \[2, 4, 3, 1\]"):
+        bwd(a, a[..., :1], s, None, None, mean, rstd, 2, True)
+    with pytest.raises(RuntimeError, match=r"native_group_norm_relu_add_bwd: mean has shape \[2\]; expected \[2, 2\]"):
+        bwd(a, None, s, None, None, mean[:, 0], rstd, 2, True)
