@@ -20,7 +20,7 @@ from bitfast.adapt import (
     unmerge,
     unwrap,
 )
-from bitfast.nn import StdConv2d
+from bitfast.nn import GroupNormReLU, StdConv2d
 from bitfast.ops import reference
 
 
@@ -224,3 +224,20 @@ def test_errors():
         merge(_model())
     with pytest.raises(TypeError, match="expected a bitfast StdConv2d"):
         LoRAStdConv2d.from_conv(torch.nn.Conv2d(3, 4, 3), rank=1)
+
+
+def test_compiles_without_graph_breaks():
+    model = lora(torch.nn.Sequential(StdConv2d(4, 8, 3), GroupNormReLU(8, 4), StdConv2d(8, 6, 1)), rank=2,
+                 trainable=())
+    _randomize_b(model)
+    x = torch.randn(2, 4, 7, 7)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    compiled(x).square().sum().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model(x).square().sum().backward()
+    assert set(got) == {n for n, _ in model.named_parameters() if n.endswith(("lora_A", "lora_B"))}
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[n], p.grad, rtol=1e-4, atol=1e-6)
