@@ -257,3 +257,37 @@ def test_int8_quantization():
         quantize_int8(_model())
     with pytest.raises(ValueError, match="nothing|no nn.Conv2d or nn.Linear"):
         quantize_int8(nn.Sequential(nn.ReLU()))
+
+
+@pytest.mark.slow
+def test_int8_accuracy_on_digits_after_training():
+    """A proxy for the issue's criterion (int8 accuracy within 1 point of float after the
+    demo's fine-tuning): a small BiT trained briefly on the embedded digits, then exported
+    and quantized; test accuracy must stay within 1 point."""
+    from bitfast.data.digits import DigitsDataset
+
+    torch.manual_seed(0)
+    train, test = DigitsDataset(split="train", resolution=16), DigitsDataset(split="test", resolution=16)
+    x_tr, y_tr, x_te, y_te = train.images.contiguous(), train.targets, test.images.contiguous(), test.targets
+    model = ResNetV2((1, 1, 1, 1), base_width=32, num_classes=10, zero_head=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(100):
+        idx = torch.randint(0, len(y_tr), (32,), generator=g)
+        loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    exported = for_inference(model)
+    quant = copy.deepcopy(exported)
+    quantize_int8(quant)
+
+    def accuracy(m):
+        with torch.no_grad():
+            return 100.0 * (m(x_te).argmax(1) == y_te).float().mean().item()
+
+    acc_float, acc_export, acc_int8 = accuracy(model), accuracy(exported), accuracy(quant)
+    assert acc_float > 80.0, acc_float  # it learned something, so the comparison means something
+    assert abs(acc_export - acc_float) < 0.5
+    assert abs(acc_int8 - acc_float) <= 1.0, (acc_float, acc_int8)
