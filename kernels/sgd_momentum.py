@@ -1,11 +1,16 @@
-"""Triton multi-tensor SGD step with momentum (``torch.optim.SGD``'s update, term for term).
+"""Triton multi-tensor SGD step with momentum (``torch.optim.SGD``'s update, term for term),
+with the learning rate read from a device tensor when one is given, and an optional
+exponential moving average of the parameters updated in the same pass.
 
 The contract is ``bitfast.ops.reference.sgd_momentum_``. One launch updates every tensor
 of the list: the launcher writes the tensors' addresses into small int64 tables and cuts
 each tensor into chunks of ``_CHUNK`` elements; program ``i`` looks up its chunk's tensor
 and start, turns the addresses back into typed pointers and updates that chunk (params
 and momentum buffers in place). Math is float32 whatever the storage dtype, so a half
-precision buffer is rounded once per step rather than after every term.
+precision buffer is rounded once per step rather than after every term. The average, when
+asked for, is updated from the parameter as stored (rounded), right after it is written,
+so ``p`` is read from memory once; it may be float32 while the params are half precision.
+A tensor learning rate is loaded by every program (one cached scalar), never by the host.
 
 Each tensor is walked in storage order, so params, grads and buffers must share one dense
 layout (contiguous, channels_last, a transpose ...). A tensor whose layout differs from its
@@ -51,14 +56,20 @@ def _sgd_momentum_kernel(
     P_ADDR,  # param addresses, (T,) int64
     G_ADDR,  # grad addresses, (T,) int64
     M_ADDR,  # momentum buffer addresses, (T,) int64; unused unless HAS_MOMENTUM
+    E_ADDR,  # average (EMA) addresses, (T,) int64; unused unless HAS_EMA
     NUMEL,  # elements of each tensor, (T,) int64
     CHUNK_TENSOR,  # tensor of each chunk, (num_chunks,) int32
     CHUNK_START,  # first element of each chunk within its tensor, (num_chunks,) int64
-    lr,  # learning rate
+    lr,  # learning rate, unless LR_FROM_PTR
+    LR_PTR,  # one-element float32 tensor holding the learning rate; read when LR_FROM_PTR
     momentum,  # momentum factor
     dampening,  # dampening of the gradient in the buffer update
     weight_decay,  # L2 penalty added to the gradient
+    ema_weight,  # 1 - ema_decay: ema += ema_weight * (p - ema)
     DTYPE: tl.constexpr,  # element type of params, grads and buffers
+    EMA_DTYPE: tl.constexpr,  # element type of the averages
+    LR_FROM_PTR: tl.constexpr,  # the learning rate is *LR_PTR
+    HAS_EMA: tl.constexpr,  # update the averages
     HAS_MOMENTUM: tl.constexpr,  # momentum != 0
     HAS_WEIGHT_DECAY: tl.constexpr,  # weight_decay != 0
     NESTEROV: tl.constexpr,  # Nesterov momentum
@@ -75,6 +86,12 @@ def _sgd_momentum_kernel(
     g_ptr = tl.load(G_ADDR + t).to(tl.pointer_type(DTYPE))
     if HAS_MOMENTUM:
         m_ptr = tl.load(M_ADDR + t).to(tl.pointer_type(DTYPE))
+    if HAS_EMA:
+        e_ptr = tl.load(E_ADDR + t).to(tl.pointer_type(EMA_DTYPE))
+    if LR_FROM_PTR:
+        step_size = tl.load(LR_PTR).to(tl.float32)
+    else:
+        step_size = lr
     offs = tl.arange(0, BLOCK)
     # A tensor's last chunk stops at its end (small tensors are common: biases, norms).
     for off in range(0, tl.minimum(numel - start, CHUNK), BLOCK):
@@ -97,8 +114,12 @@ def _sgd_momentum_kernel(
                 d = d + momentum * buf
             else:
                 d = buf
-        p = p - lr * d
-        tl.store(p_ptr + idx, _round_to(p, DTYPE), mask=mask)
+        p = _round_to(p - step_size * d, DTYPE)
+        tl.store(p_ptr + idx, p, mask=mask)
+        if HAS_EMA:
+            e = tl.load(e_ptr + idx, mask=mask, other=0.0).to(tl.float32)
+            e = e + ema_weight * (p.to(tl.float32) - e)
+            tl.store(e_ptr + idx, _round_to(e, EMA_DTYPE), mask=mask)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -124,10 +145,16 @@ def sgd_momentum_(
     nesterov: bool,
     maximize: bool,
     is_first_step: bool,
+    lr_tensor: torch.Tensor | None = None,
+    ema_params: list[torch.Tensor] = (),
+    ema_decay: float = 0.0,
 ) -> None:
-    """One in-place SGD step over lists of same-dtype tensors on one device, one launch."""
+    """One in-place SGD step over lists of same-dtype tensors on one device, one launch;
+    the learning rate is ``lr_tensor`` (read on the device) when given, and the averages
+    ``ema_params`` (the params' dtype or float32) are updated when the list is not empty."""
     has_momentum = momentum != 0
-    addrs: list[list[int]] = [[], [], []]
+    has_ema = len(ema_params) > 0
+    addrs: list[list[int]] = [[], [], [], []]
     numels: list[int] = []
     chunk_tensor: list[int] = []
     chunk_start: list[int] = []
@@ -138,17 +165,18 @@ def sgd_momentum_(
         if n == 0:
             continue
         ref = p if _dense(p) else p.contiguous()
-        group = (p, grads[i], momentum_buffers[i]) if has_momentum else (p, grads[i])
+        group = (p, grads[i], momentum_buffers[i] if has_momentum else None, ema_params[i] if has_ema else None)
         for k, t in enumerate(group):
+            if t is None:
+                addrs[k].append(0)
+                continue
             if t.stride() != ref.stride() or not _dense(t):
-                w = torch.empty_like(ref).copy_(t)
+                w = torch.empty_like(ref, dtype=t.dtype).copy_(t)
                 keep.append(w)
-                if k != 1:  # params and buffers are updated: copy the result back
+                if k != 1:  # params, buffers and averages are updated: copy the result back
                     write_back.append((t, w))
                 t = w
             addrs[k].append(t.data_ptr())
-        if not has_momentum:
-            addrs[2].append(0)
         for s in range(0, n, _CHUNK):
             chunk_tensor.append(len(numels))
             chunk_start.append(s)
@@ -160,10 +188,14 @@ def sgd_momentum_(
     chunks_t = torch.tensor(chunk_tensor, dtype=torch.int32).to(device)
     chunks_s = torch.tensor(chunk_start, dtype=torch.int64).to(device)
     _sgd_momentum_kernel[(len(chunk_tensor),)](
-        tables[0], tables[1], tables[2], tables[3],
+        tables[0], tables[1], tables[2], tables[3], tables[4],
         chunks_t, chunks_s,
-        lr, momentum, dampening, weight_decay,
+        lr, tables[4] if lr_tensor is None else lr_tensor,  # the numel table: never read
+        momentum, dampening, weight_decay, 1.0 - ema_decay,
         DTYPE=_TL_DTYPES[params[0].dtype],
+        EMA_DTYPE=_TL_DTYPES[ema_params[0].dtype] if has_ema else _TL_DTYPES[params[0].dtype],
+        LR_FROM_PTR=lr_tensor is not None,
+        HAS_EMA=has_ema,
         HAS_MOMENTUM=has_momentum,
         HAS_WEIGHT_DECAY=weight_decay != 0,
         NESTEROV=nesterov,

@@ -77,7 +77,7 @@ SCHEMAS: dict[str, str] = {
     "sgd_momentum_": (
         "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr,"
         " float momentum, float dampening, float weight_decay, bool nesterov, bool maximize,"
-        " bool is_first_step) -> ()"
+        " bool is_first_step, Tensor? lr_tensor, Tensor(c!)[] ema_params, float ema_decay) -> ()"
     ),
 }
 

@@ -7,6 +7,10 @@
 // specialized at compile time for the options of the step (no branch inside), which the
 // compiler vectorizes; fp16/bf16 chunks are widened block by block into float buffers that
 // stay in L1, so memory is still read and written once.
+//
+// The moving average of the parameters, when asked for, is updated block by block right
+// after its parameters, from the block just written (still in L1), so p is read from memory
+// once per step. A tensor learning rate is a CPU tensor: the kernel reads its one float.
 #include "cpu/sgd_momentum.h"
 
 #include "common/checks.h"
@@ -18,6 +22,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <vector>
 
 namespace bitfast::cpu {
@@ -31,13 +36,15 @@ constexpr int64_t kChunk = 16384;
 // costs more than the update itself.
 constexpr int64_t kParallelMin = 131072;
 
-// fp16/bf16 elements widened at a time: three float buffers of 4 KiB, resident in L1.
+// fp16/bf16 elements widened at a time (four float buffers of 4 KiB, resident in L1); also
+// the block of parameters whose average is updated right after them.
 constexpr int64_t kBlock = 1024;
 
 // Step options in the math type (float for fp16/bf16/fp32, double for fp64).
 template <typename acc_t>
 struct Options {
   acc_t lr, momentum, one_minus_dampening, weight_decay;
+  acc_t ema_weight;  // 1 - ema_decay
   bool use_momentum, nesterov, maximize, first;
 };
 
@@ -94,25 +101,67 @@ BITFAST_TARGET_CLONES void step_double(double* p, const double* g, double* m, in
   update_any<double>(p, g, m, n, o);
 }
 
-void step(float* p, const float* g, float* m, int64_t n, const Options<float>& o) { step_float(p, g, m, n, o); }
-void step(double* p, const double* g, double* m, int64_t n, const Options<double>& o) { step_double(p, g, m, n, o); }
+// e += w * (p - e): the moving average, with weights that sum to one exactly.
+template <typename T>
+BITFAST_INLINE void average(T* __restrict e, const T* __restrict p, int64_t n, T w) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) e[i] = e[i] + w * (p[i] - e[i]);
+}
 
-// fp16/bf16: block by block through float buffers.
-template <typename scalar_t>
-void step(scalar_t* p, const scalar_t* g, scalar_t* m, int64_t n, const Options<float>& o) {
-  float pb[kBlock], gb[kBlock], mb[kBlock];
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t len = std::min(kBlock, n - b);
-    widen(p + b, pb, len);
-    widen(g + b, gb, len);
-    if (o.use_momentum && !o.first) widen(m + b, mb, len);
-    step_float(pb, gb, mb, len, o);
-    narrow(pb, p + b, len);
-    if (o.use_momentum) narrow(mb, m + b, len);
+BITFAST_TARGET_CLONES void average_float(float* e, const float* p, int64_t n, float w) { average<float>(e, p, n, w); }
+
+BITFAST_TARGET_CLONES void average_double(double* e, const double* p, int64_t n, double w) {
+  average<double>(e, p, n, w);
+}
+
+void step_acc(float* p, const float* g, float* m, int64_t n, const Options<float>& o) { step_float(p, g, m, n, o); }
+void step_acc(double* p, const double* g, double* m, int64_t n, const Options<double>& o) {
+  step_double(p, g, m, n, o);
+}
+void average_acc(float* e, const float* p, int64_t n, float w) { average_float(e, p, n, w); }
+void average_acc(double* e, const double* p, int64_t n, double w) { average_double(e, p, n, w); }
+
+// One chunk of n elements; m is null without momentum, e null without an average.
+template <typename scalar_t, typename ema_t>
+void step(scalar_t* p, const scalar_t* g, scalar_t* m, ema_t* e, int64_t n,
+          const Options<at::opmath_type<scalar_t>>& o) {
+  if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>) {
+    // fp32/fp64 (e has the params' type): in place, the average block by block after its params.
+    if (e == nullptr) {
+      step_acc(p, g, m, n, o);
+      return;
+    }
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t len = std::min(kBlock, n - b);
+      step_acc(p + b, g + b, m ? m + b : nullptr, len, o);
+      average_acc(e + b, p + b, len, o.ema_weight);
+    }
+  } else {
+    // fp16/bf16: block by block through float buffers.
+    float pb[kBlock], gb[kBlock], mb[kBlock], eb[kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t len = std::min(kBlock, n - b);
+      widen(p + b, pb, len);
+      widen(g + b, gb, len);
+      if (o.use_momentum && !o.first) widen(m + b, mb, len);
+      step_float(pb, gb, mb, len, o);
+      narrow(pb, p + b, len);
+      if (o.use_momentum) narrow(mb, m + b, len);
+      if (e != nullptr) {
+        widen(p + b, pb, len);  // the parameter as stored, rounded
+        if constexpr (std::is_same_v<ema_t, float>) {
+          average_float(e + b, pb, len, o.ema_weight);
+        } else {
+          widen(e + b, eb, len);
+          average_float(eb, pb, len, o.ema_weight);
+          narrow(eb, e + b, len);
+        }
+      }
+    }
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename ema_t>
 void step_all(std::vector<SgdOperands>& ops, const Options<at::opmath_type<scalar_t>>& o) {
   // (tensor, first element) of every chunk, over all tensors
   std::vector<std::pair<int64_t, int64_t>> chunks;
@@ -129,7 +178,8 @@ void step_all(std::vector<SgdOperands>& ops, const Options<at::opmath_type<scala
       const SgdOperands& op = ops[t];
       const int64_t n = std::min(kChunk, op.p.numel() - b);
       scalar_t* m = o.use_momentum ? op.m.data_ptr<scalar_t>() + b : nullptr;
-      step(op.p.data_ptr<scalar_t>() + b, op.g.const_data_ptr<scalar_t>() + b, m, n, o);
+      ema_t* e = op.e.defined() ? op.e.data_ptr<ema_t>() + b : nullptr;
+      step<scalar_t, ema_t>(op.p.data_ptr<scalar_t>() + b, op.g.const_data_ptr<scalar_t>() + b, m, e, n, o);
     }
   });
 }
@@ -138,19 +188,41 @@ void step_all(std::vector<SgdOperands>& ops, const Options<at::opmath_type<scala
 
 void sgd_momentum_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                   bool is_first_step) {
-  const bool use_momentum = check_sgd_momentum(params, grads, momentum_buffers, momentum, c10::DeviceType::CPU);
+                   bool is_first_step, const std::optional<at::Tensor>& lr_tensor, at::TensorList ema_params,
+                   double ema_decay) {
+  const bool use_momentum = check_sgd_momentum(params, grads, momentum_buffers, momentum, lr_tensor, ema_params,
+                                               ema_decay, c10::DeviceType::CPU);
   if (params.empty()) return;
+  const bool use_ema = !ema_params.empty();
   std::vector<SgdOperands> ops;
   ops.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    ops.push_back(sgd_operands(params[i], grads[i], use_momentum ? &momentum_buffers[i] : nullptr));
+    ops.push_back(sgd_operands(params[i], grads[i], use_momentum ? &momentum_buffers[i] : nullptr,
+                               use_ema ? &ema_params[i] : nullptr));
   }
+  // A CPU tensor: reading its element here is reading memory, no synchronization.
+  const bool lr_from_tensor = lr_tensor.has_value() && lr_tensor->defined();
+  const float lr_f32 = lr_from_tensor ? *lr_tensor->const_data_ptr<float>() : 0.0f;
+  const bool float_ema = use_ema && ema_params[0].scalar_type() == at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "native_sgd_momentum_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const Options<acc_t> o{acc_t(lr),        acc_t(momentum), acc_t(1.0 - dampening), acc_t(weight_decay),
-                           use_momentum,     nesterov,        maximize,               is_first_step};
-    step_all<scalar_t>(ops, o);
+    const Options<acc_t> o{lr_from_tensor ? acc_t(lr_f32) : acc_t(lr),
+                           acc_t(momentum),
+                           acc_t(1.0 - dampening),
+                           acc_t(weight_decay),
+                           acc_t(1.0 - ema_decay),
+                           use_momentum,
+                           nesterov,
+                           maximize,
+                           is_first_step};
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      // half-precision params may keep their average in float32 (checked above)
+      if (float_ema) {
+        step_all<scalar_t, float>(ops, o);
+        return;
+      }
+    }
+    step_all<scalar_t, scalar_t>(ops, o);
   });
   sgd_finish(ops);
 }

@@ -1,12 +1,17 @@
 // Fused SGD with momentum on CUDA: one pass over p, g and m (20 bytes per fp32 parameter,
-// PERF.md), all tensors of a call in a few multi-tensor launches.
+// PERF.md), all tensors of a call in a few multi-tensor launches; with a moving average of
+// the parameters, the same pass also reads and writes the average (28 bytes), p being read
+// once.
 //
 // A launch covers up to kMaxTensors tensors, whose pointers and sizes travel in the
 // kernel's arguments (no device-side table to allocate and copy). Each tensor is cut into
 // chunks of kChunk elements, one block per chunk; a block finds its tensor by a binary
-// search over the first chunk index of each tensor. Where p, g and m are 16-byte aligned
-// (the usual case: the caching allocator aligns to 512 bytes) a thread moves 16 bytes per
-// load and store.
+// search over the first chunk index of each tensor. Where p, g, m and the average are 16-byte
+// aligned (the usual case: the caching allocator aligns to 512 bytes) a thread moves 16 bytes
+// of parameters per load and store (32 bytes of a float32 average of fp16/bf16 params).
+//
+// A tensor learning rate stays on the device: every thread reads the same float (one cached
+// load), so the host neither synchronizes nor bakes the value into a captured CUDA graph.
 #include "cuda/sgd_momentum.h"
 
 #include "common/checks.h"
@@ -19,6 +24,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace bitfast::cuda {
@@ -29,13 +35,14 @@ constexpr int kThreads = 256;
 constexpr int64_t kChunk = 32768;
 // Tensors per launch: keeps the arguments (TensorTable + StepOptions) under the 4 KiB that
 // every CUDA version accepts.
-constexpr int kMaxTensors = 96;
+constexpr int kMaxTensors = 80;
 
-template <typename scalar_t>
+template <typename scalar_t, typename ema_t>
 struct TensorTable {
   scalar_t* p[kMaxTensors];        // parameters
   const scalar_t* g[kMaxTensors];  // gradients
   scalar_t* m[kMaxTensors];        // momentum buffers (null without momentum)
+  ema_t* e[kMaxTensors];           // moving averages (null without)
   int64_t numel[kMaxTensors];      // elements of each tensor
   int first_chunk[kMaxTensors];    // index of each tensor's first chunk (block) in the launch
   int count;                       // tensors in this launch
@@ -44,15 +51,17 @@ struct TensorTable {
 template <typename acc_t>
 struct StepOptions {
   acc_t lr, momentum, one_minus_dampening, weight_decay;
-  bool use_momentum, nesterov, maximize, first;
+  acc_t ema_weight;      // 1 - ema_decay
+  const float* lr_ptr;   // the learning rate on the device, replacing lr; or null
+  bool use_momentum, nesterov, maximize, first, use_ema;
 };
 
-static_assert(sizeof(TensorTable<double>) + sizeof(StepOptions<double>) <= 4000,
+static_assert(sizeof(TensorTable<double, double>) + sizeof(StepOptions<double>) <= 4000,
               "kernel arguments must stay under 4 KiB");
 
 // torch.optim.SGD's update of one element, in acc_t; m is read unless o.first and written.
 template <typename acc_t>
-__device__ __forceinline__ acc_t update(acc_t p, acc_t g, acc_t& m, const StepOptions<acc_t>& o) {
+__device__ __forceinline__ acc_t update(acc_t p, acc_t g, acc_t& m, acc_t lr, const StepOptions<acc_t>& o) {
   acc_t d = o.maximize ? -g : g;
   if (o.weight_decay != acc_t(0)) d = d + o.weight_decay * p;
   if (o.use_momentum) {
@@ -60,21 +69,28 @@ __device__ __forceinline__ acc_t update(acc_t p, acc_t g, acc_t& m, const StepOp
     m = buf;
     d = o.nesterov ? d + o.momentum * buf : buf;
   }
-  return p - o.lr * d;
+  return p - lr * d;
 }
 
-// N elements moved by one 16-byte load or store.
-template <typename scalar_t, int N>
-struct alignas(sizeof(scalar_t) * N) Pack {
-  scalar_t v[N];
+// The moving average of one element: e + w * (p - e), p as stored.
+template <typename acc_t, typename scalar_t, typename ema_t>
+__device__ __forceinline__ ema_t average(ema_t e, scalar_t p, acc_t w) {
+  const acc_t a = static_cast<acc_t>(e);
+  return static_cast<ema_t>(a + w * (static_cast<acc_t>(p) - a));
+}
+
+// N elements moved by one aligned load or store (16 bytes of scalar_t).
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
 };
 
 // __grid_constant__ keeps the table in the constant bank: a block indexes it with a
 // run-time tensor index, which would otherwise copy the whole table to local memory.
-template <typename scalar_t, typename acc_t>
+template <typename scalar_t, typename ema_t, typename acc_t>
 __global__ void __launch_bounds__(kThreads)
-    _sgd_momentum_kernel(const __grid_constant__ TensorTable<scalar_t> T,  // the tensors of this launch
-                         const StepOptions<acc_t> O) {                    // hyper-parameters
+    _sgd_momentum_kernel(const __grid_constant__ TensorTable<scalar_t, ema_t> T,  // the tensors of this launch
+                         const StepOptions<acc_t> O) {                           // hyper-parameters
   const int chunk = blockIdx.x;
   // The last tensor whose first chunk is <= this block's chunk.
   int lo = 0, hi = T.count - 1;
@@ -92,15 +108,19 @@ __global__ void __launch_bounds__(kThreads)
   scalar_t* __restrict__ p = T.p[t] + begin;
   const scalar_t* __restrict__ g = T.g[t] + begin;
   scalar_t* __restrict__ m = O.use_momentum ? T.m[t] + begin : nullptr;
+  ema_t* __restrict__ e = O.use_ema ? T.e[t] + begin : nullptr;
   const bool read_m = O.use_momentum && !O.first;
+  const acc_t lr = O.lr_ptr != nullptr ? static_cast<acc_t>(*O.lr_ptr) : O.lr;
 
   constexpr int N = 16 / sizeof(scalar_t);
   using P = Pack<scalar_t, N>;
+  using E = Pack<ema_t, N>;
   // begin is a multiple of N, so a chunk is aligned when its tensor is.
   const auto addr = reinterpret_cast<uintptr_t>(p) | reinterpret_cast<uintptr_t>(g) |
                     (m ? reinterpret_cast<uintptr_t>(m) : uintptr_t(0));
+  const bool e_aligned = e == nullptr || reinterpret_cast<uintptr_t>(e) % sizeof(E) == 0;
   int64_t done = 0;
-  if (addr % 16 == 0) {
+  if (addr % 16 == 0 && e_aligned) {
     const int64_t packs = n / N;
     for (int64_t k = threadIdx.x; k < packs; k += kThreads) {
       P pv = reinterpret_cast<const P*>(p)[k];
@@ -108,32 +128,40 @@ __global__ void __launch_bounds__(kThreads)
       P mv{};
       if (read_m) mv = reinterpret_cast<const P*>(m)[k];
 #pragma unroll
-      for (int e = 0; e < N; ++e) {
-        acc_t me = static_cast<acc_t>(mv.v[e]);
-        pv.v[e] = static_cast<scalar_t>(update(static_cast<acc_t>(pv.v[e]), static_cast<acc_t>(gv.v[e]), me, O));
-        mv.v[e] = static_cast<scalar_t>(me);
+      for (int j = 0; j < N; ++j) {
+        acc_t mj = static_cast<acc_t>(mv.v[j]);
+        pv.v[j] = static_cast<scalar_t>(update(static_cast<acc_t>(pv.v[j]), static_cast<acc_t>(gv.v[j]), mj, lr, O));
+        mv.v[j] = static_cast<scalar_t>(mj);
       }
       reinterpret_cast<P*>(p)[k] = pv;
       if (O.use_momentum) reinterpret_cast<P*>(m)[k] = mv;
+      if (O.use_ema) {
+        E ev = reinterpret_cast<const E*>(e)[k];
+#pragma unroll
+        for (int j = 0; j < N; ++j) ev.v[j] = average<acc_t>(ev.v[j], pv.v[j], O.ema_weight);
+        reinterpret_cast<E*>(e)[k] = ev;
+      }
     }
     done = packs * N;
   }
   for (int64_t j = done + threadIdx.x; j < n; j += kThreads) {
-    acc_t me = read_m ? static_cast<acc_t>(m[j]) : acc_t(0);
-    p[j] = static_cast<scalar_t>(update(static_cast<acc_t>(p[j]), static_cast<acc_t>(g[j]), me, O));
-    if (O.use_momentum) m[j] = static_cast<scalar_t>(me);
+    acc_t mj = read_m ? static_cast<acc_t>(m[j]) : acc_t(0);
+    const scalar_t pj = static_cast<scalar_t>(update(static_cast<acc_t>(p[j]), static_cast<acc_t>(g[j]), mj, lr, O));
+    p[j] = pj;
+    if (O.use_momentum) m[j] = static_cast<scalar_t>(mj);
+    if (O.use_ema) e[j] = average<acc_t>(e[j], pj, O.ema_weight);
   }
 }
 
-template <typename scalar_t>
+template <typename scalar_t, typename ema_t>
 void launch_all(const std::vector<SgdOperands>& ops, const StepOptions<at::opmath_type<scalar_t>>& o,
                 cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
-  TensorTable<scalar_t> table{};
+  TensorTable<scalar_t, ema_t> table{};
   int chunks = 0;
   auto flush = [&] {
     if (table.count == 0) return;
-    _sgd_momentum_kernel<scalar_t, acc_t><<<chunks, kThreads, 0, stream>>>(table, o);
+    _sgd_momentum_kernel<scalar_t, ema_t, acc_t><<<chunks, kThreads, 0, stream>>>(table, o);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     table.count = 0;
     chunks = 0;
@@ -150,6 +178,7 @@ void launch_all(const std::vector<SgdOperands>& ops, const StepOptions<at::opmat
     table.p[i] = op.p.data_ptr<scalar_t>();
     table.g[i] = op.g.const_data_ptr<scalar_t>();
     table.m[i] = o.use_momentum ? op.m.data_ptr<scalar_t>() : nullptr;
+    table.e[i] = o.use_ema ? op.e.data_ptr<ema_t>() : nullptr;
     table.numel[i] = n;
     table.first_chunk[i] = chunks;
     chunks += static_cast<int>(c);
@@ -162,15 +191,22 @@ void launch_all(const std::vector<SgdOperands>& ops, const StepOptions<at::opmat
 
 void sgd_momentum_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
-                   bool is_first_step) {
-  const bool use_momentum = check_sgd_momentum(params, grads, momentum_buffers, momentum, c10::DeviceType::CUDA);
+                   bool is_first_step, const std::optional<at::Tensor>& lr_tensor, at::TensorList ema_params,
+                   double ema_decay) {
+  const bool use_momentum = check_sgd_momentum(params, grads, momentum_buffers, momentum, lr_tensor, ema_params,
+                                               ema_decay, c10::DeviceType::CUDA);
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
+  const bool use_ema = !ema_params.empty();
   std::vector<SgdOperands> ops;
   ops.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    ops.push_back(sgd_operands(params[i], grads[i], use_momentum ? &momentum_buffers[i] : nullptr));
+    ops.push_back(sgd_operands(params[i], grads[i], use_momentum ? &momentum_buffers[i] : nullptr,
+                               use_ema ? &ema_params[i] : nullptr));
   }
+  const bool lr_from_tensor = lr_tensor.has_value() && lr_tensor->defined();
+  const float* lr_ptr = lr_from_tensor ? lr_tensor->const_data_ptr<float>() : nullptr;
+  const bool float_ema = use_ema && ema_params[0].scalar_type() == at::kFloat;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "native_sgd_momentum_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -178,11 +214,21 @@ void sgd_momentum_(at::TensorList params, at::TensorList grads, at::TensorList m
                                static_cast<acc_t>(momentum),
                                static_cast<acc_t>(1.0 - dampening),
                                static_cast<acc_t>(weight_decay),
+                               static_cast<acc_t>(1.0 - ema_decay),
+                               lr_ptr,
                                use_momentum,
                                nesterov,
                                maximize,
-                               is_first_step};
-    launch_all<scalar_t>(ops, o, stream);
+                               is_first_step,
+                               use_ema};
+    if constexpr (std::is_same_v<scalar_t, at::Half> || std::is_same_v<scalar_t, at::BFloat16>) {
+      // half-precision params may keep their average in float32 (checked above)
+      if (float_ema) {
+        launch_all<scalar_t, float>(ops, o, stream);
+        return;
+      }
+    }
+    launch_all<scalar_t, scalar_t>(ops, o, stream);
   });
   sgd_finish(ops);
 }

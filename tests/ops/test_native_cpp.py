@@ -130,39 +130,56 @@ def check_ws_autograd(w: torch.Tensor, backend: str, eps: float = EPS) -> None:
 # ----------------------------------------------------------------------------------------
 
 
-def check_sgd(shapes, dtype, device, backend, opts, steps=8, native=False, make=None) -> None:
+def check_sgd(
+    shapes, dtype, device, backend, opts, steps=8, native=False, make=None, lr_tensor=False, ema_dtype=None,
+) -> None:
     """``steps`` SGD steps on ``backend`` (through the native op when ``native``) against
     float64 steps of the reference, with the reference in ``dtype`` as the error baseline.
-    ``make(shape, dtype, device)`` builds each param/grad/buffer (layout tests)."""
+    ``make(shape, dtype, device)`` builds each param/grad/buffer (layout tests). With
+    ``lr_tensor`` the learning rate is a float32 tensor on ``device`` (written in place at
+    the schedule change); with ``ema_dtype`` the step also updates a moving average of the
+    params in that dtype (built by ``make`` too), checked like the params."""
     make = make or (lambda s, dt, dev: torch.randn(s, device=dev).to(dt))
     params = [make(s, dtype, device) for s in shapes]
     momentum = opts["momentum"]
     bufs = [make(s, dtype, device) for s in shapes] if momentum else []
+    emas = [make(s, ema_dtype, device) for s in shapes] if ema_dtype is not None else []
+    decay = 0.75 if emas else 0.0
     p64 = [p.double() for p in params]
     b64 = [b.double() for b in bufs]
+    e64 = [e.double() for e in emas]
     pb = [p.clone() for p in params]
     bb = [b.clone() for b in bufs]
-    ids = [(p.data_ptr(), p.stride()) for p in params]
+    eb = [e.clone() for e in emas]
+    ids = [(t.data_ptr(), t.stride()) for t in params + emas]
+    lr_t = torch.tensor(0.05, device=device) if lr_tensor else None
     for step in range(steps):
         lr = 0.05 if step < steps // 2 else 0.01  # a schedule change mid-run
+        if lr_t is not None:
+            lr_t.fill_(lr)
+            lr = float(lr_t)  # the float32 value, for the reference
         grads = [make(s, dtype, device) for s in shapes]
         args = (lr, momentum, opts["dampening"], opts["weight_decay"], opts["nesterov"], opts["maximize"], step == 0)
         if native:
-            torch.ops.bitfast.native_sgd_momentum_(params, grads, bufs, *args)
+            torch.ops.bitfast.native_sgd_momentum_(
+                params, grads, bufs, 0.0 if lr_tensor else lr, *args[1:], lr_t, emas, decay
+            )
         else:
             bitfast.ops.sgd_momentum_(
-                params, grads, bufs, lr=lr, momentum=momentum, dampening=opts["dampening"],
+                params, grads, bufs, lr=lr_t if lr_tensor else lr, momentum=momentum, dampening=opts["dampening"],
                 weight_decay=opts["weight_decay"], nesterov=opts["nesterov"], maximize=opts["maximize"],
-                is_first_step=step == 0, backend=backend,
+                is_first_step=step == 0, ema_params=emas, ema_decay=decay, backend=backend,
             )
-        reference.sgd_momentum_(p64, [g.double() for g in grads], b64, *args)
-        reference.sgd_momentum_(pb, grads, bb, *args)
+        reference.sgd_momentum_(p64, [g.double() for g in grads], b64, *args, None, e64, decay)
+        reference.sgd_momentum_(pb, grads, bb, *args, None, eb, decay)
     # updated in place: same storage, same strides
-    assert [(p.data_ptr(), p.stride()) for p in params] == ids
+    assert [(t.data_ptr(), t.stride()) for t in params + emas] == ids
     for i, (a, r, b) in enumerate(zip(params, p64, pb)):
         assert_parity(a, r, b, dtype, f"param {i} {tuple(a.shape)}")
     for i, (a, r, b) in enumerate(zip(bufs, b64, bb)):
         assert_parity(a, r, b, dtype, f"momentum buffer {i} {tuple(a.shape)}")
+    for i, (a, r, b) in enumerate(zip(emas, e64, eb)):
+        assert_parity(a, r, b, dtype, f"average {i} {tuple(a.shape)}")
 
 
 def check_sgd_matches_torch_optim(device, backend, opts, steps=6) -> None:
@@ -426,7 +443,7 @@ def test_sgd_mixed_layouts():
     p = torch.randn(8, 4, 3, 3).contiguous(memory_format=torch.channels_last)
     g, buf = torch.randn(8, 4, 3, 3), torch.randn(3, 3, 4, 8).permute(3, 2, 0, 1)
     p64, g64, b64 = p.double(), g.double(), buf.double()
-    torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.9, 0.0, 0.01, True, False, False)
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.9, 0.0, 0.01, True, False, False, None, [], 0.0)
     reference.sgd_momentum_([p64], [g64], [b64], 0.1, 0.9, 0.0, 0.01, True, False, False)
     assert p.is_contiguous(memory_format=torch.channels_last) and buf.stride() == (1, 8, 96, 32)
     torch.testing.assert_close(p, p64.float(), rtol=1e-6, atol=1e-6)
@@ -442,15 +459,54 @@ def test_sgd_empty_list_and_zero_size():
     # an empty list has no device to dispatch on: the public API returns before the op
     bitfast.ops.sgd_momentum_([], [], [], lr=0.1, momentum=0.9, backend=BACKEND)
     p, g = torch.randn(0, 3), torch.randn(0, 3)
-    torch.ops.bitfast.native_sgd_momentum_([p], [g], [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0)
+    e = torch.randn(0, 3)
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [e], 0.5)
 
 
 def test_sgd_without_momentum_ignores_buffers():
     p, g, buf = torch.randn(10), torch.randn(10), torch.randn(10)
     expect, buf0 = p - 0.1 * g, buf.clone()
-    torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.0, 0.0, 0.0, False, False, False)
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0)
     torch.testing.assert_close(p, expect)
     assert torch.equal(buf, buf0)
+
+
+@pytest.mark.parametrize(
+    "dtype,ema_dtype",
+    [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
+     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float16, torch.float16)],
+    ids=str,
+)
+@pytest.mark.parametrize("opts", SGD_OPTIONS[::5], ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_sgd_lr_tensor_and_ema_parity(dtype, ema_dtype, opts):
+    """The learning rate in a tensor and the moving average (in the params' dtype or float32),
+    through the public API and the native op, sizes around the chunk and block sizes."""
+    shapes = [(1,), (7,), (33, 17), (1025,), (16389,), (256, 64, 1, 1)]
+    check_sgd(shapes, dtype, DEVICE, BACKEND, opts, lr_tensor=True, ema_dtype=ema_dtype)
+    check_sgd(shapes[:3], dtype, DEVICE, BACKEND, opts, native=True, ema_dtype=ema_dtype, steps=4)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_sgd_ema_non_contiguous(layout):
+    opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False)
+    check_sgd([(6, 5), (8, 4, 3, 3), (300, 70)], torch.bfloat16, DEVICE, BACKEND, opts, make=make_strided(layout),
+              lr_tensor=True, ema_dtype=torch.float32)
+
+
+def test_sgd_lr_tensor_equals_float_lr_bitwise():
+    """The kernel reads the tensor: the same float32 value gives bitwise the same step."""
+    for dtype in ALL_DTYPES:
+        p = [torch.randn(s, device=DEVICE).to(dtype) for s in [(3,), (40000,), (7, 9)]]
+        q = [t.clone() for t in p]
+        g = [torch.randn_like(t) for t in p]
+        m, n = [torch.zeros_like(t) for t in p], [torch.zeros_like(t) for t in p]
+        lr_t = torch.tensor(0.03, device=DEVICE)
+        args = (0.9, 0.0, 1e-3, True, False, True)
+        torch.ops.bitfast.native_sgd_momentum_(p, g, m, float(lr_t), *args, None, [], 0.0)
+        torch.ops.bitfast.native_sgd_momentum_(q, g, n, 123.0, *args, lr_t, [], 0.0)  # the tensor wins
+        for a, b in zip(p + m, q + n):
+            assert torch.equal(a, b), dtype
 
 
 
@@ -585,15 +641,18 @@ def opcheck_ws(device: str, non_contiguous: bool, dtype: torch.dtype = torch.flo
     torch.library.opcheck(torch.ops.bitfast.native_weight_standardize_bwd.default, (g, w, mean, rstd))
 
 
-def opcheck_sgd(device: str, non_contiguous: bool, momentum: float) -> None:
+def opcheck_sgd(device: str, non_contiguous: bool, momentum: float, lr_tensor_and_ema: bool = False) -> None:
     make = make_strided("transposed" if non_contiguous else "contiguous")
     shapes = [(6, 5), (64, 3, 7, 7)]
-    params = [make(s, torch.float32, device) for s in shapes]
-    grads = [make(s, torch.float32, device) for s in shapes]
-    bufs = [make(s, torch.float32, device) for s in shapes] if momentum else []
+    dtype = torch.bfloat16 if lr_tensor_and_ema else torch.float32
+    params = [make(s, dtype, device) for s in shapes]
+    grads = [make(s, dtype, device) for s in shapes]
+    bufs = [make(s, dtype, device) for s in shapes] if momentum else []
+    lr_t = torch.tensor(0.1, device=device) if lr_tensor_and_ema else None
+    emas = [make(s, torch.float32, device) for s in shapes] if lr_tensor_and_ema else []
     torch.library.opcheck(
         torch.ops.bitfast.native_sgd_momentum_.default,
-        (params, grads, bufs, 0.1, momentum, 0.0, 1e-4, False, False, False),
+        (params, grads, bufs, 0.1, momentum, 0.0, 1e-4, False, False, False, lr_t, emas, 0.9 if emas else 0.0),
     )
 
 
@@ -607,6 +666,11 @@ def test_opcheck_ws(non_contiguous, dtype):
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
 def test_opcheck_sgd(non_contiguous, momentum):
     opcheck_sgd(DEVICE, non_contiguous, momentum)
+
+
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+def test_opcheck_sgd_lr_tensor_and_ema(non_contiguous):
+    opcheck_sgd(DEVICE, non_contiguous, 0.9, lr_tensor_and_ema=True)
 
 
 def opcheck_norms(device: str, layout: str, dtype: torch.dtype = torch.float32) -> None:
@@ -677,13 +741,30 @@ def check_errors(device: str) -> None:
         (lambda: ws_bwd(w.double(), w, mean, rstd), r"expected equal dtypes"),
         (lambda: ws_bwd(w, w, mean[:3], rstd), r"mean has shape \[3\]; expected \(4,\)"),
         (lambda: ws_bwd(w, w, mean, rstd.double()), r"rstd has dtype Double; expected Float"),
-        (lambda: sgd([w], [], [], 0.1, 0.0, 0.0, 0.0, False, False, False), r"got 1 params but 0 grads"),
-        (lambda: sgd([w], [w.clone()], [], 0.1, 0.9, 0.0, 0.0, False, False, False), r"needs one buffer per param"),
-        (lambda: sgd([w], [w[:2].clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False), r"grads\[0\] is Float"),
-        (lambda: sgd([w, w.double()], [w, w.double()], [], 0.1, 0.0, 0.0, 0.0, False, False, False),
+        (lambda: sgd([w], [], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0),
+         r"got 1 params but 0 grads"),
+        (lambda: sgd([w], [w.clone()], [], 0.1, 0.9, 0.0, 0.0, False, False, False, None, [], 0.0),
+         r"needs one buffer per param"),
+        (lambda: sgd([w], [w[:2].clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0),
+         r"grads\[0\] is Float"),
+        (lambda: sgd([w, w.double()], [w, w.double()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0),
          r"one dtype and device per call"),
         (lambda: sgd([torch.randn(1, device=device).expand(3)], [torch.randn(3, device=device)], [], 0.1, 0.0, 0.0,
-                     0.0, False, False, False), r"share memory"),
+                     0.0, False, False, False, None, [], 0.0), r"share memory"),
+        (lambda: sgd([w], [w.clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False,
+                     torch.tensor([0.1, 0.2], device=device), [], 0.0), r"lr_tensor is Float \[2\]"),
+        (lambda: sgd([w], [w.clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False,
+                     torch.tensor(0.1, dtype=torch.float64, device=device), [], 0.0), r"expected one Float element"),
+        (lambda: sgd([w], [w.clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [w.clone(), w.clone()], 0.5),
+         r"got 1 params but 2 ema_params"),
+        (lambda: sgd([w], [w.clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [w.clone()], 1.0),
+         r"ema_decay is 1; expected 0 <= ema_decay < 1"),
+        (lambda: sgd([w], [w.clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [w.double()], 0.5),
+         r"ema_params\[0\] is Double; expected Float for Float params"),
+        (lambda: sgd([w], [w.clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [w[:2].clone()], 0.5),
+         r"ema_params\[0\] is Float \[2, 3, 3, 3\]"),
+        (lambda: sgd([w], [w.clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [w], 0.5),
+         r"ema_params\[0\] shares memory with params\[0\]"),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):

@@ -156,12 +156,67 @@ def test_sgd_matches_torch_optim(opts):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_sgd_bit_r50x1_step(dtype):
-    """Five steps over every BiT-R50x1 parameter (two launches of up to 96 tensors each)
+    """Five steps over every BiT-R50x1 parameter (two launches of up to 80 tensors each)
     against the float64 reference, as FusedSGD calls it."""
     shapes = bit_r50x1_shapes()
     assert len(shapes) > 96 and sum(torch.Size(s).numel() for s in shapes) > 25_000_000
     opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=False, maximize=False)
     check_sgd(shapes, dtype, DEVICE, BACKEND, opts, steps=5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_sgd_bit_r50x1_step_lr_tensor_and_ema(dtype):
+    """The same with the learning rate in a device tensor and a float32 moving average."""
+    opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True, maximize=False)
+    check_sgd(bit_r50x1_shapes(), dtype, DEVICE, BACKEND, opts, steps=3, lr_tensor=True, ema_dtype=torch.float32)
+
+
+@pytest.mark.parametrize(
+    "dtype,ema_dtype",
+    [(torch.float32, torch.float32), (torch.float64, torch.float64), (torch.bfloat16, torch.float32),
+     (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32), (torch.float16, torch.float16)],
+    ids=str,
+)
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced", "offset"])
+def test_sgd_lr_tensor_and_ema_parity(dtype, ema_dtype, layout):
+    """Vector and scalar paths (aligned, unaligned, working copies) of the kernel with the
+    learning rate read on the device and the average in the params' dtype or float32."""
+    opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False)
+    shapes = [(1,), (7,), (33, 17), (32769,), (300, 70)] if layout == "contiguous" else [(6, 5), (300, 70)]
+    check_sgd(shapes, dtype, DEVICE, BACKEND, opts, make=make_strided(layout), lr_tensor=True, ema_dtype=ema_dtype)
+
+
+def test_sgd_step_captured_in_a_cuda_graph_follows_the_lr_tensor():
+    """A step with a tensor lr and an average, captured once in a CUDA graph and replayed
+    while the schedule writes into the tensor, equals eager steps with the same values."""
+    shapes = [(64, 3, 7, 7), (256,), (33, 17)]
+    params = [torch.randn(s, device=DEVICE) for s in shapes]
+    grads = [torch.randn(s, device=DEVICE) for s in shapes]
+    bufs = [torch.zeros(s, device=DEVICE) for s in shapes]
+    emas = [p.clone() for p in params]
+    eager = [[t.clone() for t in ts] for ts in (params, bufs, emas)]
+    lr_t = torch.tensor(0.1, device=DEVICE)
+
+    def step(ps, bs, es, lr):
+        bitfast.ops.sgd_momentum_(ps, grads, bs, lr=lr, momentum=0.9, weight_decay=1e-4, ema_params=es,
+                                  ema_decay=0.9, backend=BACKEND)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as CUDA graphs ask
+        step(params, bufs, emas, lr_t)
+    torch.cuda.current_stream().wait_stream(side)
+    step(*eager, 0.1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step(params, bufs, emas, lr_t)
+    for lr in (0.05, 0.02, 0.01):
+        lr_t.fill_(lr)
+        graph.replay()
+        step(*eager, float(lr_t))
+    torch.cuda.synchronize()
+    for a, b in zip(params + bufs + emas, eager[0] + eager[1] + eager[2]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_sgd_bit_r50x1_matches_cpu_kernel():
@@ -170,11 +225,17 @@ def test_sgd_bit_r50x1_matches_cpu_kernel():
     params = [torch.randn(s, device=DEVICE) for s in shapes]
     bufs = [torch.randn(s, device=DEVICE) for s in shapes]
     grads = [torch.randn(s, device=DEVICE) for s in shapes]
-    params_c, bufs_c, grads_c = ([t.cpu() for t in ts] for ts in (params, bufs, grads))
+    emas = [torch.randn(s, device=DEVICE) for s in shapes]
+    params_c, bufs_c, grads_c, emas_c = ([t.cpu() for t in ts] for ts in (params, bufs, grads, emas))
     args = (0.1, 0.9, 0.0, 1e-4, True, False, False)
-    torch.ops.bitfast.native_sgd_momentum_(params, grads, bufs, *args)
-    torch.ops.bitfast.native_sgd_momentum_(params_c, grads_c, bufs_c, *args)
+    torch.ops.bitfast.native_sgd_momentum_(params, grads, bufs, *args, None, [], 0.0)
+    torch.ops.bitfast.native_sgd_momentum_(params_c, grads_c, bufs_c, *args, None, [], 0.0)
     for a, b in zip(params + bufs, params_c + bufs_c):
+        torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
+    lr_t = torch.tensor(0.05, device=DEVICE)
+    torch.ops.bitfast.native_sgd_momentum_(params, grads, bufs, *args, lr_t, emas, 0.99)
+    torch.ops.bitfast.native_sgd_momentum_(params_c, grads_c, bufs_c, *args, lr_t.cpu(), emas_c, 0.99)
+    for a, b in zip(params + bufs + emas, params_c + bufs_c + emas_c):
         torch.testing.assert_close(a.cpu(), b, rtol=1e-6, atol=1e-6)
 
 
@@ -187,7 +248,7 @@ def test_runs_on_the_current_stream():
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         out, _, _ = torch.ops.bitfast.native_weight_standardize_fwd(w, 1e-8)
-        torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.9, 0.0, 0.0, False, False, False)
+        torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.9, 0.0, 0.0, False, False, False, None, [], 0.0)
     side.synchronize()
     torch.testing.assert_close(out, reference.weight_standardize_forward(w, 1e-8)[0], rtol=1e-5, atol=1e-5)
     reference.sgd_momentum_([p64], [g64], [b64], 0.1, 0.9, 0.0, 0.0, False, False, False)
@@ -206,13 +267,25 @@ def test_opcheck_sgd(non_contiguous, momentum):
     opcheck_sgd(DEVICE, non_contiguous, momentum)
 
 
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+def test_opcheck_sgd_lr_tensor_and_ema(non_contiguous):
+    opcheck_sgd(DEVICE, non_contiguous, 0.9, lr_tensor_and_ema=True)
+
+
 def check_cuda_errors(device: str) -> None:
     """check_errors on CUDA, plus a list whose first tensor is on the GPU: it reaches the
     CUDA kernel, which checks the rest."""
     check_errors(device)
     p = [torch.randn(3, device=device), torch.randn(3)]
     with pytest.raises(RuntimeError, match=r"one dtype and device per call"):
-        torch.ops.bitfast.native_sgd_momentum_(p, [t.clone() for t in p], [], 0.1, 0.0, 0.0, 0.0, False, False, False)
+        torch.ops.bitfast.native_sgd_momentum_(
+            p, [t.clone() for t in p], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0
+        )
+    q = [torch.randn(3, device=device)]
+    with pytest.raises(RuntimeError, match=r"lr_tensor is Float \[\] on cpu; expected one Float element on cuda"):
+        torch.ops.bitfast.native_sgd_momentum_(
+            q, [q[0].clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, torch.tensor(0.1), [], 0.0
+        )
 
 
 def test_errors():

@@ -95,15 +95,19 @@ def test_opcheck_batch_norm_relu(backend, requires_grad, non_contiguous, trainin
 
 
 @pytest.mark.parametrize("backend", OPCHECK_BACKENDS)
-@pytest.mark.parametrize("momentum,first", [(0.0, False), (0.9, True), (0.9, False)])
-def test_opcheck_sgd_momentum(backend, momentum, first):
+@pytest.mark.parametrize("momentum,first,extras", [(0.0, False, False), (0.9, True, False), (0.9, False, True)])
+def test_opcheck_sgd_momentum(backend, momentum, first, extras):
     _backend_or_skip(backend, "sgd_momentum")
     params = [torch.randn(5, 3), torch.randn(7)]
     grads = [torch.randn(5, 3), torch.randn(7)]
     bufs = [torch.randn(5, 3), torch.randn(7)] if momentum else []
+    # extras: the learning rate as a tensor and a moving average of the params
+    lr_t = torch.tensor(0.1) if extras else None
+    emas = [torch.randn(5, 3), torch.randn(7)] if extras else []
     torch.library.opcheck(
         torch.ops.bitfast.sgd_momentum_.default,
-        (params, grads, bufs, 0.1, momentum, 0.0, 1e-4, False, False, first, backend),
+        (params, grads, bufs, 0.1, momentum, 0.0, 1e-4, False, False, first, lr_t, emas, 0.9 if extras else 0.0,
+         backend),
     )
 
 
@@ -168,4 +172,35 @@ def test_compile_sgd_step_fullgraph():
         compiled(params, grads, bufs, first)
         bitfast.ops.reference.sgd_momentum_(ref, grads, ref_bufs, 0.1, 0.9, 0.0, 1e-4, False, False, first)
     for a, b in zip(params + bufs, ref + ref_bufs):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_sgd_step_with_lr_tensor_and_ema_fullgraph():
+    """With the learning rate in a tensor, a schedule that writes into it needs no
+    recompilation; the moving average is updated in the same op."""
+    torch._dynamo.reset()
+    params = [torch.randn(5, 3), torch.randn(7)]
+    grads = [torch.randn(5, 3), torch.randn(7)]
+    bufs = [torch.zeros(5, 3), torch.zeros(7)]
+    emas = [p.clone() for p in params]
+    ref, ref_bufs, ref_emas = ([t.clone() for t in ts] for ts in (params, bufs, emas))
+    lr_t = torch.tensor(0.1)
+    compiles = []
+
+    def counting_backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    def step(ps, gs, bs, es, lr):
+        bitfast.ops.sgd_momentum_(ps, gs, bs, lr=lr, momentum=0.9, is_first_step=False, ema_params=es, ema_decay=0.5)
+
+    compiled = torch.compile(step, fullgraph=True, backend=counting_backend)
+    for lr in (0.1, 0.05, 0.01):
+        lr_t.fill_(lr)
+        compiled(params, grads, bufs, emas, lr_t)
+        bitfast.ops.reference.sgd_momentum_(
+            ref, grads, ref_bufs, float(lr_t), 0.9, 0.0, 0.0, False, False, False, None, ref_emas, 0.5
+        )
+    assert len(compiles) == 1
+    for a, b in zip(params + bufs + emas, ref + ref_bufs + ref_emas):
         torch.testing.assert_close(a, b)
