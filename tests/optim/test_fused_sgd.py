@@ -653,3 +653,239 @@ def test_auto_backend_runs_on_every_device(device):
     _run_side_by_side(
         FusedSGD(pf, **opts), torch.optim.SGD(pr, **opts), pf, pr, 5, exact=_is_exact(device, torch.float32)
     )
+
+
+# --------------------------------------------------------------------------------------
+# Tensor learning rate
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", _backend_params() + ["triton"])
+def test_tensor_lr_matches_float_lr_and_follows_a_scheduler(backend):
+    """A tensor lr gives bitwise the steps of the same float lr; a scheduler writing into
+    the tensor drives it (the group keeps the very tensor), and it matches torch.optim.SGD
+    with the same tensor lr."""
+    if backend == "triton" and backends.not_supported_reasons("triton", "sgd_momentum", "cpu", torch.float32):
+        pytest.skip("; ".join(backends.not_supported_reasons("triton", "sgd_momentum", "cpu", torch.float32)))
+    ps = _make_params(torch.float32, "cpu")
+    p_tensor, p_float, p_torch = _clone_params(ps), _clone_params(ps), _clone_params(ps)
+    opts = dict(momentum=0.9, weight_decay=1e-4, nesterov=True)
+    lr_t = torch.tensor(0.1)
+    with_tensor = FusedSGD(p_tensor, lr=lr_t, backend=backend, **opts)
+    with_float = FusedSGD(p_float, lr=0.1, backend=backend, **opts)
+    ref = torch.optim.SGD(p_torch, lr=torch.tensor(0.1), **opts)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5) for o in (with_tensor, with_float, ref)]
+    for step in range(6):
+        _set_grads(p_tensor, p_float, step)
+        for a, b in zip(p_torch, p_tensor):
+            a.grad = None if b.grad is None else b.grad.clone()
+        for o in (with_tensor, with_float, ref):
+            o.step()
+        for s in scheds:
+            s.step()
+        assert with_tensor.param_groups[0]["lr"] is lr_t
+        assert float(lr_t) == float(torch.tensor(with_float.param_groups[0]["lr"]))
+        for a, b in zip(p_tensor, p_float):
+            assert torch.equal(a, b), f"step {step}: tensor lr differs from float lr"
+        _compare(with_tensor, ref, exact=backend == "reference", what=f"step {step} vs torch")
+    assert float(lr_t) == float(torch.tensor(0.1 * 0.5**3))
+
+
+def test_tensor_lr_is_never_read_on_the_host(monkeypatch):
+    """With a native or Triton kernel, the step passes the lr tensor through: nothing
+    converts it to a Python number (which, on a GPU, would synchronize)."""
+    reasons = backends.not_supported_reasons("cpp", "sgd_momentum", "cpu", torch.float32)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    p = torch.randn(5, requires_grad=True)
+    lr_t = torch.tensor(0.25)
+    opt = FusedSGD([p], lr=lr_t, momentum=0.9, backend="cpp", ema_decay=0.5)
+    seen = []
+    for name in ("item", "__float__", "tolist"):
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _real=real, _name=name, **kw):
+            if self is lr_t or (self.numel() == 1 and self.data_ptr() == lr_t.data_ptr()):
+                seen.append(_name)
+            return _real(self, *a, **kw)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    expected = p.detach() - 0.25 * torch.ones(5)
+    p.grad = torch.ones(5)
+    opt.step()
+    monkeypatch.undo()
+    assert seen == []
+    torch.testing.assert_close(p.detach(), expected)
+
+
+def test_tensor_lr_of_another_dtype_or_shape():
+    """A float64 0-dim or a (1,)-shaped lr tensor works (converted to float32); a tensor of
+    several elements is rejected like torch.optim.SGD rejects it."""
+    for lr in (torch.tensor(0.5, dtype=torch.float64), torch.tensor([0.5])):
+        p = torch.ones(3, requires_grad=True)
+        p.grad = torch.ones(3)
+        FusedSGD([p], lr=lr).step()
+        torch.testing.assert_close(p.detach(), torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        FusedSGD([torch.ones(3, requires_grad=True)], lr=torch.tensor([0.1, 0.2]))
+
+
+# --------------------------------------------------------------------------------------
+# Moving average of the parameters (ema_decay)
+# --------------------------------------------------------------------------------------
+
+
+def _ema_backends():
+    out = _backend_params()
+    reasons = backends.not_supported_reasons("triton", "sgd_momentum", "cpu", torch.float32)
+    out.append(pytest.param("triton", id="triton", marks=pytest.mark.skipif(bool(reasons), reason="; ".join(reasons) or "ok")))
+    return out
+
+
+@pytest.mark.parametrize("backend", _ema_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    "options",
+    [dict(momentum=0.9), dict(momentum=0.9, nesterov=True, weight_decay=1e-3), dict(weight_decay=1e-3, maximize=True)],
+    ids=["momentum", "nesterov-wd", "plain-wd-max"],
+)
+def test_ema_matches_torch_sgd_with_a_hand_written_average(options, dtype, backend):
+    """Parameters as torch.optim.SGD's (params stepped on some steps only), and averages as a
+    hand-written average of those, started at each parameter's value before its first
+    step and moved only on its steps; float32 averages for bf16 parameters."""
+    if dtype == torch.bfloat16 and not _bf16_supported_by_torch_sgd():
+        pytest.skip("torch.optim.SGD cannot step bf16 on this CPU")
+    decay = 0.7
+    ps = _make_params(dtype, "cpu")
+    pf, pr = _clone_params(ps), _clone_params(ps)
+    fused = FusedSGD(pf, lr=0.05, ema_decay=decay, backend=backend, **options)
+    ref = torch.optim.SGD(pr, lr=0.05, **options)
+    hand: dict[int, torch.Tensor] = {}
+    for step in range(12):
+        _set_grads(pf, pr, step)
+        for i, p in enumerate(pr):
+            if p.grad is not None and i not in hand:
+                hand[i] = p.detach().float().clone()
+        fused.step()
+        ref.step()
+        for i, p in enumerate(pr):
+            if p.grad is not None:
+                hand[i].lerp_(p.detach().float(), 1 - decay)
+    exact = backend == "reference"
+    pairs = [(pf[i], pr[i]) for i in range(len(ps))]
+    scale = _max_abs(p.detach() for _, p in pairs)
+    for a, e in pairs:
+        assert_matches(a.detach(), e.detach(), scale, exact, "param")
+    emas = fused.ema_parameters()
+    for i, p in enumerate(pf):
+        ema = fused.state[p]["ema"]
+        assert emas[i] is ema and ema.dtype == torch.float32 and ema.stride() == p.stride()
+        # bf16 params: the averages follow parameters that differ from torch's by a few ulps
+        tol = 0 if exact else 16 * _eps(dtype) * max(scale, 1.0)
+        diff = (ema - hand[i]).abs().max().item() if ema.numel() else 0.0
+        assert diff <= tol, f"average {i}: max |diff| = {diff:.3g} > {tol:.3g}"
+
+
+def test_ema_state_dict_round_trip_and_continue():
+    """With ema_decay, the state dict has one more key, "ema" (float32 for bf16 params after
+    torch.save/torch.load and load_state_dict); a restored optimizer continues exactly."""
+    ps = [p.bfloat16() for p in _make_params(torch.float32, "cpu")]
+    pa, pb = _clone_params(ps), _clone_params(ps)
+    a = FusedSGD(pa, lr=0.1, momentum=0.9, ema_decay=0.9)
+    b = FusedSGD(pb, lr=0.1, momentum=0.9, ema_decay=0.9)
+    for step in range(6):
+        _set_grads(pa, pb, step)
+        a.step()
+        b.step()
+    sd = _roundtrip(a.state_dict())
+    ref_keys = torch.optim.SGD(_clone_params(ps), lr=0.1, momentum=0.9).state_dict()["param_groups"][0].keys()
+    assert sd["param_groups"][0].keys() == ref_keys
+    assert all(set(s) == {"momentum_buffer", "ema"} for s in sd["state"].values())
+    assert all(s["ema"].dtype == torch.float32 for s in sd["state"].values())
+    pc = _clone_params([p.detach() for p in pa])
+    c = FusedSGD(pc, lr=1.0, ema_decay=0.9)
+    c.load_state_dict(sd)
+    for p, q in zip(pa, pc):
+        assert c.state[q]["ema"].dtype == torch.float32
+        assert torch.equal(c.state[q]["ema"], a.state[p]["ema"])
+    for step in range(6, 10):
+        _set_grads(pc, pb, step)
+        c.step()
+        b.step()
+    for p, q in zip(pb, pc):
+        assert torch.equal(p, q)
+        assert torch.equal(b.state[p]["ema"], c.state[q]["ema"])
+    # torch.optim.SGD loads it too (the extra key rides along) and continues the same.
+    pt = _clone_params([p.detach() for p in pa])
+    t = torch.optim.SGD(pt, lr=1.0)
+    t.load_state_dict(sd)
+    assert t.param_groups[0]["lr"] == 0.1
+
+
+def test_load_state_dict_keeps_the_backend_and_ema_decay():
+    p = torch.randn(3, requires_grad=True)
+    opt = FusedSGD([p], lr=0.1, backend="reference", ema_decay=0.5)
+    opt.load_state_dict(torch.optim.SGD([torch.randn(3, requires_grad=True)], lr=0.2).state_dict())
+    assert opt.backend == "reference" and opt.ema_decay == 0.5 and opt.param_groups[0]["lr"] == 0.2
+
+
+def test_without_ema_the_state_has_no_extra_key():
+    p = torch.randn(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    opt = FusedSGD([p], lr=0.1, momentum=0.9)
+    opt.step()
+    assert set(opt.state[p]) == {"momentum_buffer"}
+    assert opt.ema_decay is None
+    with pytest.raises(RuntimeError, match="construct it with ema_decay"):
+        opt.ema_parameters()
+    with pytest.raises(RuntimeError, match="construct it with ema_decay"):
+        with opt.swap_ema():
+            pass
+
+
+def test_swap_ema_swaps_in_and_back():
+    torch.manual_seed(5)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    frozen = model[1].bias  # never gets a gradient: no average, left alone
+    opt = FusedSGD(model.parameters(), lr=0.1, momentum=0.9, ema_decay=0.5)
+    for _ in range(3):
+        model[0](torch.randn(5, 4)).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    trained = [p.detach().clone() for p in model.parameters()]
+    emas = opt.ema_parameters()
+    assert emas[3] is not frozen and torch.equal(emas[3], frozen)  # unstepped: its own value
+    with opt.swap_ema():
+        for p, e in zip(model.parameters(), emas):
+            assert torch.equal(p, e.to(p.dtype))
+        assert not torch.equal(model[0].weight, trained[0])
+        with pytest.raises(RuntimeError, match="inside swap_ema"):
+            opt.step()
+    for p, t in zip(model.parameters(), trained):
+        assert torch.equal(p, t)
+    with pytest.raises(KeyError):
+        with opt.swap_ema():
+            raise KeyError("evaluation failed")
+    for p, t in zip(model.parameters(), trained):
+        assert torch.equal(p, t)
+    opt.step()  # allowed again
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, float("nan"), 2])
+def test_bad_ema_decay(decay):
+    with pytest.raises(ValueError, match=r"FusedSGD: ema_decay must be in \[0, 1\)"):
+        FusedSGD([torch.zeros(2, requires_grad=True)], lr=0.1, ema_decay=decay)
+
+
+def test_ema_decay_type_and_copies():
+    with pytest.raises(TypeError, match="ema_decay must be a float"):
+        FusedSGD([torch.zeros(2, requires_grad=True)], lr=0.1, ema_decay=True)
+    p = torch.randn(3, requires_grad=True)
+    p.grad = torch.ones(3)
+    opt = FusedSGD([p], lr=0.1, ema_decay=0.9)
+    opt.step()
+    for other in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt)), FusedSGD.from_optimizer(opt)):
+        assert other.ema_decay == 0.9
+        q = other.param_groups[0]["params"][0]
+        assert torch.equal(other.state[q]["ema"], opt.state[p]["ema"])
+    assert FusedSGD.from_optimizer(torch.optim.SGD([p], lr=0.1), ema_decay=0.5).ema_decay == 0.5
