@@ -10,10 +10,11 @@ __version__ = "0.1.0"
 
 # bitfast.ops first: it defines the op schemas and loads the native builds.
 from bitfast import ops  # noqa: E402, I001
-from bitfast import nn, optim, patch  # noqa: E402
+from bitfast import nn, optim  # noqa: E402
 from bitfast.backends import BackendError, available_backends, use_backend  # noqa: E402
 from bitfast.checkpoint import load_pretrained  # noqa: E402
 from bitfast.models import ResNetV2, create_model, list_models  # noqa: E402
+from bitfast.patching import patch  # noqa: E402
 
 __all__ = [
     "BackendError",

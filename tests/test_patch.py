@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import bitfast
-import bitfast.patch as bpatch
+import bitfast.patching as bpatch
 from bitfast import ResNetV2
 from bitfast.nn import BatchNormReLU, GroupNormReLU
 from bitfast.nn import StdConv2d as BitfastStdConv2d

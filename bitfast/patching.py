@@ -27,8 +27,9 @@ dropout, ``ScaledStdConv2d`` (its learned per-channel gain has no place in ``Std
 non-zero padding modes, modules with hooks or parametrizations, and any candidate whose
 numerical check fails. A model with no candidate at all raises, saying what it found.
 
-This module is callable: ``bitfast.patch(model)`` is ``bitfast.patch.patch(model)``, and
-``bitfast.patch.fused_optimizer(opt)`` turns a ``torch.optim.SGD`` into a ``FusedSGD``.
+``bitfast.patch`` is :func:`patch`; this module (``bitfast.patching``) also holds
+:class:`PatchReport`, :class:`PatchError` and :func:`fused_optimizer`, which turns a
+``torch.optim.SGD`` into a ``FusedSGD``.
 """
 
 from __future__ import annotations
@@ -36,8 +37,6 @@ from __future__ import annotations
 import collections
 import copy
 import numbers
-import sys
-import types
 from dataclasses import dataclass, field
 
 import torch
@@ -409,18 +408,7 @@ def fused_optimizer(opt: torch.optim.Optimizer, *, backend: str | None = None) -
     """
     if not isinstance(opt, (torch.optim.SGD, FusedSGD)):
         raise TypeError(
-            f"bitfast.patch.fused_optimizer: expected a torch.optim.SGD; got {type(opt).__name__} "
+            f"bitfast.patching.fused_optimizer: expected a torch.optim.SGD; got {type(opt).__name__} "
             "(only SGD with momentum has a fused bitfast equivalent)"
         )
     return FusedSGD.from_optimizer(opt, backend=backend)
-
-
-class _CallableModule(types.ModuleType):
-    """Lets ``bitfast.patch(model)`` call ``patch`` while ``bitfast.patch.fused_optimizer``
-    and ``bitfast.patch.PatchReport`` stay reachable as module attributes."""
-
-    def __call__(self, model: nn.Module, backend: str | None = None, **kwargs) -> PatchReport:
-        return patch(model, backend, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
