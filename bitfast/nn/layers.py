@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from bitfast import backends
-from bitfast.ops import batch_norm_relu, group_norm_relu, std_conv2d
+from bitfast.ops import batch_norm_relu, group_norm_relu, group_norm_relu_add, std_conv2d
 
 
 def _check_backend(backend: str | None) -> str | None:
@@ -72,6 +72,15 @@ class StdConv2d(nn.Conv2d):
         return super().extra_repr() + f", eps={self.eps}" + (f", backend={self.backend!r}" if self.backend else "")
 
 
+@torch.compiler.assume_constant_result
+def _fused_add_serves(device_type: str, dtype: torch.dtype, backend: str | None) -> bool:
+    # Whether group_norm_relu_add can run for a module with this backend: under auto it
+    # always can (it falls back inside); an explicit backend must have the fused kernels.
+    # Static facts only, so compiled graphs take the answer once, as backends.resolve does.
+    want = backends.requested_backend(backend)
+    return want == backends.AUTO or not backends.not_supported_reasons(want, "group_norm_relu_add", device_type, dtype)
+
+
 class GroupNormReLU(nn.GroupNorm):
     """GroupNorm followed by ReLU in one op; timm's ``GroupNormAct`` argument order and
     parameter names (``weight``, ``bias``). ``relu=False`` gives plain GroupNorm."""
@@ -99,6 +108,21 @@ class GroupNormReLU(nn.GroupNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``relu(group_norm(x))``, keeping ``x``'s dtype and memory format."""
         return group_norm_relu(x, self.num_groups, self.weight, self.bias, self.eps, self.relu, backend=self.backend)
+
+    def forward_add(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``s = a + b`` and ``self(s)`` in one fused op (``bitfast.ops.group_norm_relu_add``):
+        returns ``(s, y)``. ``a`` and ``b`` must have the same shape, dtype and memory format.
+
+        Where the requested backend has no fused kernel for these inputs, the add and this
+        module run separately (same results). On the fused path this module's forward hooks
+        do not run.
+        """
+        if not _fused_add_serves(a.device.type, a.dtype, self.backend):
+            s = a + b
+            return s, self(s)
+        return group_norm_relu_add(
+            a, b, self.num_groups, self.weight, self.bias, self.eps, self.relu, backend=self.backend
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", relu={self.relu}" + (f", backend={self.backend!r}" if self.backend else "")
