@@ -25,6 +25,7 @@ from torch import nn
 
 from bitfast import backends
 from bitfast.nn.layers import BatchNormReLU, GroupNormReLU, StdConv2d
+from bitfast.ops.reference import memory_format
 
 __all__ = ["ClassifierHead", "DownsampleConv", "PreActBottleneck", "ResNetStage", "ResNetV2", "NORMS"]
 
@@ -68,6 +69,31 @@ def default_norm_layer(norm: str = "gn", backend: str | None = None) -> Callable
     if norm == "gn":
         return functools.partial(GroupNormReLU, num_groups=32, eps=1e-5, backend=backend)
     return functools.partial(BatchNormReLU, eps=1e-5, momentum=0.1, backend=backend)
+
+
+# A unit's output before its final add: (conv3 output, shortcut). Units hand it on unsummed
+# so that the next norm can compute the sum itself, fused (GroupNormReLU.forward_add).
+Unsummed = tuple[torch.Tensor, torch.Tensor]
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def add_then_norm(norm: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``s = a + b`` and ``norm(s)``: returns ``(s, norm(s))``, in one fused op when ``norm``
+    offers ``forward_add`` (``GroupNormReLU``), has no forward hooks, and ``a`` and ``b``
+    match in shape, dtype and memory format; otherwise as ``a + b`` then ``norm``."""
+    if (
+        hasattr(norm, "forward_add")
+        and not _has_hooks(norm)
+        and a.shape == b.shape
+        and a.dtype == b.dtype
+        and memory_format(a) == memory_format(b)
+    ):
+        return norm.forward_add(a, b)
+    s = a + b
+    return s, norm(s)
 
 
 class DownsampleConv(nn.Module):
@@ -123,12 +149,22 @@ class PreActBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the unit on ``x`` (N, in_chs, H, W) -> (N, out_chs, H / stride, W / stride)."""
-        p = self.norm1(x)
+        y, shortcut = self.forward_unsummed(x)
+        return y + shortcut
+
+    def forward_unsummed(self, x: torch.Tensor | Unsummed) -> Unsummed:
+        """The unit without its final add: ``(conv3 output, shortcut)``, whose sum is
+        ``forward(x)``. ``x`` may itself be the previous unit's unsummed output ``(a, b)``:
+        its sum is then computed together with ``norm1`` (``add_then_norm``)."""
+        if isinstance(x, tuple):
+            x, p = add_then_norm(self.norm1, *x)
+        else:
+            p = self.norm1(x)
         shortcut = self.downsample(p) if self.downsample is not None else x
         y = self.conv1(p)
         y = self.conv2(self.norm2(y))
         y = self.conv3(self.norm3(y))
-        return y + shortcut
+        return y, shortcut
 
 
 class ResNetStage(nn.Module):
@@ -163,7 +199,18 @@ class ResNetStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Run the stage's units in order."""
-        return self.blocks(x)
+        if any(_has_hooks(b) for b in self.blocks) or _has_hooks(self.blocks):
+            return self.blocks(x)
+        y, shortcut = self.forward_unsummed(x)
+        return y + shortcut
+
+    def forward_unsummed(self, x: torch.Tensor | Unsummed) -> Unsummed:
+        """The stage with its last unit's final add left out (see
+        ``PreActBottleneck.forward_unsummed``); each unit's add is fused with the next
+        unit's ``norm1`` where that norm supports it."""
+        for block in self.blocks:
+            x = block.forward_unsummed(x)
+        return x
 
 
 class ClassifierHead(nn.Module):
@@ -364,8 +411,16 @@ class ResNetV2(nn.Module):
                 f"ResNetV2: input has shape {tuple(x.shape)}; expected (N, {self.in_chans}, H, W)"
             )
         x = self.stem(x)
-        x = self.stages(x)
-        return self.norm(x)
+        if _has_hooks(self.stages) or any(
+            _has_hooks(m) for stage in self.stages for m in (stage, stage.blocks, *stage.blocks)
+        ):
+            # Hooks observe the modules' outputs: call every module, unfused.
+            return self.norm(self.stages(x))
+        # Each unit's residual add is computed with the next unit's norm1 and the last one
+        # with the final norm, in one pass over memory where the norm supports it.
+        for stage in self.stages:
+            x = stage.forward_unsummed(x)
+        return add_then_norm(self.norm, *x)[1]
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the features to (N, C); then the classifier unless ``pre_logits``."""
