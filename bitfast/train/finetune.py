@@ -1,0 +1,141 @@
+"""Fine-tuning with BiT-HyperRule (``bitfast finetune``).
+
+Kolesnikov et al., 2020, "Big Transfer (BiT)", section 3.3: every hyper-parameter follows
+from the number of training examples and the image size (``bitfast.train.hyperrule``):
+resize/crop, the step schedule ``[warmup, d1, d2, d3, total]``, lr 0.003 at batch 512 (scaled
+linearly for other batches) with linear warm-up and a tenfold decay after each decay point,
+MixUp alpha 0.1 from 20k examples, a zero-initialised head, SGD momentum 0.9 and no weight
+decay. Every value can be overridden in ``FinetuneConfig``.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from bitfast.train import hyperrule
+from bitfast.train.build import build_data, build_model, finish_run, make_eval_fn
+from bitfast.train.distributed import DistInfo, init_distributed
+from bitfast.train.loop import TrainConfig, train_loop
+
+__all__ = ["FinetuneConfig", "finetune", "plan_finetune", "step_lr"]
+
+
+@dataclass
+class FinetuneConfig(TrainConfig):
+    """``TrainConfig`` plus the HyperRule's knobs. ``schedule`` ([warmup, d1, d2, d3, total]
+    steps) replaces the HyperRule's; ``steps`` alone rescales it (same fractions);
+    ``base_lr`` is the rate at batch 512 (default 0.003); ``variant`` picks the resolution
+    table (``"release"`` 512/480 or ``"paper"`` 448/384 for large images)."""
+
+    schedule: Sequence[int] | None = None
+    variant: str = "release"
+    output: str = "runs/finetune"
+
+
+def step_lr(step: int, schedule: Sequence[int], peak: float) -> float | None:
+    """The HyperRule's learning rate for an explicit ``schedule`` ``[warmup, d1, ..., total]``:
+    linear warm-up from 0, then ``peak / 10**m`` (``m`` decay points strictly below ``step``);
+    ``None`` from ``total`` on."""
+    warmup, *decays, total = schedule
+    if step >= total:
+        return None
+    if step < warmup:
+        return peak * step / warmup
+    return peak / 10 ** sum(1 for d in decays if d < step)
+
+
+def _first_image_size(root: str) -> tuple[int, int] | None:
+    try:
+        from PIL import Image
+    except ImportError:
+        return None
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            try:
+                with Image.open(os.path.join(dirpath, name)) as im:
+                    return im.size[1], im.size[0]
+            except Exception:  # noqa: BLE001 - not an image: look further
+                continue
+    return None
+
+
+def plan_finetune(cfg: FinetuneConfig, n: int, image_size: tuple[int, int] | None) -> dict:
+    """The resolved settings of a fine-tuning run of ``n`` examples of ``image_size``: the
+    HyperRule's values with the config's overrides. Keys: ``resize``, ``crop``, ``schedule``,
+    ``peak_lr``, ``mixup_alpha``, ``hyperrule`` (the untouched rule, for the record)."""
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1; got {cfg.batch_size}")
+    rule = hyperrule.settings(n, image_size or (8, 8), batch_size=cfg.batch_size,
+                              base_lr=cfg.base_lr or hyperrule.BASE_LR, variant=cfg.variant)
+    resize, crop = rule["resize"], rule["crop"]
+    if cfg.crop is not None:
+        crop = cfg.crop
+        resize = cfg.resize if cfg.resize is not None else max(crop, round(crop * rule["resize"] / rule["crop"]))
+    elif cfg.resize is not None:
+        resize = cfg.resize
+    sched = list(rule["schedule"])
+    if cfg.schedule is not None:
+        sched = [int(v) for v in cfg.schedule]
+        if len(sched) != 5 or sorted(sched) != sched or sched[-1] < 1 or sched[0] < 0:
+            raise ValueError(f"--schedule must be 5 increasing steps: warmup d1 d2 d3 total; got {cfg.schedule}")
+    elif cfg.steps is not None:
+        if cfg.steps < 1:
+            raise ValueError(f"--steps must be >= 1; got {cfg.steps}")
+        f = cfg.steps / sched[-1]
+        sched = [round(v * f) for v in sched[:-1]] + [cfg.steps]
+    if cfg.warmup_steps is not None:
+        sched[0] = cfg.warmup_steps
+    if not 0 <= sched[0] < sched[-1]:
+        raise ValueError(f"warm-up ({sched[0]} steps) must be shorter than the run ({sched[-1]} steps)")
+    return {
+        "resize": resize, "crop": crop, "schedule": sched, "peak_lr": rule["lr"],
+        "mixup_alpha": rule["mixup_alpha"] if cfg.mixup_alpha is None else cfg.mixup_alpha,
+        "hyperrule": rule,
+    }
+
+
+def finetune(cfg: FinetuneConfig, info: DistInfo | None = None, stream=None) -> dict:
+    """Fine-tune ``cfg.model`` (``cfg.pretrained`` weights, fresh zero-initialised head) on
+    ``cfg.data`` with BiT-HyperRule; under torchrun, with DDP. Prints the plan, a progress bar
+    (stderr) and a summary table; writes checkpoints, ``metrics.jsonl``, ``final_eval.json`` and
+    plots into ``cfg.output``. Returns ``{"plan", "result", "final", "data", "model"}``.
+    """
+    stream = stream or sys.stdout
+    info = info or init_distributed(cfg.device)
+    torch.manual_seed(cfg.seed)
+    image_size = None
+    if cfg.data not in (None, "digits") and (cfg.crop is None and cfg.resize is None):
+        if not os.path.isdir(cfg.data):
+            raise FileNotFoundError(f"--data {cfg.data!r} is not a directory; pass an ImageFolder (one subfolder per class)")
+        image_size = _first_image_size(cfg.data)
+        if image_size is None:
+            raise ValueError(f"--data {cfg.data!r} contains no readable image; pass an ImageFolder of images")
+    # HyperRule counts the training examples; build the data with a provisional resolution
+    # only when the count is needed to pick it (the digits: 8x8, always the small-image rule).
+    probe = plan_finetune(cfg, 1, image_size)
+    data = build_data(cfg, probe["resize"], probe["crop"])
+    plan = plan_finetune(cfg, len(data.train), image_size)
+    model, init_note = build_model(cfg, data.num_classes)
+    if cfg.model != "bit_tiny" and cfg.pretrained is None and info.is_main:
+        print("note: no --pretrained weights: fine-tuning from a random initialisation", file=stream)
+    sched, peak = plan["schedule"], plan["peak_lr"]
+    cfg.mixup_alpha = plan["mixup_alpha"]
+    if info.is_main:
+        print(f"bitfast finetune: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+              f"{init_note}) on {data.description}", file=stream)
+        print(f"  HyperRule: n={len(data.train)} -> resize {plan['resize']}, crop {plan['crop']}, schedule {sched}, "
+              f"lr {peak:.3g} (0.003 x {cfg.batch_size}/512), MixUp alpha {plan['mixup_alpha']}, momentum {cfg.momentum}, "
+              f"weight decay {cfg.weight_decay}; {info.world_size} process(es) on {info.device}", file=stream)
+    result = train_loop(
+        model, data.train, cfg=cfg, total_steps=sched[-1], lr_at=lambda s: step_lr(s, sched, peak),
+        num_classes=data.num_classes, info=info, eval_fn=make_eval_fn(data, cfg, info), desc="finetune",
+        run_meta={"model": cfg.model, "classes": data.class_names, "resolution": plan["crop"], "plan": {
+            k: v for k, v in plan.items() if k != "hyperrule"}},
+    )
+    final = finish_run(result, data, cfg, info, "bitfast finetune: summary", stream=stream)
+    return {"plan": plan, "result": result, "final": final, "data": data, "model": result["model"]}
