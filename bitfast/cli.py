@@ -10,6 +10,19 @@
                                   time every op on every backend against the baselines
                                   (eager, torch.compile, torch.optim.SGD) and a BiT-R50x1
                                   training step; print one table (see bitfast.bench)
+    bitfast story [--smoke]       the BiT story on the embedded digits: upstream training
+                                  on 0-4, few-shot ridge heads, HyperRule fine-tuning and
+                                  training from scratch on 5-9; table, plots, >= 95% check
+    bitfast finetune [options]    fine-tune with BiT-HyperRule (every value overridable)
+    bitfast pretrain [options]    upstream training (step or cosine schedule)
+    bitfast fewshot [options]     k-shot episodes: ridge heads on frozen features and/or
+                                  HyperRule fine-tuning; mean and std over seeds
+    bitfast eval --checkpoint A [B ...]
+                                  top-1/top-5, ECE, reliability diagram, confusion matrix;
+                                  a logit ensemble of several checkpoints, EMA weights
+
+The training commands run unchanged under torchrun (DDP; NCCL on GPUs, gloo on CPU):
+    torchrun --nproc_per_node 8 -m bitfast.cli finetune --data DIR ...
 """
 
 from __future__ import annotations
@@ -204,6 +217,176 @@ def cmd_bench(args) -> int:
     return 0
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to a flag's help unless the help already says its default or
+    there is none worth printing (None, or a switch)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or isinstance(action.default, bool):
+            return text
+        return super()._get_help_string(action)
+
+
+def _add_train_args(p: argparse.ArgumentParser, defaults, recipe: str) -> None:
+    """The flags shared by finetune, pretrain and fewshot; defaults from the recipe's config."""
+    g = p.add_argument_group("data and model")
+    g.add_argument("--data", default=defaults.data,
+                   help="'digits' (the embedded UCI digits, no download) or an ImageFolder directory (DIR/<class>/<image>; "
+                        "DIR/train and DIR/val are used when present)")
+    g.add_argument("--val-data", default=defaults.val_data, help="ImageFolder to evaluate on (default: DIR/val or DIR/test)")
+    g.add_argument("--classes", type=int, nargs="+", default=defaults.classes,
+                   help="digits only: which digits, e.g. 5 6 7 8 9 (default: all ten)")
+    g.add_argument("--model", default=defaults.model,
+                   help="a bitfast model (see `bitfast models`) or 'bit_tiny' (a 2M-parameter BiT ResNet-v2 for CPUs)")
+    g.add_argument("--norm", default=defaults.norm, choices=["gn", "bn"], help="GroupNorm (BiT) or BatchNorm variant")
+    g.add_argument("--pretrained", default=defaults.pretrained,
+                   help="initial weights: a release name (BiT-M-R50x1, ...), a weights file, or a bitfast training "
+                        "checkpoint (its backbone; the head is always fresh)")
+    g.add_argument("--resize", type=int, default=defaults.resize, help="train-time resize before the random crop")
+    g.add_argument("--crop", type=int, default=defaults.crop,
+                   help="training/eval resolution (>= 32)" + (" (default: BiT-HyperRule: 128 below 96x96 images, else 480)"
+                                                            if recipe == "finetune" else ""))
+    g.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
+    o = p.add_argument_group("optimization")
+    o.add_argument("--batch-size", type=int, default=defaults.batch_size, help="global batch (all processes together)")
+    o.add_argument("--batch-split", type=int, default=defaults.batch_split,
+                   help="micro-batches per step (gradient accumulation; same result, less memory)")
+    o.add_argument("--base-lr", type=float, default=defaults.base_lr,
+                   help="learning rate at the reference batch, scaled linearly to --batch-size "
+                        + ("(default 0.003 at batch 512)" if recipe != "pretrain" else "(default 0.03 at batch 256)"))
+    o.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps,
+                   help="linear warm-up steps" + (" (default: the HyperRule's)" if recipe != "pretrain" else " (default 5000)"))
+    o.add_argument("--momentum", type=float, default=defaults.momentum, help="SGD momentum")
+    o.add_argument("--weight-decay", type=float, default=defaults.weight_decay, help="weight decay")
+    o.add_argument("--label-smoothing", type=float, default=defaults.label_smoothing, help="label smoothing (off by default)")
+    o.add_argument("--mixup-alpha", type=float, default=defaults.mixup_alpha,
+                   help="MixUp alpha (default: the HyperRule's: 0.1 from 20k examples, else none)" if recipe != "pretrain"
+                   else "MixUp alpha (default: none)")
+    o.add_argument("--ema-decay", type=float, default=defaults.ema_decay,
+                   help="keep Polyak-averaged (EMA) weights with this decay, when FusedSGD supports it (0: off)")
+    o.add_argument("--no-freeze-bn", dest="freeze_bn", action="store_false", default=defaults.freeze_bn,
+                   help=argparse.SUPPRESS if recipe == "pretrain" else "update BatchNorm statistics (BN variant; frozen by default)")
+    o.add_argument("--linear-probe", action="store_true", help="freeze the backbone; train only the head")
+    x = p.add_argument_group("execution")
+    x.add_argument("--precision", default=defaults.precision, choices=["fp32", "bf16", "fp16"],
+                   help="autocast dtype (fp16 uses a GradScaler)")
+    x.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    x.add_argument("--compile", action="store_true", help="torch.compile the model")
+    x.add_argument("--device", default=defaults.device, help="cuda or cpu (default: cuda when available)")
+    x.add_argument("--workers", type=int, default=defaults.workers, help="data-loading worker processes (default 0)")
+    x.add_argument("--seed", type=int, default=defaults.seed, help="seed of initialisation, data order and augmentation")
+    r = p.add_argument_group("output, checkpoints, resume")
+    r.add_argument("--output", default=defaults.output, help="directory for checkpoints, metrics.jsonl and plots")
+    r.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
+                   help="steps between checkpoints (OUTPUT/last.pt; 0: only at the end)")
+    r.add_argument("--resume", default=defaults.resume,
+                   help="continue bit for bit from a checkpoint ('auto': OUTPUT/last.pt when it exists)")
+    r.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between evaluations (0: only at the end)")
+    r.add_argument("--log-every", type=int, default=defaults.log_every, help="steps between metrics.jsonl records")
+    r.add_argument("--stop-at-step", type=int, default=None, help="stop after this step, as if interrupted (resume later)")
+    r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    r.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG plots")
+
+
+def _config_from_args(cls, args):
+    import dataclasses
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    return cls(**values)
+
+
+def cmd_finetune(args) -> int:
+    from bitfast.train.finetune import FinetuneConfig, finetune
+
+    finetune(_config_from_args(FinetuneConfig, args))
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from bitfast.train.pretrain import PretrainConfig, pretrain
+
+    pretrain(_config_from_args(PretrainConfig, args))
+    return 0
+
+
+def cmd_fewshot(args) -> int:
+    from bitfast.train.transfer import FewshotConfig, fewshot
+
+    fewshot(_config_from_args(FewshotConfig, args))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from bitfast.train import plots
+    from bitfast.train.build import build_data, model_from_checkpoint, summary_table
+    from bitfast.train.evaluate import evaluate
+    from bitfast.train.loop import TrainConfig
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    models, states = [], []
+    for path in args.checkpoint:
+        model, state = model_from_checkpoint(path, use_ema=not args.no_ema, device=device)
+        models.append(model)
+        states.append(state)
+    first = states[0]
+    classes = first.get("classes")
+    for path, st in zip(args.checkpoint[1:], states[1:]):
+        if st.get("num_classes") != first.get("num_classes") or st.get("classes") != classes:
+            raise ValueError(f"cannot ensemble {path} with {args.checkpoint[0]}: they were trained on other classes "
+                             f"({st.get('classes')} vs {classes}); pass checkpoints of the same task")
+    saved = first.get("config") or {}
+    data = args.data or saved.get("data", "digits")
+    digit_classes = args.classes if args.classes is not None else (saved.get("classes") if data == "digits" else None)
+    cfg = TrainConfig(data=data, val_data=args.val_data or saved.get("val_data"), classes=digit_classes, flip=False)
+    crop = args.crop or int(first.get("resolution") or saved.get("crop") or 128)
+    d = build_data(cfg, crop, crop)
+    if d.eval is None:
+        raise ValueError(f"--data {data!r} has no evaluation images: pass --val-data or a folder with val/")
+    if d.num_classes != first.get("num_classes"):
+        raise ValueError(f"the checkpoint has {first.get('num_classes')} classes, the evaluation data {d.num_classes}; "
+                         "pass the data (and --classes) it was trained on")
+    res = evaluate(models, d.eval, d.num_classes, batch_size=args.batch_size, info=None, mode=args.ensemble)
+    os.makedirs(args.output, exist_ok=True)
+    with open(os.path.join(args.output, "eval.json"), "w") as f:
+        json.dump({**res, "checkpoints": args.checkpoint, "ema": [s["used_ema"] for s in states],
+                   "classes": d.class_names}, f)
+    written = []
+    if plots.available():
+        written.append(plots.plot_reliability(res["reliability"], os.path.join(args.output, "reliability.png"), ece=res["ece"]))
+        if d.num_classes <= 100:
+            written.append(plots.plot_confusion(res["confusion"], os.path.join(args.output, "confusion.png"), d.class_names))
+    else:
+        print(plots.missing_note())
+    what = f"ensemble of {len(models)} ({args.ensemble})" if len(models) > 1 else args.checkpoint[0]
+    ema = ", ".join("EMA" if s["used_ema"] else "raw" for s in states)
+    print(f"bitfast eval: {what} ({ema} weights) on {d.description}")
+    rows = [["top-1", f"{100 * res['top1']:.2f}% of {res['n']}"], ["top-5", f"{100 * res['top5']:.2f}%"],
+            ["loss", f"{res['loss']:.4f}"], ["ECE (15 bins)", f"{100 * res['ece']:.2f}%"],
+            ["outputs", ", ".join(["eval.json"] + [os.path.basename(p) for p in written if p])]]
+    print(summary_table(rows, ["metric", "value"]))
+    if d.num_classes <= 20:
+        print("confusion matrix (rows: true, columns: predicted)")
+        width = max(len(n) for n in d.class_names + [str(max(map(max, res["confusion"])))])
+        print(" " * (width + 1) + " ".join(n.rjust(width) for n in d.class_names))
+        for name, row in zip(d.class_names, res["confusion"]):
+            print(name.rjust(width) + " " + " ".join(str(v).rjust(width) for v in row))
+    return 0
+
+
+def cmd_story(args) -> int:
+    from bitfast.train.story import StoryConfig, story
+
+    cfg = StoryConfig(output=args.output, seed=args.seed, device=args.device, progress=args.progress, smoke=args.smoke,
+                      plots=args.plots)
+    if args.min_accuracy is not None:
+        cfg.min_accuracy = args.min_accuracy
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    report = story(cfg)
+    return 0 if report["passed"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``bitfast`` command."""
     p = argparse.ArgumentParser(prog="bitfast", description="Fast Big Transfer (BiT) training for PyTorch.")
@@ -235,7 +418,91 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar")
     b.set_defaults(func=cmd_bench)
+    _add_training_commands(sub)
     return p
+
+
+def _add_training_commands(sub) -> None:
+    from bitfast.train.finetune import FinetuneConfig
+    from bitfast.train.pretrain import PretrainConfig
+    from bitfast.train.transfer import FewshotConfig
+
+    fmt = _DefaultsFormatter
+    s = sub.add_parser("story", formatter_class=fmt,
+                       help="the BiT story on the embedded digits (upstream 0-4, transfer to 5-9): table, plots, >= 95%% check",
+                       description="Big Transfer in minutes on a CPU: upstream training of a small BiT ResNet-v2 on digits "
+                                   "0-4; few-shot ridge heads, HyperRule fine-tuning and training from scratch on digits "
+                                   "5-9. Exits 1 when the fine-tuned accuracy misses --min-accuracy.")
+    s.add_argument("--output", default="runs/story", help="directory for checkpoints, metrics, plots and story.json")
+    s.add_argument("--smoke", action="store_true", help="a seconds-long configuration (a few steps; no accuracy check)")
+    s.add_argument("--min-accuracy", type=float, default=None, help="required fine-tuned top-1 on digits 5-9 (default 0.95)")
+    s.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    s.add_argument("--seed", type=int, default=0, help="seed of everything")
+    s.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    s.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG plots")
+    s.set_defaults(func=cmd_story)
+
+    f = sub.add_parser("finetune", formatter_class=fmt, help="fine-tune with BiT-HyperRule",
+                       description="Fine-tune a BiT model with BiT-HyperRule: resolution, schedule, lr 0.003 x batch/512 "
+                                   "with warm-up and step decays, MixUp from 20k examples, zero-initialised head, SGD "
+                                   "momentum 0.9, no weight decay. Every value can be overridden. Under torchrun: DDP.")
+    fd = FinetuneConfig()
+    _add_train_args(f, fd, "finetune")
+    f.add_argument("--steps", type=int, default=None, help="total steps; rescales the HyperRule schedule (same fractions)")
+    f.add_argument("--schedule", type=int, nargs=5, default=None, metavar=("W", "D1", "D2", "D3", "TOTAL"),
+                   help="the step schedule [warmup, d1, d2, d3, total] (default: the HyperRule's for the data size)")
+    f.add_argument("--variant", default=fd.variant, choices=["release", "paper"],
+                   help="HyperRule resolution table for large images: release 512/480, paper 448/384")
+    f.set_defaults(func=cmd_finetune)
+
+    pt = sub.add_parser("pretrain", formatter_class=fmt, help="upstream training (BiT-S/M recipe)",
+                        description="Upstream training: SGD momentum 0.9, lr 0.03 x batch/256, warm-up, weight decay 1e-4, "
+                                    "step schedule (/10 at epochs 30, 60, 80 of 90) or cosine with 10%% warm-up; label "
+                                    "smoothing off by default. Under torchrun: DDP.")
+    pd = PretrainConfig()
+    _add_train_args(pt, pd, "pretrain")
+    pt.add_argument("--epochs", type=int, default=pd.epochs, help="epochs")
+    pt.add_argument("--decay-epochs", type=int, nargs="+", default=list(pd.decay_epochs), metavar="E",
+                    help="step schedule: divide the lr by 10 at these epochs")
+    pt.add_argument("--lr-schedule", default=pd.lr_schedule, choices=["step", "cosine"], help="learning-rate schedule")
+    pt.add_argument("--warmup-fraction", type=float, default=pd.warmup_fraction, help="cosine schedule: warm-up share")
+    pt.add_argument("--steps-per-epoch", type=int, default=None, help="default: training images // batch size")
+    pt.add_argument("--no-inception-crop", dest="inception_crop", action="store_false",
+                    help="ImageFolder data: resize + random crop instead of the inception random-resized crop")
+    pt.set_defaults(func=cmd_pretrain)
+
+    fs = sub.add_parser("fewshot", formatter_class=fmt, help="few-shot transfer: ridge heads and/or HyperRule fine-tuning",
+                        description="k-shot episodes (balanced subsets, one per seed): a closed-form ridge head on frozen "
+                                    "features and/or HyperRule fine-tuning on the subset; mean and std over seeds.")
+    fsd = FewshotConfig()
+    _add_train_args(fs, fsd, "fewshot")
+    fs.add_argument("--checkpoint", default=None, help="a bitfast training checkpoint whose backbone is transferred "
+                                                       "(else --model and --pretrained)")
+    fs.add_argument("--shots", type=int, nargs="+", default=list(fsd.shots), metavar="K", help="examples per class")
+    fs.add_argument("--seeds", type=int, nargs="+", default=list(fsd.seeds), metavar="S", help="one episode per seed")
+    fs.add_argument("--methods", nargs="+", choices=["ridge", "finetune"], default=list(fsd.methods),
+                    help="ridge (frozen features) and/or finetune (HyperRule on the subset)")
+    fs.add_argument("--steps", type=int, default=None, help="fine-tuning episodes: total steps (rescaled HyperRule schedule)")
+    fs.add_argument("--schedule", type=int, nargs=5, default=None, metavar=("W", "D1", "D2", "D3", "TOTAL"),
+                    help="fine-tuning episodes' schedule")
+    fs.set_defaults(func=cmd_fewshot)
+
+    ev = sub.add_parser("eval", formatter_class=fmt, help="evaluate checkpoints: accuracy, ECE, reliability, confusion",
+                        description="Evaluate one bitfast training checkpoint or a logit ensemble of several: top-1/top-5, "
+                                    "loss, ECE (15 bins) with a reliability diagram, confusion matrix. Uses the EMA "
+                                    "weights when a checkpoint has them.")
+    ev.add_argument("--checkpoint", nargs="+", required=True, help="one or more training checkpoints (same classes)")
+    ev.add_argument("--data", default=None, help="'digits' or an ImageFolder (default: the checkpoint's training data)")
+    ev.add_argument("--val-data", default=None, help="ImageFolder to evaluate (default: DATA/val or DATA/test)")
+    ev.add_argument("--classes", type=int, nargs="+", default=None, help="digits only (default: the checkpoint's)")
+    ev.add_argument("--crop", type=int, default=None, help="resolution (default: the checkpoint's)")
+    ev.add_argument("--ensemble", default="logits", choices=["logits", "probs"], help="average logits or probabilities")
+    ev.add_argument("--no-ema", action="store_true", help="use the raw weights even when EMA weights are present")
+    ev.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
+    ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ev.add_argument("--output", default="runs/eval", help="directory for eval.json, reliability.png, confusion.png")
+    ev.set_defaults(func=cmd_eval)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -244,9 +511,16 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as exc:
+    except (ValueError, TypeError, OSError) as exc:
         print(f"bitfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        from bitfast.train.loop import NonFiniteLossError
+
+        if not isinstance(exc, NonFiniteLossError):
+            raise
+        print(f"bitfast {args.command}: error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
