@@ -12,7 +12,8 @@ backend's own reasons where it cannot serve) and the baselines a user would pick
 
 * ``eager``: timm's formulation in plain PyTorch (WS through ``F.batch_norm`` over each
   output channel, ``F.group_norm`` / ``F.batch_norm`` then an in-place ReLU, run under
-  autocast for half precision as a training loop does);
+  autocast for half precision as a training loop does; for ``group_norm_relu_add``, the
+  residual ``a + b`` then that GroupNorm);
 * ``compile``: the same function under ``torch.compile(dynamic=False)``;
 * ``sgd_foreach`` / ``sgd_fused``: ``torch.optim.SGD(foreach=True)`` / ``(fused=True)``;
 * for the train step, ``eager`` is a BiT model built from timm-style layers with
@@ -53,11 +54,14 @@ from torch import nn
 
 from bitfast import backends
 
-OPS: tuple[str, ...] = ("weight_standardize", "group_norm_relu", "batch_norm_relu", "sgd_momentum", "train_step")
+OPS: tuple[str, ...] = (
+    "weight_standardize", "group_norm_relu", "group_norm_relu_add", "batch_norm_relu", "sgd_momentum", "train_step"
+)
 
 BASELINES: dict[str, tuple[str, ...]] = {
     "weight_standardize": ("eager", "compile"),
     "group_norm_relu": ("eager", "compile"),
+    "group_norm_relu_add": ("eager", "compile"),
     "batch_norm_relu": ("eager", "compile"),
     "sgd_momentum": ("sgd_foreach", "sgd_fused"),
     "train_step": ("eager", "compile", "timm"),
@@ -66,6 +70,7 @@ BASELINES: dict[str, tuple[str, ...]] = {
 MODES: dict[str, tuple[str, ...]] = {
     "weight_standardize": ("fwd", "bwd", "full"),
     "group_norm_relu": ("fwd", "bwd", "full"),
+    "group_norm_relu_add": ("fwd", "bwd", "full"),
     "batch_norm_relu": ("fwd", "bwd", "full"),
     "sgd_momentum": ("step",),
     "train_step": ("step",),
@@ -175,7 +180,7 @@ def shapes(op: str, device: str, quick: bool = False) -> dict[str, object]:
     (model, batch, size) for the train step."""
     dev = "cuda" if device.startswith("cuda") else "cpu"
     key = (dev, bool(quick))
-    if op in ("group_norm_relu", "batch_norm_relu"):
+    if op in ("group_norm_relu", "group_norm_relu_add", "batch_norm_relu"):
         out = {}
         for label, model, c, hw in _ACTS:
             if label in _ACT_SETS[key]:
@@ -386,6 +391,13 @@ def eager_group_norm_relu(x, weight, bias, num_groups: int = GN_GROUPS, eps: flo
     return F.relu(F.group_norm(x, num_groups, weight, bias, eps), inplace=True)
 
 
+def eager_group_norm_relu_add(a, b, weight, bias, num_groups: int = GN_GROUPS, eps: float = EPS):
+    """A pre-activation ResNet's residual add then the next unit's GroupNormAct, unfused:
+    returns ``(a + b, relu(group_norm(a + b)))``."""
+    s = a + b
+    return s, eager_group_norm_relu(s, weight, bias, num_groups, eps)
+
+
 def eager_batch_norm_relu(x, running_mean, running_var, weight, bias, eps: float = EPS):
     """timm's BatchNormAct2d with ReLU in training mode."""
     return F.relu(F.batch_norm(x, running_mean, running_var, weight, bias, True, 0.1, eps), inplace=True)
@@ -536,6 +548,48 @@ def _norm_case(spec: Spec, device: str, shape, quick: bool) -> Case:
     return Case(spec, device, fn, check, bytes_floor=floor, shape_value=shape)
 
 
+def _gn_add_case(spec: Spec, device: str, shape, quick: bool) -> Case:
+    from bitfast.ops import group_norm_relu_add, reference
+
+    dtype = DTYPES[spec.dtype]
+    fmt = LAYOUTS[spec.layout]
+    n, c, h, w = shape
+    es = torch.tensor([], dtype=dtype).element_size()
+    numel = n * c * h * w
+    # Floors: fwd reads a and b and writes the sum and y; bwd reads dy, d(sum) and the sum
+    # and writes one gradient (a's and b's are the same tensor); parameters once.
+    floor = {"fwd": 4 * numel * es + 2 * c * 4, "bwd": 4 * numel * es + 4 * c * 4, "full": 8 * numel * es + 6 * c * 4}[spec.mode]
+    sets = []
+    for _ in range(_n_sets(device, 4 * numel * es)):
+        a, b = (torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt).requires_grad_() for _ in range(2))
+        wt = (1 + 0.1 * torch.randn(c, device=device)).requires_grad_()
+        bias = (0.1 * torch.randn(c, device=device)).requires_grad_()
+        dys = tuple(torch.randn(shape, device=device).to(dtype).contiguous(memory_format=fmt) for _ in range(2))
+        sets.append(((a, b, wt, bias), (a, b, wt, bias), dys))
+
+    def ref64(a, b, wt, bias):
+        return reference.group_norm_relu_add(a, b, GN_GROUPS, wt, bias, EPS)
+
+    if spec.impl in backends.BACKENDS:
+
+        def forward(a, b, wt, bias):
+            return group_norm_relu_add(a, b, GN_GROUPS, wt, bias, EPS, backend=spec.impl)
+
+    else:
+
+        def base(*args):
+            with _autocast(device, dtype):
+                return eager_group_norm_relu_add(*args)
+
+        forward = base if spec.impl == "eager" else _compiled((spec.op, spec.shape, spec.dtype, spec.layout, device), base)
+
+    def reference_fn(args, dy, mode):
+        return _ref_autograd(ref64, args, (0, 1, 2, 3), dy, mode)
+
+    fn, check = _autograd_modes(spec, device, forward, sets, reference_fn)
+    return Case(spec, device, fn, check, bytes_floor=floor, shape_value=shape)
+
+
 def _ws_case(spec: Spec, device: str, shape_list, quick: bool) -> Case:
     from bitfast.ops import reference, weight_standardize
 
@@ -669,6 +723,7 @@ def _train_case(spec: Spec, device: str, value, quick: bool) -> Case:
 
 _FACTORIES = {
     "group_norm_relu": _norm_case,
+    "group_norm_relu_add": _gn_add_case,
     "batch_norm_relu": _norm_case,
     "weight_standardize": _ws_case,
     "sgd_momentum": _sgd_case,

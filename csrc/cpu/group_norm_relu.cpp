@@ -21,6 +21,8 @@
 #include "common/checks.h"
 #include "cpu/norm_rows.h"
 #include "cpu/norm_util.h"
+#include "cpu/simd.h"
+#include "cpu/simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -34,6 +36,20 @@
 #include <vector>
 
 namespace bitfast::cpu {
+
+// out = a + b elementwise (out may be a): the residual add, compiled for the baseline and
+// for AVX2 like the loops of cpu/norm_rows.h (out of the anonymous namespace, as function
+// multi-versioning needs).
+BITFAST_TARGET_CLONES void residual_add(const float* a, const float* b, float* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+BITFAST_TARGET_CLONES void residual_add(const double* a, const double* b, double* out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
 namespace {
 
 // Elements per parallel task at least: below this a thread costs more than it saves.
@@ -80,19 +96,15 @@ const at::opmath_type<scalar_t>* load_input(const scalar_t* X, const Residual<sc
   using acc_t = at::opmath_type<scalar_t>;
   if (r.a == nullptr) return load(X + off, n, buf);
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    const scalar_t* __restrict a = r.a + off;
-    const scalar_t* __restrict b = r.b + off;
-    scalar_t* __restrict out = r.sum + off;
-    for (int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
-    return out;
+    residual_add(r.a + off, r.b + off, r.sum + off, n);
+    return r.sum + off;
   } else {
     if (int64_t(buf.size()) < n) buf.resize(n);
     if (int64_t(tmp.size()) < n) tmp.resize(n);
-    acc_t* __restrict x = buf.data();
-    acc_t* __restrict y = tmp.data();
+    acc_t* x = buf.data();
     widen(r.a + off, x, n);
-    widen(r.b + off, y, n);
-    for (int64_t i = 0; i < n; ++i) x[i] += y[i];
+    widen(r.b + off, tmp.data(), n);
+    residual_add(x, tmp.data(), x, n);
     narrow(x, r.sum + off, n);
     widen(r.sum + off, x, n);
     return x;
@@ -105,8 +117,7 @@ template <typename scalar_t>
 void add_grad_sum(const scalar_t* GS, int64_t off, int64_t n, at::opmath_type<scalar_t>* dx,
                   std::vector<at::opmath_type<scalar_t>>& buf) {
   if (GS == nullptr) return;
-  const at::opmath_type<scalar_t>* g = load(GS + off, n, buf);
-  for (int64_t i = 0; i < n; ++i) dx[i] += g[i];
+  residual_add(dx, load(GS + off, n, buf), dx, n);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -190,6 +201,75 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
 // channels_last
 // ---------------------------------------------------------------------------------------
 
+// Fixed-order sum of v[0..n) in eight double lanes (two AVX2 vectors: a group of 64
+// channels is folded in 8 vector adds instead of a 64-add dependency chain).
+BITFAST_INLINE double lanes_total(const double* __restrict v, int64_t n) {
+  double p[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    for (int j = 0; j < 8; ++j) p[j] += v[i + j];
+  }
+  double t = 0;
+  for (; i < n; ++i) t += v[i];
+  return (((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))) + t;
+}
+
+// The forward statistics of one channels_last sample from its blocks' partial sums:
+// sum[b * C + c] (block b's sum of channel c) and m2[b * C + c] (its sum of squares about
+// the block's own channel mean a = sum / pixels, computed as here). Loops run across the
+// channels, vectorized, block after block; each group is then folded from per-channel
+// doubles. tc, qc, muc: (C,) scratch.
+template <typename T>
+BITFAST_INLINE void nhwc_fold_stats_impl(const T* __restrict sum, const T* __restrict m2, int64_t nblk, int64_t Rb,
+                                         int64_t HW, int64_t C, int64_t G, double eps, T* __restrict mean,
+                                         T* __restrict rstd, double* __restrict tc, double* __restrict qc,
+                                         double* __restrict muc) {
+  const int64_t Cg = C / G;
+  const double M = double(Cg * HW);
+  std::fill(tc, tc + C, 0.0);
+  for (int64_t b = 0; b < nblk; ++b) {
+    const T* __restrict sb = sum + b * C;
+    for (int64_t c = 0; c < C; ++c) tc[c] += double(sb[c]);
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    // 0 / 0 = NaN for an empty group, as the reference's mean of nothing.
+    const double mu = lanes_total(tc + g * Cg, Cg) / M;
+    std::fill(muc + g * Cg, muc + (g + 1) * Cg, mu);
+  }
+  // sum of (x - mu)^2 from each block's sum of squares about its own mean a:
+  // m2 + 2 (a - mu)(S - n a) + n (a - mu)^2, exact whatever a was rounded to.
+  std::fill(qc, qc + C, 0.0);
+  for (int64_t b = 0; b < nblk; ++b) {
+    const int64_t np = std::min(Rb, HW - b * Rb);
+    const T npt = T(np);
+    const double npd = double(np);
+    const T* __restrict sb = sum + b * C;
+    const T* __restrict mb = m2 + b * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const T st = sb[c];
+      const double a = double(st / npt), d = a - muc[c];
+      qc[c] += double(mb[c]) + 2.0 * d * (double(st) - npd * a) + npd * d * d;
+    }
+  }
+  for (int64_t g = 0; g < G; ++g) {
+    const double q = lanes_total(qc + g * Cg, Cg);
+    mean[g] = T(muc[g * Cg]);
+    rstd[g] = T(1.0 / std::sqrt(q / M + eps));
+  }
+}
+
+BITFAST_TARGET_CLONES void nhwc_fold_stats(const float* sum, const float* m2, int64_t nblk, int64_t Rb, int64_t HW,
+                                           int64_t C, int64_t G, double eps, float* mean, float* rstd, double* tc,
+                                           double* qc, double* muc) {
+  nhwc_fold_stats_impl(sum, m2, nblk, Rb, HW, C, G, eps, mean, rstd, tc, qc, muc);
+}
+
+BITFAST_TARGET_CLONES void nhwc_fold_stats(const double* sum, const double* m2, int64_t nblk, int64_t Rb,
+                                           int64_t HW, int64_t C, int64_t G, double eps, double* mean, double* rstd,
+                                           double* tc, double* qc, double* muc) {
+  nhwc_fold_stats_impl(sum, m2, nblk, Rb, HW, C, G, eps, mean, rstd, tc, qc, muc);
+}
+
 // Runs the channels_last passes of a call. With at least as many samples as threads, a
 // task is a whole sample: its blocks are summed, combined and then written by one thread,
 // so the sample (1 MB for 256 x 32 x 32 fp32) is still in L2 when the last pass reads it
@@ -238,7 +318,6 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
   // per block and channel: the sum, and the sum of squares about the block's own channel
   // mean, both from one read of the block (the second pass hits L1)
   std::vector<acc_t> sum(s.N * s.nblk * s.C), m2(s.N * s.nblk * s.C), sc(s.N * s.C), sh(s.N * s.C);
-  auto block_pixels = [&](int64_t b) { return std::min(s.Rb, s.HW - b * s.Rb); };
   auto sums = [&](int64_t task, int64_t, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, tbuf, bmean;
     const acc_t* x = load_input(X, res, off, np * s.C, xbuf, tbuf);
@@ -249,30 +328,16 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
     rows::cols_sum_sq_dev(x, np, s.C, bmean.data(), m2.data() + task * s.C);
   };
   auto combine = [&](int64_t n) {
-    for (int64_t g = 0; g < s.G; ++g) {
-      double t = 0;
-      for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
-        for (int64_t b = 0; b < s.nblk; ++b) t += double(sum[(n * s.nblk + b) * s.C + c]);
-      }
-      // 0 / 0 = NaN for an empty group, as the reference's mean of nothing.
-      const double mu = t / double(s.M);
-      // sum of (x - mu)^2 from each block's sum of squares about its own mean a:
-      // m2 + 2 (a - mu)(S - n a) + n (a - mu)^2, exact whatever a was rounded to.
-      double q = 0;
-      for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
-        for (int64_t b = 0; b < s.nblk; ++b) {
-          const int64_t i = (n * s.nblk + b) * s.C + c;
-          const double np = double(block_pixels(b)), a = double(sum[i] / acc_t(np)), d = a - mu;
-          q += double(m2[i]) + 2.0 * d * (double(sum[i]) - np * a) + np * d * d;
-        }
-      }
-      const acc_t mean = acc_t(mu), rstd = acc_t(1.0 / std::sqrt(q / double(s.M) + eps));
-      MEAN[n * s.G + g] = mean;
-      RSTD[n * s.G + g] = rstd;
-      for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
-        sc[n * s.C + c] = rstd * W[c];
-        sh[n * s.C + c] = B[c] - mean * sc[n * s.C + c];
-      }
+    thread_local std::vector<double> scratch;
+    scratch.resize(3 * s.C);
+    acc_t* mean = MEAN + n * s.G;
+    acc_t* rstd = RSTD + n * s.G;
+    nhwc_fold_stats(sum.data() + n * s.nblk * s.C, m2.data() + n * s.nblk * s.C, s.nblk, s.Rb, s.HW, s.C, s.G, eps,
+                    mean, rstd, scratch.data(), scratch.data() + s.C, scratch.data() + 2 * s.C);
+    for (int64_t c = 0; c < s.C; ++c) {
+      const int64_t g = c / s.Cg;
+      sc[n * s.C + c] = rstd[g] * W[c];
+      sh[n * s.C + c] = B[c] - mean[g] * sc[n * s.C + c];
     }
   };
   auto write = [&](int64_t, int64_t n, int64_t np, int64_t off) {

@@ -275,3 +275,20 @@ def test_native_op_errors():
         bwd(a, a[..., :1], s, None, None, mean, rstd, 2, True)
     with pytest.raises(RuntimeError, match=r"native_group_norm_relu_add_bwd: mean has shape \[2\]; expected \[2, 2\]"):
         bwd(a, None, s, None, None, mean[:, 0], rstd, 2, True)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "full"])
+@pytest.mark.parametrize("impl", ["reference", "cpp", "eager"])
+@pytest.mark.parametrize("dtype,layout", [("fp32", "nchw"), ("bf16", "channels_last")])
+def test_bench_case_checks_and_runs(mode, impl, dtype, layout):
+    """The ``bitfast bench`` case of the op (tiny shape): checked against float64, then run."""
+    from bitfast import bench
+
+    spec = bench.Spec(FAMILY, "tiny", dtype, layout, mode, impl)
+    try:
+        case = bench.make_case(spec, "cpu", shape=(2, 64, 5, 5))
+    except bench.Skip as exc:
+        pytest.skip(str(exc))
+    case.check()
+    assert case.fn() is not None
+    assert case.bytes_floor > 0
