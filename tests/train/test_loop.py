@@ -149,7 +149,7 @@ def test_frozen_batchnorm_statistics_and_linear_probe(tmp_path):
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_low_precision_steps(tmp_path, precision):
-    res = run(tmp_path, steps=2, precision=precision, channels_last=True)
+    res = run(tmp_path, steps=1, precision=precision, channels_last=True)
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in res["history"])
     state = load_checkpoint(tmp_path / "last.pt")
     assert (state["scaler"] is not None) == (precision == "fp16")
@@ -215,3 +215,19 @@ def test_ece_hand_computed():
     sums = EvalSums(2)
     sums.add(p.log(), torch.tensor([0, 1]))
     assert sums.result()["ece"] == pytest.approx(0.35)
+
+
+def test_ema_weights_are_checkpointed_and_used_for_eval(tmp_path):
+    from bitfast.train.build import model_from_checkpoint
+    from bitfast.train.loop import ema_supported
+
+    assert ema_supported()  # bitfast's FusedSGD keeps the average (ema_decay)
+    res = run(tmp_path, steps=2, ema_decay=0.5)
+    state = load_checkpoint(tmp_path / "last.pt")
+    assert state["ema"] is not None and state["ema"].keys() == state["model"].keys()
+    w = "stem.conv.weight"
+    assert not torch.equal(state["ema"][w], state["model"][w])
+    model, st = model_from_checkpoint(str(tmp_path / "last.pt"))
+    assert st["used_ema"] and torch.equal(model.state_dict()[w], state["ema"][w])
+    raw, st = model_from_checkpoint(str(tmp_path / "last.pt"), use_ema=False)
+    assert not st["used_ema"] and torch.equal(raw.state_dict()[w], params(res["model"])[w])
