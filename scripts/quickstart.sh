@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Set up bitfast in a virtual environment (./.venv by default) and run one of:
-#   demo   the main job: build BiT-R50x1, load a synthetic official-layout checkpoint,
-#          run a forward pass on the embedded default images and report
+#   demo   the main job: the BiT story on the embedded digits (bitfast story): upstream
+#          training on 0-4, few-shot and fine-tuned transfer to 5-9 vs from scratch, in a few
+#          minutes on a CPU; prints the table, writes plots to runs/story/
+#          (the checkpoint-loading demo is `bitfast demo`)
 #   test   ruff check, the test suite (pytest; benchmarks are not collected), then the
 #          benchmarks' smoke run (pytest benchmarks/ --benchmark-disable: each case once)
 #   setup  only the set-up
@@ -21,10 +23,10 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 # Dependencies that need torch come after it; bitfast builds against the torch installed
 # (--no-build-isolation: an isolated build would pull another torch).
-"$py" -m pip install -q numpy setuptools wheel ninja pytest pytest-benchmark safetensors ruff triton
+"$py" -m pip install -q numpy setuptools wheel ninja pytest pytest-benchmark safetensors ruff triton pillow matplotlib
 "$py" -m pip install -q --no-build-isolation -e .
 case "${1:-demo}" in
-    demo) shift || true; exec "$venv/bin/bitfast" demo "$@" ;;
+    demo) shift || true; exec "$venv/bin/bitfast" story "$@" ;;
     test) shift || true
         "$venv/bin/ruff" check .
         "$py" -m pytest "$@"
