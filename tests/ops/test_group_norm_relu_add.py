@@ -63,10 +63,12 @@ def _torch_op(groups, eps, relu):
 
 
 def _cases():
+    # Every shape in both layouts with the ReLU; plain GroupNorm (relu=False) on one shape
+    # in both layouts (the kernels branch on it in one place), to bound CI time.
     for *shape, label in SHAPES:
         for layout in LAYOUTS:
             for relu in (True, False):
-                if label.startswith("bit") and not relu:
+                if not relu and label != "non-pow2-odd-spatial":
                     continue
                 yield pytest.param(*shape, layout, relu, id=f"{label}-{layout}-{'relu' if relu else 'norelu'}")
 
