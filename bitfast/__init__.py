@@ -15,13 +15,18 @@ from bitfast.backends import BackendError, available_backends, use_backend  # no
 from bitfast.checkpoint import load_pretrained  # noqa: E402
 from bitfast.models import ResNetV2, create_model, list_models  # noqa: E402
 from bitfast.patching import patch  # noqa: E402
+# Adaptation and deployment (LoRA, inference export, pruning, int8): cheap to import.
+from bitfast import adapt, compress, export  # noqa: E402
 
 __all__ = [
     "BackendError",
     "ResNetV2",
     "__version__",
+    "adapt",
     "available_backends",
+    "compress",
     "create_model",
+    "export",
     "list_models",
     "load_pretrained",
     "nn",

@@ -9,6 +9,7 @@ subsets, feature extraction, closed-form ridge heads).
 # ``mixup`` stays the module (``bitfast.train.mixup.mixup`` is the function), so that
 # ``import bitfast.train.mixup`` and ``from bitfast.train import mixup`` agree.
 from bitfast.train import fewshot, hyperrule, metrics, mixup, schedules
+from bitfast.train.distill import distill_loss
 from bitfast.train.fewshot import (
     extract_features,
     kshot_indices,
@@ -31,6 +32,7 @@ from bitfast.train.schedules import cosine_lr, scaled_lr, upstream_step_lr
 __all__ = [
     "confusion_matrix",
     "cosine_lr",
+    "distill_loss",
     "ensemble_logits",
     "expected_calibration_error",
     "extract_features",
