@@ -454,6 +454,12 @@ def _add_training_commands(sub) -> None:
                    help="the step schedule [warmup, d1, d2, d3, total] (default: the HyperRule's for the data size)")
     f.add_argument("--variant", default=fd.variant, choices=["release", "paper"],
                    help="HyperRule resolution table for large images: release 512/480, paper 448/384")
+    f.add_argument("--lora-rank", type=int, default=fd.lora_rank, metavar="R",
+                   help="LoRA: wrap every StdConv but the stem with a rank-R update, freeze the base, train the updates "
+                        "and the head (0: full fine-tuning). last.pt keeps the LoRA factors (resumable); eval, export "
+                        "and fewshot merge them on load")
+    f.add_argument("--lora-alpha", type=float, default=fd.lora_alpha, metavar="A",
+                   help="LoRA: scale the updates by A/R (default: A = R)")
     f.set_defaults(func=cmd_finetune)
 
     pt = sub.add_parser("pretrain", formatter_class=fmt, help="upstream training (BiT-S/M recipe)",

@@ -27,6 +27,7 @@ __all__ = [
     "check_resolution",
     "finish_run",
     "make_eval_fn",
+    "merge_lora_weights",
     "model_from_checkpoint",
     "summary_table",
 ]
@@ -135,6 +136,26 @@ def build_data(cfg: TrainConfig, resize: int, crop: int, *, inception: bool = Fa
     return Data(train, eval_set, list(train.classes), desc)
 
 
+def merge_lora_weights(weights: dict, config: dict | None) -> dict:
+    """The plain model weights of a checkpoint written by ``bitfast finetune --lora-rank``:
+    every ``<conv>.lora_A`` / ``<conv>.lora_B`` pair folded into ``<conv>.weight`` as
+    ``weight + (lora_alpha / rank) * (A @ B^T)`` (what ``bitfast.adapt.merge`` computes), the
+    LoRA keys dropped. Weights without LoRA keys come back unchanged."""
+    if not any(k.endswith(".lora_A") for k in weights):
+        return weights
+    config = config or {}
+    out = {k: v for k, v in weights.items() if not k.endswith((".lora_A", ".lora_B"))}
+    for key, a in weights.items():
+        if not key.endswith(".lora_A"):
+            continue
+        name = key[: -len(".lora_A")]
+        b, w = weights[name + ".lora_B"], out[name + ".weight"]
+        rank = a.shape[1]
+        scale = float(config.get("lora_alpha") or rank) / rank
+        out[name + ".weight"] = w + (a.to(w.dtype) @ b.to(w.dtype).t()).mul(scale).reshape(w.shape)
+    return out
+
+
 def _load_init(model: nn.Module, source: str) -> str:
     """Initialise ``model`` from ``source``: the backbone of a bitfast training checkpoint (its
     EMA weights when it has them; the head stays fresh) or anything ``bitfast.load_pretrained``
@@ -146,7 +167,7 @@ def _load_init(model: nn.Module, source: str) -> str:
             state = None
         if state is not None:
             # BiT transfers the backbone and trains a fresh head: the head is never loaded.
-            weights = state.get("ema") or state["model"]
+            weights = merge_lora_weights(state.get("ema") or state["model"], state.get("config"))
             own = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
             keep = {k: v for k, v in weights.items() if k in own and own[k].shape == v.shape}
             missing = sorted(set(own) - set(keep))
@@ -260,6 +281,7 @@ def model_from_checkpoint(path: str, *, use_ema: bool = True, device: torch.devi
     cfg = TrainConfig(model=config.get("model", TINY_MODEL), norm=config.get("norm", "gn"))
     model, _ = build_model(cfg, num_classes, zero_head=True)
     weights = state["ema"] if use_ema and state.get("ema") else state["model"]
+    weights = merge_lora_weights(weights, config)  # a LoRA fine-tuning run: its merged weights
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

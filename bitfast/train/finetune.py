@@ -30,10 +30,15 @@ class FinetuneConfig(TrainConfig):
     """``TrainConfig`` plus the HyperRule's knobs. ``schedule`` ([warmup, d1, d2, d3, total]
     steps) replaces the HyperRule's; ``steps`` alone rescales it (same fractions);
     ``base_lr`` is the rate at batch 512 (default 0.003); ``variant`` picks the resolution
-    table (``"release"`` 512/480 or ``"paper"`` 448/384 for large images)."""
+    table (``"release"`` 512/480 or ``"paper"`` 448/384 for large images). ``lora_rank`` > 0
+    wraps the model's StdConvs (all but the stem) with rank-``lora_rank`` LoRA updates scaled by
+    ``lora_alpha / lora_rank`` (``lora_alpha`` default: the rank) and trains only those and the
+    head (``bitfast.adapt.lora``)."""
 
     schedule: Sequence[int] | None = None
     variant: str = "release"
+    lora_rank: int = 0
+    lora_alpha: float | None = None
     output: str = "runs/finetune"
 
 
@@ -99,6 +104,25 @@ def plan_finetune(cfg: FinetuneConfig, n: int, image_size: tuple[int, int] | Non
     }
 
 
+def _apply_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> str:
+    """Wrap ``model`` with LoRA when ``cfg.lora_rank`` asks for it; returns the report ("" without)."""
+    if not cfg.lora_rank:
+        return ""
+    if cfg.lora_rank < 0:
+        raise ValueError(f"--lora-rank must be >= 1 (or 0 for full fine-tuning); got {cfg.lora_rank}")
+    if cfg.linear_probe:
+        raise ValueError("--lora-rank and --linear-probe exclude each other (a linear probe trains the head alone); "
+                         "drop one of them")
+    from bitfast.adapt import lora, lora_report
+
+    try:
+        lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    except ValueError as exc:
+        raise ValueError(f"--lora-rank {cfg.lora_rank} / --lora-alpha {cfg.lora_alpha}: {exc}") from exc
+    # FusedSGD keeps one momentum buffer per trained parameter, plus the average with --ema-decay.
+    return str(lora_report(model, states_per_param=1 + (1 if cfg.ema_decay else 0)))
+
+
 def finetune(cfg: FinetuneConfig, info: DistInfo | None = None, stream=None) -> dict:
     """Fine-tune ``cfg.model`` (``cfg.pretrained`` weights, fresh zero-initialised head) on
     ``cfg.data`` with BiT-HyperRule; under torchrun, with DDP. Prints the plan, a progress bar
@@ -121,6 +145,7 @@ def finetune(cfg: FinetuneConfig, info: DistInfo | None = None, stream=None) -> 
     data = build_data(cfg, probe["resize"], probe["crop"])
     plan = plan_finetune(cfg, len(data.train), image_size)
     model, init_note = build_model(cfg, data.num_classes)
+    lora_note = _apply_lora(model, cfg)
     if cfg.model != "bit_tiny" and cfg.pretrained is None and info.is_main:
         print("note: no --pretrained weights: fine-tuning from a random initialisation", file=stream)
     sched, peak = plan["schedule"], plan["peak_lr"]
@@ -131,6 +156,8 @@ def finetune(cfg: FinetuneConfig, info: DistInfo | None = None, stream=None) -> 
         print(f"  HyperRule: n={len(data.train)} -> resize {plan['resize']}, crop {plan['crop']}, schedule {sched}, "
               f"lr {peak:.3g} (0.003 x {cfg.batch_size}/512), MixUp alpha {plan['mixup_alpha']}, momentum {cfg.momentum}, "
               f"weight decay {cfg.weight_decay}; {info.world_size} process(es) on {info.device}", file=stream)
+        if lora_note:
+            print("  " + lora_note.replace("\n", "\n  "), file=stream)
     result = train_loop(
         model, data.train, cfg=cfg, total_steps=sched[-1], lr_at=lambda s: step_lr(s, sched, peak),
         num_classes=data.num_classes, info=info, eval_fn=make_eval_fn(data, cfg, info), desc="finetune",
