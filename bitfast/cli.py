@@ -15,6 +15,8 @@
                                   training from scratch on 5-9; table, plots, >= 95% check
     bitfast finetune [options]    fine-tune with BiT-HyperRule (every value overridable)
     bitfast pretrain [options]    upstream training (step or cosine schedule)
+    bitfast distill --teacher CKPT --student MODEL [options]
+                                  knowledge distillation: train a student from a teacher
     bitfast fewshot [options]     k-shot episodes: ridge heads on frozen features and/or
                                   HyperRule fine-tuning; mean and std over seeds
     bitfast eval --checkpoint A [B ...]
@@ -237,7 +239,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults, recipe: str) -> None:
     g.add_argument("--val-data", default=defaults.val_data, help="ImageFolder to evaluate on (default: DIR/val or DIR/test)")
     g.add_argument("--classes", type=int, nargs="+", default=defaults.classes,
                    help="digits only: which digits, e.g. 5 6 7 8 9 (default: all ten)")
-    g.add_argument("--model", default=defaults.model,
+    g.add_argument(*(["--student", "--model"] if recipe == "distill" else ["--model"]), dest="model", default=defaults.model,
                    help="a bitfast model (see `bitfast models`) or 'bit_tiny' (a 2M-parameter BiT ResNet-v2 for CPUs)")
     g.add_argument("--norm", default=defaults.norm, choices=["gn", "bn"], help="GroupNorm (BiT) or BatchNorm variant")
     g.add_argument("--pretrained", default=defaults.pretrained,
@@ -314,6 +316,13 @@ def cmd_fewshot(args) -> int:
     from bitfast.train.transfer import FewshotConfig, fewshot
 
     fewshot(_config_from_args(FewshotConfig, args))
+    return 0
+
+
+def cmd_distill(args) -> int:
+    from bitfast.train.distillation import DistillConfig, distill
+
+    distill(_config_from_args(DistillConfig, args))
     return 0
 
 
@@ -423,6 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_training_commands(sub) -> None:
+    from bitfast.train.distillation import DistillConfig
     from bitfast.train.finetune import FinetuneConfig
     from bitfast.train.pretrain import PretrainConfig
     from bitfast.train.transfer import FewshotConfig
@@ -461,6 +471,27 @@ def _add_training_commands(sub) -> None:
     f.add_argument("--lora-alpha", type=float, default=fd.lora_alpha, metavar="A",
                    help="LoRA: scale the updates by A/R (default: A = R)")
     f.set_defaults(func=cmd_finetune)
+
+    ds = sub.add_parser("distill", formatter_class=fmt, help="knowledge distillation: train a student from a teacher",
+                        description="Train a student (any bitfast model, e.g. a narrower BiT) from a teacher's soft "
+                                    "targets: the teacher sees the student's images in eval mode under no_grad (bf16 on "
+                                    "a GPU); loss (1 - alpha) CE + alpha T^2 KL(teacher || student). Data, schedule and "
+                                    "every other option as in bitfast finetune. Reports teacher and student accuracy.")
+    dd = DistillConfig()
+    _add_train_args(ds, dd, "distill")
+    ds.add_argument("--teacher", required=True,
+                    help="a bitfast training checkpoint (RUN/last.pt; EMA weights when present) or a model name "
+                         "(weights from --teacher-pretrained)")
+    ds.add_argument("--teacher-pretrained", default=None,
+                    help="weights of a teacher given by model name (a release name, a file or a training checkpoint)")
+    ds.add_argument("--alpha", type=float, default=dd.alpha, help="weight of the distillation term (0: plain CE)")
+    ds.add_argument("--temperature", type=float, default=dd.temperature, help="softmax temperature T")
+    ds.add_argument("--steps", type=int, default=None, help="total steps; rescales the HyperRule schedule (same fractions)")
+    ds.add_argument("--schedule", type=int, nargs=5, default=None, metavar=("W", "D1", "D2", "D3", "TOTAL"),
+                    help="the step schedule [warmup, d1, d2, d3, total] (default: the HyperRule's for the data size)")
+    ds.add_argument("--variant", default=dd.variant, choices=["release", "paper"],
+                    help="HyperRule resolution table for large images: release 512/480, paper 448/384")
+    ds.set_defaults(func=cmd_distill)
 
     pt = sub.add_parser("pretrain", formatter_class=fmt, help="upstream training (BiT-S/M recipe)",
                         description="Upstream training: SGD momentum 0.9, lr 0.03 x batch/256, warm-up, weight decay 1e-4, "

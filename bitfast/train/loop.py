@@ -372,6 +372,7 @@ def train_loop(
     eval_fn: Callable[[nn.Module, int], dict] | None = None,
     desc: str = "train",
     run_meta: dict | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict:
     """Train ``model`` on ``train_set`` for ``total_steps`` steps of ``cfg.batch_size`` images.
 
@@ -380,6 +381,10 @@ def train_loop(
     ``cfg.eval_every`` steps and at the end. Checkpoints (``OUTPUT/last.pt``) hold the model,
     optimizer, EMA, scaler, step, RNG states and config; ``cfg.resume`` continues from one.
     ``run_meta`` (model name, class names ...) is stored in every checkpoint.
+    ``loss_fn(x, logits, targets)`` (optional) replaces the cross-entropy: it gets a
+    micro-batch's (possibly MixUp-mixed) inputs, the model's logits and the targets (class
+    indices, or soft targets under MixUp) and returns the loss *summed* over the micro-batch
+    (``bitfast distill`` adds a teacher's soft targets this way).
 
     Returns ``{"model", "step", "history", "final_eval", "checkpoint", "seconds", "img_per_s"}``.
     Raises ``NonFiniteLossError`` (after saving the last good state) when the loss is NaN/Inf.
@@ -499,7 +504,10 @@ def train_loop(
             with sync:
                 with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                     logits = net(xs)
-                loss_sum = _loss_sum(logits, ys, soft, cfg.label_smoothing)
+                if loss_fn is None:
+                    loss_sum = _loss_sum(logits, ys, soft, cfg.label_smoothing)
+                else:
+                    loss_sum = loss_fn(xs, logits, ys)
                 # Each process divides by its own batch; DDP averages the gradients over the
                 # processes, so the gradient is that of the mean loss over the global batch.
                 scaler.scale(loss_sum / local_batch).backward()

@@ -70,3 +70,35 @@ def test_lora_rank_too_large_is_a_clear_error(tmp_path, capsys):
     code = cli.main(["finetune", *TINY, "--classes", "0", "1", "--steps", "1", "--lora-rank", "2", "--linear-probe",
                      "--output", str(tmp_path)])
     assert code == 2 and "exclude each other" in capsys.readouterr().err
+
+
+def test_distill_reports_teacher_and_student(lora_run, tmp_path, capsys):
+    out = tmp_path / "kd"
+    code = cli.main(["distill", "--teacher", str(lora_run / "last.pt"), "--student", "bit_tiny", *TINY[2:],
+                     "--classes", "0", "1", "2", "--steps", "2", "--alpha", "0.5", "--temperature", "2",
+                     "--output", str(out)])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "bitfast distill: teacher bit_tiny from" in text and "0.5 T^2 KL, T 2.0" in text
+    report = json.load(open(out / "distill.json"))
+    # The teacher is the LoRA run's merged model: its accuracy is that run's final accuracy.
+    assert report["teacher_top1"] == pytest.approx(json.load(open(lora_run / "final_eval.json"))["top1"])
+    assert report["student_top1"] == pytest.approx(json.load(open(out / "final_eval.json"))["top1"])
+    assert report["steps"] == 2 and report["alpha"] == 0.5 and report["temperature"] == 2.0
+    state = load_checkpoint(str(out / "last.pt"))
+    assert state["teacher"] == str(lora_run / "last.pt") and state["config"]["model"] == "bit_tiny"
+
+
+def test_distill_bad_teacher_is_a_clear_error(lora_run, tmp_path, capsys):
+    base = ["distill", "--student", "bit_tiny", *TINY[2:], "--steps", "1", "--output", str(tmp_path)]
+    # A 3-class teacher and 2-class data.
+    assert cli.main([*base, "--teacher", str(lora_run / "last.pt"), "--classes", "0", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "predicts 3 classes and the student's data has 2" in err and "--classes" in err
+    # The same count, other classes.
+    assert cli.main([*base, "--teacher", str(lora_run / "last.pt"), "--classes", "5", "6", "7"]) == 2
+    assert "trained on classes ['0', '1', '2']" in capsys.readouterr().err
+    assert cli.main([*base, "--teacher", str(tmp_path / "missing.pt"), "--classes", "0", "1"]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main([*base, "--teacher", "not_a_model", "--classes", "0", "1"]) == 2
+    assert "neither a file nor a model" in capsys.readouterr().err
