@@ -19,6 +19,9 @@
                                   knowledge distillation: train a student from a teacher
     bitfast fewshot [options]     k-shot episodes: ridge heads on frozen features and/or
                                   HyperRule fine-tuning; mean and std over seeds
+    bitfast export CKPT --out DIR [--prune AMOUNT [--structured]] [--int8]
+                                  inference export (WS folded, plain torch), optional
+                                  pruning and int8 weights; accuracy/sparsity/size table
     bitfast eval --checkpoint A [B ...]
                                   top-1/top-5, ECE, reliability diagram, confusion matrix;
                                   a logit ensemble of several checkpoints, EMA weights
@@ -383,6 +386,109 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _conv_sparsity(model) -> float:
+    """Zero weights over all conv weights outside the head (float or int8 convs)."""
+    from bitfast.plain_model import Int8Conv2d
+
+    zeros = total = 0
+    for name, m in model.named_modules():
+        if name.startswith("head"):
+            continue
+        w = m.weight_int8 if isinstance(m, Int8Conv2d) else (m.weight if isinstance(m, torch.nn.Conv2d) else None)
+        if w is not None:
+            zeros += int((w == 0).sum())
+            total += w.numel()
+    return zeros / max(total, 1)
+
+
+def cmd_export(args) -> int:
+    import copy
+
+    from bitfast.compress import prune_magnitude, quantize_int8
+    from bitfast.export import for_inference, write_plain_module
+    from bitfast.train.build import build_data, model_from_checkpoint, summary_table
+    from bitfast.train.evaluate import evaluate
+    from bitfast.train.loop import TrainConfig
+
+    if args.prune is not None and not 0.0 <= args.prune < 1.0:
+        raise ValueError(f"--prune must be a fraction in [0, 1); got {args.prune}")
+    if args.structured and args.prune is None:
+        raise ValueError("--structured applies to pruning: pass --prune AMOUNT too")
+    device = torch.device(args.device or "cpu")
+    model, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
+    exported = for_inference(model)
+    if not hasattr(exported, "config_json"):
+        raise ValueError(f"{args.checkpoint}: its model ({type(exported).__name__}) does not export to a PlainResNetV2")
+    os.makedirs(args.out, exist_ok=True)
+
+    # The evaluation data: the checkpoint's own (its digits, its ImageFolder's val/) unless given.
+    saved = state.get("config") or {}
+    data = args.data or saved.get("data", "digits")
+    digit_classes = args.classes if args.classes is not None else (saved.get("classes") if data == "digits" else None)
+    cfg = TrainConfig(data=data, val_data=args.val_data or saved.get("val_data"), classes=digit_classes, flip=False)
+    crop = args.crop or int(state.get("resolution") or saved.get("crop") or 128)
+    d = None
+    if not args.no_eval:
+        d = build_data(cfg, crop, crop)
+        if d.eval is None:
+            raise ValueError(f"--data {data!r} has no evaluation images: pass --val-data, a folder with val/, or --no-eval")
+        if d.num_classes != state.get("num_classes"):
+            raise ValueError(f"the checkpoint has {state.get('num_classes')} classes, the evaluation data {d.num_classes}; "
+                             "pass the data (and --classes) it was trained on")
+
+    def accuracy(net) -> dict | None:
+        if d is None:
+            return None
+        res = evaluate(net, d.eval, d.num_classes, batch_size=args.batch_size)
+        return {k: res[k] for k in ("top1", "top5", "loss", "n")}
+
+    def save(net, name: str) -> str:
+        path = os.path.join(args.out, name)
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
+        return path
+
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        f.write(exported.config_json)
+    write_plain_module(os.path.join(args.out, "bitfast_plain_model.py"))
+    rows = [{"variant": "training model (bitfast)", "file": None, "sparsity": _conv_sparsity(for_inference(model)),
+             "eval": accuracy(model)}]
+    rows.append({"variant": "exported float", "file": save(exported, "model.pt"), "sparsity": _conv_sparsity(exported),
+                 "eval": accuracy(exported)})
+    last, notes = exported, []
+    if args.prune is not None:
+        pruned = copy.deepcopy(exported)
+        rep = prune_magnitude(pruned, args.prune, structured=args.structured, scope=args.prune_scope)
+        kind = "structured" if args.structured else "unstructured"
+        rows.append({"variant": f"pruned {args.prune:g} ({kind}, {args.prune_scope})", "file": save(pruned, "model_pruned.pt"),
+                     "sparsity": _conv_sparsity(pruned), "eval": accuracy(pruned)})
+        last = pruned
+        notes.append(str(rep).splitlines()[0])
+    if args.int8:
+        q = copy.deepcopy(last)
+        rep = quantize_int8(q)
+        rows.append({"variant": "int8 weights" + (" (pruned)" if last is not exported else ""),
+                     "file": save(q, "model_int8.pt"), "sparsity": _conv_sparsity(q), "eval": accuracy(q)})
+        notes.append(str(rep))
+    for r in rows:
+        r["MiB"] = os.path.getsize(r["file"]) / 2**20 if r["file"] else None
+    with open(os.path.join(args.out, "export.json"), "w") as f:
+        json.dump({"checkpoint": args.checkpoint, "ema": state["used_ema"], "classes": state.get("classes"),
+                   "resolution": crop, "data": d.description if d else None, "variants": rows}, f, indent=1)
+    print(f"bitfast export: {args.checkpoint} ({'EMA' if state['used_ema'] else 'raw'} weights) -> {args.out}"
+          + (f"; evaluated on {d.description}" if d else ""))
+    table = [[r["variant"], os.path.basename(r["file"]) if r["file"] else "-",
+              f"{r['MiB']:.2f}" if r["MiB"] is not None else "-", f"{100 * r['sparsity']:.1f}%",
+              f"{100 * r['eval']['top1']:.2f}%" if r["eval"] else "-", f"{r['eval']['loss']:.4f}" if r["eval"] else "-"]
+             for r in rows]
+    print(summary_table(table, ["model", "file", "MiB", "conv sparsity", "test top-1", "test loss"]))
+    for n in notes:
+        print(n)
+    print("load without bitfast: bitfast_plain_model.PlainResNetV2(**json.load(open('config.json'))), then "
+          "load_state_dict(torch.load('model.pt'))" + (" or load_int8_state_dict(model, torch.load('model_int8.pt'))"
+                                                         if args.int8 else ""))
+    return 0
+
+
 def cmd_story(args) -> int:
     from bitfast.train.story import StoryConfig, story
 
@@ -524,6 +630,32 @@ def _add_training_commands(sub) -> None:
     fs.add_argument("--schedule", type=int, nargs=5, default=None, metavar=("W", "D1", "D2", "D3", "TOTAL"),
                     help="fine-tuning episodes' schedule")
     fs.set_defaults(func=cmd_fewshot)
+
+    ex = sub.add_parser("export", formatter_class=fmt, help="export a checkpoint for inference; optional pruning and int8",
+                        description="Export a bitfast training checkpoint (bitfast finetune/story/distill; EMA weights "
+                                    "when present, LoRA merged) for inference: weight standardization folded into plain "
+                                    "conv weights, written as a torch state dict (model.pt) with config.json and the "
+                                    "one-file torch-only definition bitfast_plain_model.py. Optionally magnitude-pruned "
+                                    "(model_pruned.pt) and/or int8-quantized (model_int8.pt; after pruning when both). "
+                                    "Reports accuracy, sparsity and size of each on the checkpoint's eval data.")
+    ex.add_argument("checkpoint", help="a bitfast training checkpoint (RUN/last.pt)")
+    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--prune", type=float, default=None, metavar="AMOUNT",
+                    help="zero this fraction of the standardized conv weights (or output channels with --structured)")
+    ex.add_argument("--structured", action="store_true", help="prune whole output channels")
+    ex.add_argument("--prune-scope", default="global", choices=["global", "layer"],
+                    help="one magnitude threshold over all convs, or the same fraction in each")
+    ex.add_argument("--int8", action="store_true", help="int8 weights with per-output-channel scales")
+    ex.add_argument("--no-ema", action="store_true", help="export the raw weights even when EMA weights are present")
+    ex.add_argument("--data", default=None, help="'digits' or an ImageFolder to evaluate on (default: the checkpoint's "
+                                                 "training data: for the digits, the test split of its classes)")
+    ex.add_argument("--val-data", default=None, help="ImageFolder to evaluate (default: DATA/val or DATA/test)")
+    ex.add_argument("--classes", type=int, nargs="+", default=None, help="digits only (default: the checkpoint's)")
+    ex.add_argument("--crop", type=int, default=None, help="evaluation resolution (default: the checkpoint's)")
+    ex.add_argument("--no-eval", action="store_true", help="export only, no accuracy")
+    ex.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
+    ex.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", formatter_class=fmt, help="evaluate checkpoints: accuracy, ECE, reliability, confusion",
                         description="Evaluate one bitfast training checkpoint or a logit ensemble of several: top-1/top-5, "

@@ -35,6 +35,7 @@ __all__ = [
     "PlainPreActBottleneck",
     "PlainResNetV2",
     "ScaleShiftReLU",
+    "load_int8_state_dict",
 ]
 
 
@@ -245,3 +246,27 @@ class PlainResNetV2(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes), or pooled features when ``num_classes`` is 0."""
         return self.head(self.norm(self.stages(self.stem(x))))
+
+
+def load_int8_state_dict(model: nn.Module, state_dict: dict) -> nn.Module:
+    """Load the state dict of an int8-quantized export (``bitfast.compress.quantize_int8``)
+    into a float model of the same structure (e.g. ``PlainResNetV2(**config)``), in place:
+    every ``nn.Conv2d`` / ``nn.Linear`` whose ``<name>.weight_int8`` is in ``state_dict``
+    becomes an ``Int8Conv2d`` / ``Int8Linear`` first. Returns ``model``."""
+    for name, m in list(model.named_modules()):
+        if name + ".weight_int8" not in state_dict:
+            continue
+        has_bias = name + ".bias" in state_dict
+        if isinstance(m, nn.Conv2d):
+            if isinstance(m.padding, str):
+                raise ValueError(f"load_int8_state_dict: {name} has string padding {m.padding!r}; Int8Conv2d needs numbers")
+            new = Int8Conv2d(m.in_channels, m.out_channels, list(m.kernel_size), list(m.stride), list(m.padding),
+                             list(m.dilation), m.groups, has_bias)
+        elif isinstance(m, nn.Linear):
+            new = Int8Linear(m.in_features, m.out_features, has_bias)
+        else:
+            raise ValueError(f"load_int8_state_dict: {name} is a {type(m).__name__}; int8 weights fit nn.Conv2d or nn.Linear")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+    model.load_state_dict(state_dict)
+    return model

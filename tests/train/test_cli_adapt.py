@@ -102,3 +102,60 @@ def test_distill_bad_teacher_is_a_clear_error(lora_run, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert cli.main([*base, "--teacher", "not_a_model", "--classes", "0", "1"]) == 2
     assert "neither a file nor a model" in capsys.readouterr().err
+
+
+_LOAD_WITHOUT_BITFAST = """
+import json, sys
+sys.modules["bitfast"] = None  # any import of bitfast fails
+sys.path.insert(0, sys.argv[1])
+import torch
+from bitfast_plain_model import PlainResNetV2, load_int8_state_dict
+config = json.load(open(sys.argv[1] + "/config.json"))
+x = torch.load(sys.argv[2])
+float_model = PlainResNetV2(**config)
+float_model.load_state_dict(torch.load(sys.argv[1] + "/model.pt"))
+int8_model = load_int8_state_dict(PlainResNetV2(**config), torch.load(sys.argv[1] + "/model_int8.pt"))
+with torch.no_grad():
+    torch.save({"float": float_model(x), "int8": int8_model(x)}, sys.argv[3])
+"""
+
+
+def test_export_prune_int8_report_and_load_without_bitfast(lora_run, tmp_path, capsys):
+    import subprocess
+    import sys
+
+    from bitfast.train.build import model_from_checkpoint
+
+    out = tmp_path / "export"
+    code = cli.main(["export", str(lora_run / "last.pt"), "--out", str(out), "--prune", "0.5", "--int8"])
+    assert code == 0
+    text = capsys.readouterr().out
+    assert "conv sparsity" in text and "int8 weights (pruned)" in text and "test top-1" in text
+    report = json.load(open(out / "export.json"))
+    trained, exported, pruned, int8 = report["variants"]
+    # Export changes nothing; the digits test split of the checkpoint's classes is the default eval set.
+    assert exported["eval"]["top1"] == trained["eval"]["top1"] and exported["eval"]["n"] == trained["eval"]["n"] > 100
+    assert exported["eval"]["loss"] == pytest.approx(trained["eval"]["loss"], rel=1e-4)
+    assert exported["sparsity"] == 0 and pruned["sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert int8["sparsity"] >= pruned["sparsity"] and int8["MiB"] < 0.3 * exported["MiB"]
+    # The exported files load with torch alone (the one-file module written next to them).
+    x = torch.randn(3, 3, 32, 32)
+    torch.save(x, tmp_path / "x.pt")
+    subprocess.run([sys.executable, "-c", _LOAD_WITHOUT_BITFAST, str(out), str(tmp_path / "x.pt"),
+                    str(tmp_path / "y.pt")], check=True)
+    y = torch.load(tmp_path / "y.pt")
+    model, _ = model_from_checkpoint(str(lora_run / "last.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(y["float"], model(x), rtol=1e-4, atol=1e-4)
+    assert (y["int8"] - y["float"]).abs().max() < 0.5  # pruned + int8: close, not equal
+
+
+def test_export_bad_input_is_a_clear_error(lora_run, tmp_path, capsys):
+    assert cli.main(["export", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.main(["export", str(lora_run / "last.pt"), "--out", str(tmp_path / "o"), "--structured"]) == 2
+    assert "pass --prune AMOUNT" in capsys.readouterr().err
+    assert cli.main(["export", str(lora_run / "last.pt"), "--out", str(tmp_path / "o"), "--prune", "1.5"]) == 2
+    assert "--prune must be a fraction" in capsys.readouterr().err
+    assert cli.main(["export", str(lora_run / "last.pt"), "--out", str(tmp_path / "o"), "--classes", "0", "1"]) == 2
+    assert "the checkpoint has 3 classes" in capsys.readouterr().err
