@@ -174,6 +174,19 @@ def story(cfg: StoryConfig, stream=None) -> dict:
     ft_eval = evaluate(ft["model"], down.eval, down.num_classes, info=info)
     t_ft = time.perf_counter() - t0
     say(f"      fine-tuned test top-1: {100 * ft_eval['top1']:.1f}% ({t_ft:.0f} s)")
+    # Deployment: the fine-tuned model exported (weight standardization folded into plain convs)
+    # with int8 weights (one scale per output channel), evaluated on the same test images.
+    from bitfast.compress import quantize_int8
+    from bitfast.export import for_inference
+
+    t0 = time.perf_counter()
+    int8_model = for_inference(ft["model"])
+    q_report = quantize_int8(int8_model)
+    int8_eval = evaluate(int8_model, down.eval, down.num_classes, info=info)
+    t_q = time.perf_counter() - t0
+    say(f"      exported with int8 weights ({q_report.model_bytes_before / 2**20:.1f} -> "
+        f"{q_report.model_bytes_after / 2**20:.1f} MiB): test top-1 {100 * int8_eval['top1']:.1f}% "
+        f"(float {100 * ft_eval['top1']:.1f}%)")
 
     # 4. The same network from scratch, same steps and batch, with the upstream recipe.
     sc_cfg = _train_cfg(cfg, os.path.join(out, "scratch"), cfg.downstream_classes, weight_decay=1e-4, freeze_bn=False,
@@ -228,6 +241,8 @@ def story(cfg: StoryConfig, stream=None) -> dict:
     rows.append(["ridge head, frozen upstream features, all", str(len(ytr)), f"{100 * ridge_all:.1f}%", f"{t_ridge:.0f} s"])
     rows.append([f"HyperRule fine-tuning from upstream ({steps} steps)", str(len(down.train)),
                  f"{100 * ft_eval['top1']:.1f}% (ECE {100 * ft_eval['ece']:.1f}%)", f"{t_ft:.0f} s"])
+    rows.append([f"  the same, exported with int8 weights ({q_report.compression:.1f}x smaller)", str(len(down.train)),
+                 f"{100 * int8_eval['top1']:.1f}% (float {100 * ft_eval['top1']:.1f}%)", f"{t_q:.0f} s"])
     rows.append([f"same network from scratch ({steps} steps)", str(len(down.train)),
                  f"{100 * sc_eval['top1']:.1f}% (ECE {100 * sc_eval['ece']:.1f}%)", f"{t_sc:.0f} s"])
     n_seeds = len(cfg.fewshot_seeds)
@@ -259,7 +274,9 @@ def story(cfg: StoryConfig, stream=None) -> dict:
         "ridge": {str(k): {"mean": r["mean"], "std": r["std"], "accuracies": r["accuracies"]} for k, r in ridge.items()},
         "ridge_all": ridge_all,
         "finetune": {"top1": ft_eval["top1"], "top5": ft_eval["top5"], "ece": ft_eval["ece"], "steps": steps,
-                     "schedule": sched, "lr": cfg.finetune_lr, "seconds": t_ft},
+                     "schedule": sched, "lr": cfg.finetune_lr, "seconds": t_ft,
+                     "int8_top1": int8_eval["top1"], "float_bytes": q_report.model_bytes_before,
+                     "int8_bytes": q_report.model_bytes_after},
         "scratch": {"top1": sc_eval["top1"], "ece": sc_eval["ece"], "steps": steps, "seconds": t_sc},
         "fewshot_finetune": {"k": k, "accuracies": fs_acc["finetune"], "mean": fs_stats["finetune"][0],
                              "std": fs_stats["finetune"][1]},

@@ -32,6 +32,11 @@ def test_story_smoke_prints_the_table_and_writes_plots(tmp_path, capsys):
     for key in ("upstream", "finetune", "scratch", "fewshot_finetune", "fewshot_scratch"):
         assert key in report
     assert 0.0 <= report["finetune"]["top1"] <= 1.0
+    # The exported int8 model is reported beside the float one (a few smoke steps make its
+    # accuracy meaningless; the full story's is in the README).
+    assert 0.0 <= report["finetune"]["int8_top1"] <= 1.0
+    assert report["finetune"]["int8_bytes"] < 0.3 * report["finetune"]["float_bytes"]
+    assert "the same, exported with int8 weights" in out
     from bitfast.train import plots
 
     pngs = ("transfer_vs_scratch.png", "fewshot.png", "reliability.png", "confusion.png", "upstream_loss.png")
