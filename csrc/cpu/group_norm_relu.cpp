@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -76,6 +77,34 @@ Shape shape_of(const at::Tensor& x, int64_t num_groups) {
 int64_t grain(int64_t elems_per_task) {
   return std::max<int64_t>(1, kGrainElems / std::max<int64_t>(elems_per_task, 1));
 }
+
+// fp16/bf16 outputs are written through float buffers of about this many elements (8 KB),
+// a few rows at a time, so that widening, the affine and narrowing all hit L1.
+constexpr int64_t kStreamElems = 2048;
+
+// Rows per streamed chunk of rows of `row` elements: all of them for float32/float64
+// (written in place, nothing to stream), else about kStreamElems elements.
+template <typename scalar_t>
+int64_t stream_rows(int64_t row, int64_t rows) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) return rows;
+  return std::max<int64_t>(1, kStreamElems / std::max<int64_t>(row, 1));
+}
+
+// An uninitialized array for per-call partial sums and coefficients, every element of
+// which is written before it is read: zeroing them, as std::vector does, costs about as
+// much as a pass over a late-stage sample.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : p_(new T[std::max<int64_t>(n, 1)]) {}
+  T* data() { return p_.get(); }
+  const T* data() const { return p_.get(); }
+  T& operator[](int64_t i) { return p_[i]; }
+  const T& operator[](int64_t i) const { return p_[i]; }
+
+ private:
+  std::unique_ptr<T[]> p_;
+};
 
 // The residual operands of native_group_norm_relu_add_fwd: the norm's input is then the
 // sum a + b, written to `sum` as the forward reads it. All null for plain GroupNorm.
@@ -144,9 +173,13 @@ void fwd_nchw(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
         sc[c] = rstd * W[c0 + c];
         sh[c] = B[c0 + c] - mean * sc[c];
       }
-      acc_t* y = out_buffer(Y + ng * s.M, s.M, ybuf);
-      rows::planar_affine(x, y, s.Cg, s.HW, s.HW, sc.data(), sh.data(), relu);
-      store(y, Y + ng * s.M, s.M);
+      const int64_t step = stream_rows<scalar_t>(s.HW, s.Cg);
+      for (int64_t r0 = 0; r0 < s.Cg; r0 += step) {
+        const int64_t nr = std::min(step, s.Cg - r0), o = r0 * s.HW;
+        acc_t* y = out_buffer(Y + ng * s.M + o, nr * s.HW, ybuf);
+        rows::planar_affine(x + o, y, nr, s.HW, s.HW, sc.data() + r0, sh.data() + r0, relu);
+        store(y, Y + ng * s.M + o, nr * s.HW);
+      }
     }
   });
 }
@@ -317,7 +350,7 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
   const scalar_t* XS = res.a != nullptr ? res.sum : X;
   // per block and channel: the sum, and the sum of squares about the block's own channel
   // mean, both from one read of the block (the second pass hits L1)
-  std::vector<acc_t> sum(s.N * s.nblk * s.C), m2(s.N * s.nblk * s.C), sc(s.N * s.C), sh(s.N * s.C);
+  Scratch<acc_t> sum(s.N * s.nblk * s.C), m2(s.N * s.nblk * s.C), sc(s.N * s.C), sh(s.N * s.C);
   auto sums = [&](int64_t task, int64_t, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, tbuf, bmean;
     const acc_t* x = load_input(X, res, off, np * s.C, xbuf, tbuf);
@@ -334,18 +367,25 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
     acc_t* rstd = RSTD + n * s.G;
     nhwc_fold_stats(sum.data() + n * s.nblk * s.C, m2.data() + n * s.nblk * s.C, s.nblk, s.Rb, s.HW, s.C, s.G, eps,
                     mean, rstd, scratch.data(), scratch.data() + s.C, scratch.data() + 2 * s.C);
-    for (int64_t c = 0; c < s.C; ++c) {
-      const int64_t g = c / s.Cg;
-      sc[n * s.C + c] = rstd[g] * W[c];
-      sh[n * s.C + c] = B[c] - mean[g] * sc[n * s.C + c];
+    acc_t* __restrict scn = sc.data() + n * s.C;
+    acc_t* __restrict shn = sh.data() + n * s.C;
+    for (int64_t g = 0; g < s.G; ++g) {
+      for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
+        scn[c] = rstd[g] * W[c];
+        shn[c] = B[c] - mean[g] * scn[c];
+      }
     }
   };
   auto write = [&](int64_t, int64_t n, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, ybuf;
-    const acc_t* x = load(XS + off, np * s.C, xbuf);
-    acc_t* y = out_buffer(Y + off, np * s.C, ybuf);
-    rows::cols_affine(x, y, np, s.C, sc.data() + n * s.C, sh.data() + n * s.C, relu);
-    store(y, Y + off, np * s.C);
+    const int64_t step = stream_rows<scalar_t>(s.C, np);
+    for (int64_t r0 = 0; r0 < np; r0 += step) {
+      const int64_t nr = std::min(step, np - r0), o = off + r0 * s.C;
+      const acc_t* x = load(XS + o, nr * s.C, xbuf);
+      acc_t* y = out_buffer(Y + o, nr * s.C, ybuf);
+      rows::cols_affine(x, y, nr, s.C, sc.data() + n * s.C, sh.data() + n * s.C, relu);
+      store(y, Y + o, nr * s.C);
+    }
   };
   nhwc_passes(s, sums, combine, write);
 }
@@ -357,15 +397,16 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
               const scalar_t* GS) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t NC = s.N * s.C;
-  std::vector<acc_t> pdy(s.N * s.nblk * s.C), pdyx(s.N * s.nblk * s.C);
-  std::vector<acc_t> sc(NC), sh(NC), meanc(NC), a(NC), kx(NC), k0(NC);
+  Scratch<acc_t> pdy(s.N * s.nblk * s.C), pdyx(s.N * s.nblk * s.C);
+  Scratch<acc_t> sc(NC), sh(NC), meanc(NC), a(NC), kx(NC), k0(NC);
   for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t c = 0; c < s.C; ++c) {
-      const int64_t g = c / s.Cg;
+    for (int64_t g = 0; g < s.G; ++g) {
       const acc_t mean = MEAN[n * s.G + g], rstd = RSTD[n * s.G + g];
-      sc[n * s.C + c] = rstd * W[c];
-      sh[n * s.C + c] = B[c] - mean * sc[n * s.C + c];
-      meanc[n * s.C + c] = mean;
+      for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
+        sc[n * s.C + c] = rstd * W[c];
+        sh[n * s.C + c] = B[c] - mean * sc[n * s.C + c];
+        meanc[n * s.C + c] = mean;
+      }
     }
   }
   auto sums = [&](int64_t task, int64_t n, int64_t np, int64_t off) {
