@@ -107,6 +107,7 @@ def distill(cfg: DistillConfig, info: DistInfo | None = None, stream=None) -> di
     data = build_data(cfg, probe["resize"], probe["crop"])
     plan = plan_finetune(cfg, len(data.train), image_size)
     teacher, teacher_desc = load_teacher(cfg, data.num_classes, data.class_names, info.device)
+    torch.manual_seed(cfg.seed)  # the student's initialisation does not depend on how the teacher was built
     student, init_note = build_model(cfg, data.num_classes)
     sched, peak = plan["schedule"], plan["peak_lr"]
     cfg.mixup_alpha = plan["mixup_alpha"]

@@ -159,3 +159,29 @@ def test_export_bad_input_is_a_clear_error(lora_run, tmp_path, capsys):
     assert "--prune must be a fraction" in capsys.readouterr().err
     assert cli.main(["export", str(lora_run / "last.pt"), "--out", str(tmp_path / "o"), "--classes", "0", "1"]) == 2
     assert "the checkpoint has 3 classes" in capsys.readouterr().err
+
+
+def test_distill_alpha_zero_is_finetuning(lora_run, tmp_path):
+    """With alpha 0 the loss is the plain cross-entropy: the run replays bitfast finetune's."""
+    common = [*TINY[2:], "--classes", "0", "1", "2", "--steps", "2", "--base-lr", "0.5", "--eval-every", "0"]
+    assert cli.main(["finetune", "--model", "bit_tiny", *common, "--output", str(tmp_path / "ft")]) == 0
+    assert cli.main(["distill", "--teacher", str(lora_run / "last.pt"), "--student", "bit_tiny", "--alpha", "0",
+                     *common, "--output", str(tmp_path / "kd")]) == 0
+    assert cli.main(["distill", "--teacher", str(lora_run / "last.pt"), "--student", "bit_tiny", "--alpha", "1",
+                     *common, "--output", str(tmp_path / "kd1")]) == 0
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in open(tmp_path / run / "metrics.jsonl")
+                if json.loads(line)["kind"] == "train"]
+
+    assert losses("kd") == pytest.approx(losses("ft"), rel=1e-5)
+    assert losses("kd1")[0] != pytest.approx(losses("ft")[0], rel=1e-3)  # the teacher's term is in the loss
+
+
+def test_new_commands_help(capsys):
+    for command, flag in (("distill", "--teacher"), ("export", "--int8"), ("finetune", "--lora-rank")):
+        with pytest.raises(SystemExit) as exc:
+            cli.main([command, "--help"])
+        assert exc.value.code == 0
+        out = capsys.readouterr().out
+        assert flag in out and "default" in out
