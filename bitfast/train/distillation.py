@@ -33,7 +33,8 @@ __all__ = ["DistillConfig", "distill", "load_teacher"]
 class DistillConfig(FinetuneConfig):
     """``FinetuneConfig`` (``model`` is the student) plus the teacher: ``teacher`` is a bitfast
     training checkpoint or a model name (then ``teacher_pretrained`` gives its weights);
-    ``alpha`` weighs the distillation term and ``temperature`` softens both distributions."""
+    ``alpha`` weighs the distillation term and ``temperature`` softens both distributions.
+    ``crop`` defaults to the teacher checkpoint's resolution."""
 
     teacher: str | None = None
     teacher_pretrained: str | None = None
@@ -98,6 +99,13 @@ def distill(cfg: DistillConfig, info: DistInfo | None = None, stream=None) -> di
         raise ValueError(f"--alpha must be in [0, 1]; got {cfg.alpha}")
     if not cfg.temperature > 0:
         raise ValueError(f"--temperature must be > 0; got {cfg.temperature}")
+    if cfg.crop is None and cfg.teacher and os.path.isfile(cfg.teacher):
+        # The student sees what the teacher was trained on: its resolution unless --crop says otherwise.
+        from bitfast.train.checkpoint import load_checkpoint
+
+        resolution = load_checkpoint(cfg.teacher).get("resolution")
+        if resolution:
+            cfg.crop = int(resolution)
     image_size = None
     if cfg.data not in (None, "digits") and cfg.crop is None and cfg.resize is None:
         if not os.path.isdir(cfg.data):
@@ -124,7 +132,8 @@ def distill(cfg: DistillConfig, info: DistInfo | None = None, stream=None) -> di
     if info.is_main:
         print(f"bitfast distill: teacher {teacher_desc}, {n_t / 1e6:.2f}M parameters -> student {cfg.model}, "
               f"{n_s / 1e6:.2f}M parameters ({init_note}) on {data.description}", file=stream)
-        print(f"  loss (1 - {cfg.alpha}) CE + {cfg.alpha} T^2 KL, T {cfg.temperature}; schedule {sched}, lr {peak:.3g}, "
+        print(f"  loss (1 - {cfg.alpha}) CE + {cfg.alpha} T^2 KL, T {cfg.temperature}; resolution {plan['crop']}, "
+              f"schedule {sched}, lr {peak:.3g}, "
               f"MixUp alpha {plan['mixup_alpha']}; {info.world_size} process(es) on {device}", file=stream)
     result = train_loop(
         student, data.train, cfg=cfg, total_steps=sched[-1], lr_at=lambda s: step_lr(s, sched, peak),
