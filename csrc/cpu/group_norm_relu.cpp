@@ -222,10 +222,15 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
         kx[c] = acc_t(-r * r * mgx);
         k0[c] = acc_t(r * r * mgx * double(mean) - r * mg);
       }
-      acc_t* dx = out_buffer(DX + ng * s.M, s.M, dxbuf);
-      rows::planar_bwd_dx(dy, x, dx, s.Cg, s.HW, s.HW, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
-      add_grad_sum(GS, ng * s.M, s.M, dx, gsbuf);
-      store(dx, DX + ng * s.M, s.M);
+      const int64_t step = stream_rows<scalar_t>(s.HW, s.Cg);
+      for (int64_t r0 = 0; r0 < s.Cg; r0 += step) {
+        const int64_t nr = std::min(step, s.Cg - r0), o = r0 * s.HW, off = ng * s.M + o;
+        acc_t* dx = out_buffer(DX + off, nr * s.HW, dxbuf);
+        rows::planar_bwd_dx(dy + o, x + o, dx, nr, s.HW, s.HW, sc.data() + r0, sh.data() + r0, a.data() + r0,
+                            kx.data() + r0, k0.data() + r0, relu);
+        add_grad_sum(GS, off, nr * s.HW, dx, gsbuf);
+        store(dx, DX + off, nr * s.HW);
+      }
     }
   });
 }
@@ -442,14 +447,17 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
   };
   auto write = [&](int64_t, int64_t n, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf;
-    const acc_t* x = load(X + off, np * s.C, xbuf);
-    const acc_t* dy = load(DY + off, np * s.C, dybuf);
-    acc_t* dx = out_buffer(DX + off, np * s.C, dxbuf);
-    const int64_t o = n * s.C;
-    rows::cols_bwd_dx(dy, x, dx, np, s.C, sc.data() + o, sh.data() + o, a.data() + o, kx.data() + o, k0.data() + o,
-                      relu);
-    add_grad_sum(GS, off, np * s.C, dx, gsbuf);
-    store(dx, DX + off, np * s.C);
+    const int64_t o = n * s.C, step = stream_rows<scalar_t>(s.C, np);
+    for (int64_t r0 = 0; r0 < np; r0 += step) {
+      const int64_t nr = std::min(step, np - r0), e = off + r0 * s.C, k = nr * s.C;
+      const acc_t* x = load(X + e, k, xbuf);
+      const acc_t* dy = load(DY + e, k, dybuf);
+      acc_t* dx = out_buffer(DX + e, k, dxbuf);
+      rows::cols_bwd_dx(dy, x, dx, nr, s.C, sc.data() + o, sh.data() + o, a.data() + o, kx.data() + o, k0.data() + o,
+                        relu);
+      add_grad_sum(GS, e, k, dx, gsbuf);
+      store(dx, DX + e, k);
+    }
   };
   nhwc_passes(s, sums, combine, write);
 }
