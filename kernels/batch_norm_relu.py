@@ -166,7 +166,7 @@ def _bn_relu_apply_kernel(
         x = tl.load(X + offs, mask=mask, other=0.0).to(tl.float32)
         y = (x - mean[None, :]) * scale[None, :] + b[None, :]
         if RELU:
-            y = tl.maximum(y, 0.0)
+            y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
         tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 

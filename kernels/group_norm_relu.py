@@ -151,7 +151,7 @@ def _gn_relu_fwd_kernel(
             x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
             y = (x - mean) * scale[None, :] + b[None, :]
             if RELU:
-                y = tl.maximum(y, 0.0)
+                y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
             tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
 
 

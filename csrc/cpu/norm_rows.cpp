@@ -61,7 +61,7 @@ BITFAST_INLINE void affine_row(const T* __restrict x, T* __restrict y, int64_t n
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const T v = x[i] * s + t;
-    y[i] = RELU ? (v > T(0) ? v : T(0)) : v;
+    y[i] = RELU ? (v < T(0) ? T(0) : v) : v;  // keeps NaN, as torch.relu does
   }
 }
 
@@ -207,7 +207,7 @@ BITFAST_INLINE void cols_affine_impl(const T* __restrict x, T* __restrict y, int
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T v = xr[c] * s[c] + t[c];
-      yr[c] = RELU ? (v > T(0) ? v : T(0)) : v;
+      yr[c] = RELU ? (v < T(0) ? T(0) : v) : v;  // keeps NaN, as torch.relu does
     }
   }
 }
