@@ -4,11 +4,18 @@ A missing or broken build is a fact for ``bitfast env`` to report, never an impo
 the ``reference`` backend always works. Loading an extension runs its static
 ``TORCH_LIBRARY_IMPL`` registrations, which attach kernels to the schemas defined in
 ``bitfast.ops._library``.
+
+A build made for other schemas (an extension left over from before the sources changed)
+would abort the whole process inside those registrations, so before loading one bitfast
+reads the schema fingerprint compiled into the library file (see ``schema_tag``) and
+refuses a build whose fingerprint differs from the sources', with the command to rebuild.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import importlib.util
 
 EXTENSIONS = ("bitfast._C", "bitfast._C_cuda")
 
@@ -16,10 +23,51 @@ _loaded: dict[str, bool] = {}
 _errors: dict[str, str] = {}
 
 
+_TAG_PREFIX = b"bitfast-schema-tag:"
+REBUILD = "rebuild it: pip install --no-build-isolation -e . (or reinstall bitfast)"
+
+
+def schema_tag() -> str:
+    """The fingerprint of this bitfast's op schemas: the first 16 hex digits of the SHA-256
+    of ``bitfast/ops/_library.py``, as setup.py computes it for the native builds."""
+    spec = importlib.util.find_spec("bitfast.ops._library")
+    with open(spec.origin, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()[:16]
+
+
+def built_schema_tag(path: str) -> str | None:
+    """The schema fingerprint compiled into the native library at ``path`` (``None`` when
+    it has none: a build from before fingerprints existed, or not a bitfast build)."""
+    with open(path, "rb") as f:
+        data = f.read()
+    at = data.find(_TAG_PREFIX)
+    if at < 0:
+        return None
+    end = data.find(b"\0", at)
+    return data[at + len(_TAG_PREFIX) : end].decode("ascii", "replace")
+
+
+def stale_reason(name: str, expected: str | None = None) -> str | None:
+    """Why the extension ``name`` must not be loaded (it was built for other op schemas),
+    or ``None`` when it matches (or is not installed: the import then says so)."""
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.origin:
+        return None
+    expected = expected or schema_tag()
+    built = built_schema_tag(spec.origin)
+    if built == expected:
+        return None
+    what = "without a schema fingerprint" if built is None else f"for other op schemas ({built} != {expected})"
+    return f"{spec.origin} was built {what}; loading it would abort the process: {REBUILD}"
+
+
 def _load(name: str) -> None:
     if name in _loaded:
         return
     try:
+        stale = stale_reason(name)
+        if stale:
+            raise ImportError(stale)
         importlib.import_module(name)
     except Exception as exc:  # an ImportError, or an OSError from a bad CUDA runtime
         _loaded[name] = False

@@ -14,6 +14,17 @@
 #define BITFAST_STR_(a) #a
 #define BITFAST_STR(a) BITFAST_STR_(a)
 
+// The fingerprint of the op schemas this build was compiled against (setup.py writes the
+// header). bitfast._native finds this string in the library file and refuses to load a
+// build made for other schemas: its registrations would abort the process at import.
+#ifdef BITFAST_HAVE_SCHEMA_TAG
+#include "generated/schema_tag.h"
+#else
+#define BITFAST_SCHEMA_TAG "none"
+#endif
+extern "C" __attribute__((used, visibility("default"))) const char bitfast_schema_tag[] =
+    "bitfast-schema-tag:" BITFAST_SCHEMA_TAG;
+
 static struct PyModuleDef bitfast_module = {
     PyModuleDef_HEAD_INIT,
     BITFAST_STR(BITFAST_MODULE_NAME),
