@@ -285,6 +285,65 @@ def _layout(x: torch.Tensor, fn: str) -> tuple[torch.Tensor, bool]:
     return x, cl
 
 
+def _launch_fwd(x, b, weight, bias, num_groups, eps, relu, cl, residual):
+    # x is the norm's input, or the first operand of the sum when residual (b the second).
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    n, c, h, w = x.shape
+    hw, cg = h * w, c // num_groups
+    y = torch.empty_like(x, memory_format=fmt)
+    s = torch.empty_like(x, memory_format=fmt) if residual else x
+    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    rstd = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
+    block_c, block_s = _blocks(cg, hw)
+    _gn_relu_fwd_kernel[(n * num_groups,)](
+        s, y, x, b if residual else x,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        mean, rstd,
+        c, hw, num_groups, cg, eps,
+        HAS_RESIDUAL=residual,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        CHANNELS_LAST=cl,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=8 if block_c * block_s >= 2048 else 4,
+    )
+    return s, y, mean, rstd
+
+
+def _launch_bwd(grad_y, grad_sum, x, weight, bias, mean, rstd, num_groups, relu, cl):
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    grad_y = grad_y.contiguous(memory_format=fmt)
+    if grad_sum is not None:
+        grad_sum = grad_sum.contiguous(memory_format=fmt)
+    n, c, h, w = x.shape
+    hw, cg = h * w, c // num_groups
+    dx = torch.empty_like(x, memory_format=fmt)
+    dw_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    db_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    block_c, block_s = _blocks(cg, hw)
+    _gn_relu_bwd_kernel[(n * num_groups,)](
+        grad_y, x,
+        weight if weight is not None else x,
+        bias if bias is not None else x,
+        mean.contiguous(), rstd.contiguous(),
+        dx, grad_sum if grad_sum is not None else dx, dw_part, db_part,
+        c, hw, num_groups, cg,
+        HAS_GRAD_SUM=grad_sum is not None,
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        RELU=relu,
+        CHANNELS_LAST=cl,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=8 if block_c * block_s >= 2048 else 4,
+    )
+    pdtype = weight.dtype if weight is not None else torch.float32
+    return dx, dw_part.sum(0).to(pdtype), db_part.sum(0).to(pdtype)
+
+
 def group_norm_relu_fwd(
     x: torch.Tensor,
     weight: torch.Tensor | None,
@@ -295,27 +354,7 @@ def group_norm_relu_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """GroupNorm(+ReLU) of ``x`` (NCHW or channels_last) plus (N, G) float32 mean and rstd."""
     x, cl = _layout(x, "group_norm_relu_fwd")
-    n, c, h, w = x.shape
-    hw, cg = h * w, c // num_groups
-    y = torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
-    mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
-    rstd = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
-    block_c, block_s = _blocks(cg, hw)
-    _gn_relu_fwd_kernel[(n * num_groups,)](
-        x, y, x, x,
-        weight if weight is not None else x,
-        bias if bias is not None else x,
-        mean, rstd,
-        c, hw, num_groups, cg, eps,
-        HAS_RESIDUAL=False,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        RELU=relu,
-        CHANNELS_LAST=cl,
-        BLOCK_C=block_c,
-        BLOCK_S=block_s,
-        num_warps=8 if block_c * block_s >= 2048 else 4,
-    )
+    _, y, mean, rstd = _launch_fwd(x, None, weight, bias, num_groups, eps, relu, cl, residual=False)
     return y, mean, rstd
 
 
@@ -332,32 +371,7 @@ def group_norm_relu_bwd(
     """Gradients w.r.t. ``x`` (x's dtype and memory format), ``weight`` and ``bias``
     (weight's dtype, float32 when weight is None)."""
     x, cl = _layout(x, "group_norm_relu_bwd")
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    grad_y = grad_y.contiguous(memory_format=fmt)
-    n, c, h, w = x.shape
-    hw, cg = h * w, c // num_groups
-    dx = torch.empty_like(x, memory_format=fmt)
-    dw_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
-    db_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
-    block_c, block_s = _blocks(cg, hw)
-    _gn_relu_bwd_kernel[(n * num_groups,)](
-        grad_y, x,
-        weight if weight is not None else x,
-        bias if bias is not None else x,
-        mean.contiguous(), rstd.contiguous(),
-        dx, dx, dw_part, db_part,
-        c, hw, num_groups, cg,
-        HAS_GRAD_SUM=False,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        RELU=relu,
-        CHANNELS_LAST=cl,
-        BLOCK_C=block_c,
-        BLOCK_S=block_s,
-        num_warps=8 if block_c * block_s >= 2048 else 4,
-    )
-    pdtype = weight.dtype if weight is not None else torch.float32
-    return dx, dw_part.sum(0).to(pdtype), db_part.sum(0).to(pdtype)
+    return _launch_bwd(grad_y, None, x, weight, bias, mean, rstd, num_groups, relu, cl)
 
 
 def group_norm_relu_add_fwd(
@@ -372,31 +386,8 @@ def group_norm_relu_add_fwd(
     """The sum ``a + b`` and its GroupNorm(+ReLU), in ``a``'s memory format (NCHW or
     channels_last; ``b`` is brought to it), plus (N, G) float32 mean and rstd."""
     a, cl = _layout(a, "group_norm_relu_add_fwd")
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    b = b.contiguous(memory_format=fmt)
-    n, c, h, w = a.shape
-    hw, cg = h * w, c // num_groups
-    s = torch.empty_like(a, memory_format=fmt)
-    y = torch.empty_like(a, memory_format=fmt)
-    mean = torch.empty((n, num_groups), device=a.device, dtype=torch.float32)
-    rstd = torch.empty((n, num_groups), device=a.device, dtype=torch.float32)
-    block_c, block_s = _blocks(cg, hw)
-    _gn_relu_fwd_kernel[(n * num_groups,)](
-        s, y, a, b,
-        weight if weight is not None else a,
-        bias if bias is not None else a,
-        mean, rstd,
-        c, hw, num_groups, cg, eps,
-        HAS_RESIDUAL=True,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        RELU=relu,
-        CHANNELS_LAST=cl,
-        BLOCK_C=block_c,
-        BLOCK_S=block_s,
-        num_warps=8 if block_c * block_s >= 2048 else 4,
-    )
-    return s, y, mean, rstd
+    b = b.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    return _launch_fwd(a, b, weight, bias, num_groups, eps, relu, cl, residual=True)
 
 
 def group_norm_relu_add_bwd(
@@ -413,31 +404,4 @@ def group_norm_relu_add_bwd(
     """``grad_sum`` (None: zero) plus the GroupNorm(+ReLU) gradient w.r.t. the sum ``s``,
     in ``s``'s dtype and memory format, and the gradients w.r.t. ``weight`` and ``bias``."""
     s, cl = _layout(s, "group_norm_relu_add_bwd")
-    fmt = torch.channels_last if cl else torch.contiguous_format
-    grad_y = grad_y.contiguous(memory_format=fmt)
-    if grad_sum is not None:
-        grad_sum = grad_sum.contiguous(memory_format=fmt)
-    n, c, h, w = s.shape
-    hw, cg = h * w, c // num_groups
-    dx = torch.empty_like(s, memory_format=fmt)
-    dw_part = torch.empty((n, c), device=s.device, dtype=torch.float32)
-    db_part = torch.empty((n, c), device=s.device, dtype=torch.float32)
-    block_c, block_s = _blocks(cg, hw)
-    _gn_relu_bwd_kernel[(n * num_groups,)](
-        grad_y, s,
-        weight if weight is not None else s,
-        bias if bias is not None else s,
-        mean.contiguous(), rstd.contiguous(),
-        dx, grad_sum if grad_sum is not None else dx, dw_part, db_part,
-        c, hw, num_groups, cg,
-        HAS_GRAD_SUM=grad_sum is not None,
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        RELU=relu,
-        CHANNELS_LAST=cl,
-        BLOCK_C=block_c,
-        BLOCK_S=block_s,
-        num_warps=8 if block_c * block_s >= 2048 else 4,
-    )
-    pdtype = weight.dtype if weight is not None else torch.float32
-    return dx, dw_part.sum(0).to(pdtype), db_part.sum(0).to(pdtype)
+    return _launch_bwd(grad_y, grad_sum, s, weight, bias, mean, rstd, num_groups, relu, cl)
