@@ -1,6 +1,7 @@
 """ModelEMA against a hand-computed average: parameters and floating buffers averaged (or
 buffers copied), integer buffers copied, half-precision tensors averaged in float32;
-copy_to, swap (restoring on exceptions), state_dict round trips and bad input."""
+copy_to, swap (restoring on exceptions), state_dict round trips and bad input; and the
+average FusedSGD(ema_decay=...) keeps in its fused pass equal to ModelEMA's."""
 
 from __future__ import annotations
 
@@ -131,3 +132,38 @@ def test_bad_input():
         ema.load_state_dict({"shadow": {"x": torch.zeros(1)}})
     with pytest.raises(ValueError, match="expected a dict from ModelEMA.state_dict"):
         ema.load_state_dict({})
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fused_average_equals_model_ema(backend, dtype):
+    """FusedSGD(ema_decay=d) keeps, in its own pass, the same average as ModelEMA(decay=d)
+    updated after each step of a plain FusedSGD on a twin model."""
+    from bitfast import backends
+    from bitfast.optim import FusedSGD
+
+    reasons = backends.not_supported_reasons(backend, "sgd_momentum", "cpu", dtype)
+    if reasons:
+        pytest.skip("; ".join(reasons))
+    torch.manual_seed(0)
+    fused_model = _model(dtype)
+    twin = _model(dtype)
+    twin.load_state_dict(fused_model.state_dict())
+    decay = 0.8
+    kw = dict(lr=0.05, momentum=0.9, weight_decay=1e-3, backend=backend)
+    fused = FusedSGD(fused_model.parameters(), ema_decay=decay, **kw)
+    plain = FusedSGD(twin.parameters(), **kw)
+    ema = ModelEMA(twin, decay=decay, buffers="copy")
+    for step in range(6):
+        torch.manual_seed(step)
+        _train_step(fused_model, fused)
+        torch.manual_seed(step)
+        _train_step(twin, plain)
+        ema.update(twin)
+    for p, q in zip(fused_model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)  # the same steps: the averages see the same parameters
+    names = [name for name, _ in twin.named_parameters()]
+    for name, avg in zip(names, fused.ema_parameters()):
+        expected = ema.shadow[name]
+        assert avg.dtype == expected.dtype == torch.float32, name
+        torch.testing.assert_close(avg, expected, rtol=1e-6, atol=1e-7, msg=name)
