@@ -112,11 +112,22 @@ def _timm_like(norm="gn", ws_eps=1e-8):
                     norm_layer=norm_layer)
 
 
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
 def _assert_rel(a, b, tol=1e-4, msg=""):
     """Relative error in the norm: fp32 rounding differs elementwise between the two
     implementations (both are about 1e-5 from a float64 run), not in aggregate."""
-    err = ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    err = _rel(a, b)
     assert err < tol, f"{msg}: relative error {err:.2e}"
+
+
+def _assert_as_close_to_exact(fast, ref, exact, msg="", floor=1e-5):
+    """bitfast's rule: ``fast`` is within twice ``ref``'s own error against the float64
+    ``exact`` (plus a floor), in the norm."""
+    e_fast, e_ref = _rel(fast, exact), _rel(ref, exact)
+    assert e_fast <= 2 * e_ref + floor, f"{msg}: error {e_fast:.2e} vs the unpatched model's {e_ref:.2e}"
 
 
 def _run(model, x, y):
@@ -158,15 +169,19 @@ def test_timm_like_bit_parity(norm, train):
 
     model.train(train)
     ref.train(train)
+    exact = copy.deepcopy(ref).double()
     x, y = torch.randn(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
     out_ref, g_ref = _run(ref, x, y)
     out, g = _run(model, x, y)
+    out64, g64 = _run(exact, x.double(), y)
     torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    _assert_as_close_to_exact(out, out_ref, out64, msg="logits")
     for n in g_ref:
-        _assert_rel(g[n], g_ref[n], msg=n)
+        _assert_as_close_to_exact(g[n], g_ref[n], g64[n], msg=n)
     if norm == "bn":
+        sd64 = exact.state_dict()
         for k, v in ref.state_dict().items():  # running statistics updated alike
-            _assert_rel(model.state_dict()[k].float(), v.float(), tol=1e-4, msg=k)
+            _assert_as_close_to_exact(model.state_dict()[k].double(), v.double(), sd64[k].double(), msg=k)
 
 
 def test_patch_is_idempotent_and_bitfast_models_need_nothing():

@@ -132,6 +132,16 @@ def test_batch_smaller_than_processes_is_a_clear_error():
 def test_frozen_batchnorm_statistics_and_linear_probe(tmp_path):
     cfg = TrainConfig(batch_size=8, output=str(tmp_path / "bn"), model="bit_tiny", progress=False, freeze_bn=True)
     model = tiny(norm="bn")
+    # Frozen at their initial values (mean 0, var 1) the norms would not normalize and the
+    # activations would overflow; as after pre-training, the statistics first describe the
+    # data (one forward pass in training mode with momentum 1).
+    norms = [m for m in model.modules() if hasattr(m, "running_mean")]
+    with torch.no_grad():
+        for m in norms:
+            m.momentum = 1.0
+        model.train()(torch.stack([Noisy()[i][0] for i in range(8)]))
+        for m in norms:
+            m.momentum = 0.1
     before = params(model)
     res = train_loop(model, Noisy(), cfg=cfg, total_steps=2, lr_at=lambda s: 0.05, num_classes=3)
     after = params(res["model"])
