@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import mmap
+import os
 
 EXTENSIONS = ("bitfast._C", "bitfast._C_cuda")
 
@@ -38,13 +40,16 @@ def schema_tag() -> str:
 def built_schema_tag(path: str) -> str | None:
     """The schema fingerprint compiled into the native library at ``path`` (``None`` when
     it has none: a build from before fingerprints existed, or not a bitfast build)."""
+    # Mapped, not read: this runs at every import, on libraries of tens of megabytes.
     with open(path, "rb") as f:
-        data = f.read()
-    at = data.find(_TAG_PREFIX)
-    if at < 0:
-        return None
-    end = data.find(b"\0", at)
-    return data[at + len(_TAG_PREFIX) : end].decode("ascii", "replace")
+        if os.fstat(f.fileno()).st_size == 0:
+            return None
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            at = data.find(_TAG_PREFIX)
+            if at < 0:
+                return None
+            end = data.find(b"\0", at)
+            return data[at + len(_TAG_PREFIX) : end].decode("ascii", "replace")
 
 
 def stale_reason(name: str, expected: str | None = None) -> str | None:
