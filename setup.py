@@ -85,7 +85,7 @@ def extensions():
         exts.append(
             cpp_extension.CppExtension(
                 "bitfast._C",
-                ["csrc/module.cpp"] + rel("csrc/cpu/*.cpp"),
+                ["csrc/module.cpp", "csrc/autograd.cpp"] + rel("csrc/cpu/*.cpp"),
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_compile_args={"cxx": cxx + openmp + ["-DBITFAST_MODULE_NAME=_C"]},
                 extra_link_args=openmp,

@@ -10,6 +10,7 @@ statistics (a per-channel scale, shift and ReLU).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from bitfast import backends
 from bitfast.ops import _checks, _library, _register, reference
@@ -73,6 +74,33 @@ torch.library.register_autograd(
 )
 
 
+class _EagerBatchNormReLU(torch.autograd.Function):
+    """Autograd of ``batch_norm_relu_fwd`` in plain eager execution where no C++ autograd
+    serves the backend (Triton; see ``_register.eager_forward``): the registered op's
+    kernels and formulas without its Python layer."""
+
+    @staticmethod
+    def forward(ctx, x, running_mean, running_var, weight, bias, training, eps, relu, backend):
+        fwd = _register.kernel_of("batch_norm_relu_fwd", backend)
+        y, mean, var = fwd(x, running_mean, running_var, weight, bias, training, eps, relu)
+        ctx.save_for_backward(x, weight, bias, mean, var)
+        ctx.training, ctx.eps, ctx.relu, ctx.backend = training, eps, relu, backend
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_var):
+        x, weight, bias, mean, var = ctx.saved_tensors
+        grad_y = grad_y.contiguous(memory_format=memory_format(x))
+        dx, dw, db = _register.kernel_of("batch_norm_relu_bwd", ctx.backend)(
+            grad_y, x, weight, bias, mean, var, ctx.training, ctx.eps, ctx.relu
+        )
+        dw = dw if weight is not None else None
+        db = db if bias is not None else None
+        return dx, None, None, dw, db, None, None, None, None
+
+
 def batch_norm_relu(
     x: torch.Tensor,
     running_mean: torch.Tensor | None,
@@ -133,9 +161,16 @@ def batch_norm_relu(
     if name == "reference":
         return reference.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     x = x.contiguous(memory_format=memory_format(x))
-    y, mean, var = torch.ops.bitfast.batch_norm_relu_fwd(
-        x, running_mean, running_var, weight, bias, training, float(eps), relu, name
-    )
+    args = (x, running_mean, running_var, weight, bias, training, float(eps), relu)
+    eager = _register.eager(x, running_mean, running_var, weight, bias)
+    if eager:
+        y, mean, var = _register.eager_forward("batch_norm_relu_fwd", name, _EagerBatchNormReLU, args, (x, weight, bias))
+    else:
+        y, mean, var = torch.ops.bitfast.batch_norm_relu_fwd(*args, name)
     if training and running_mean is not None:
-        torch.ops.bitfast.batch_norm_update_stats_(running_mean, running_var, mean, var, float(momentum), count, name)
+        stats = (running_mean, running_var, mean, var, float(momentum), count)
+        if eager:
+            _register.kernel_of("batch_norm_update_stats_", name)(*stats)
+        else:
+            torch.ops.bitfast.batch_norm_update_stats_(*stats, name)
     return y

@@ -10,6 +10,7 @@ from ``x`` and the saved (N, G) statistics, so autograd keeps nothing else.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from bitfast import backends
 from bitfast.ops import _checks, _library, _register, reference
@@ -67,6 +68,30 @@ torch.library.register_autograd(
 )
 
 
+class _EagerGroupNormReLU(torch.autograd.Function):
+    """Autograd of ``group_norm_relu_fwd`` in plain eager execution where no C++ autograd
+    serves the backend (Triton; see ``_register.eager_forward``): the registered op's
+    kernels and formulas without its Python layer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, num_groups, eps, relu, backend):
+        y, mean, rstd = _register.kernel_of("group_norm_relu_fwd", backend)(x, weight, bias, num_groups, eps, relu)
+        ctx.save_for_backward(x, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.relu, ctx.backend = num_groups, relu, backend
+        ctx.mark_non_differentiable(mean, rstd)
+        return y, mean, rstd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
+        x, weight, bias, mean, rstd = ctx.saved_tensors
+        grad_y = grad_y.contiguous(memory_format=memory_format(x))
+        dx, dw, db = _register.kernel_of("group_norm_relu_bwd", ctx.backend)(
+            grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.relu
+        )
+        return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None, None, None
+
+
 def _check_args(fn, xname, x, num_groups, weight, bias, eps, relu) -> None:
     # The checks every GroupNorm+ReLU entry point makes on its input ``x`` (named xname).
     _checks.tensor(fn, xname, x)
@@ -121,6 +146,9 @@ def group_norm_relu(
     if name == "reference":
         return reference.group_norm_relu(x, num_groups, weight, bias, eps, relu)
     x = x.contiguous(memory_format=memory_format(x))
+    if _register.eager(x, weight, bias):
+        args = (x, weight, bias, num_groups, float(eps), relu)
+        return _register.eager_forward("group_norm_relu_fwd", name, _EagerGroupNormReLU, args, (x, weight, bias))[0]
     return torch.ops.bitfast.group_norm_relu_fwd(x, weight, bias, num_groups, float(eps), relu, name)[0]
 
 
@@ -205,6 +233,34 @@ torch.library.register_autograd(
 )
 
 
+class _EagerGroupNormReLUAdd(torch.autograd.Function):
+    """Autograd of ``group_norm_relu_add_fwd`` in plain eager execution where no C++
+    autograd serves the backend (see ``_EagerGroupNormReLU``)."""
+
+    @staticmethod
+    def forward(ctx, a, b, weight, bias, num_groups, eps, relu, backend):
+        fwd = _register.kernel_of("group_norm_relu_add_fwd", backend)
+        s, y, mean, rstd = fwd(a, b, weight, bias, num_groups, eps, relu)
+        ctx.save_for_backward(s, weight, bias, mean, rstd)
+        ctx.num_groups, ctx.relu, ctx.backend = num_groups, relu, backend
+        ctx.mark_non_differentiable(mean, rstd)
+        ctx.set_materialize_grads(False)
+        return s, y, mean, rstd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_sum, grad_y, _grad_mean, _grad_rstd):
+        s, weight, bias, mean, rstd = ctx.saved_tensors
+        fmt = memory_format(s)
+        grad_sum = None if grad_sum is None else grad_sum.contiguous(memory_format=fmt)
+        grad_y = torch.zeros_like(s, memory_format=fmt) if grad_y is None else grad_y.contiguous(memory_format=fmt)
+        grad_in, dw, db = _register.kernel_of("group_norm_relu_add_bwd", ctx.backend)(
+            grad_y, grad_sum, s, weight, bias, mean, rstd, ctx.num_groups, ctx.relu
+        )
+        return (grad_in, grad_in, dw if weight is not None else None, db if bias is not None else None,
+                None, None, None, None)
+
+
 def group_norm_relu_add(
     a: torch.Tensor,
     b: torch.Tensor,
@@ -268,5 +324,11 @@ def group_norm_relu_add(
         return s, group_norm_relu(s, num_groups, weight, bias, eps, relu, backend=backend)
     a = a.contiguous(memory_format=fmt)
     b = b.contiguous(memory_format=fmt)
+    if _register.eager(a, b, weight, bias):
+        args = (a, b, weight, bias, num_groups, float(eps), relu)
+        s, y, _mean, _rstd = _register.eager_forward(
+            "group_norm_relu_add_fwd", name, _EagerGroupNormReLUAdd, args, (a, b, weight, bias)
+        )
+        return s, y
     s, y, _mean, _rstd = torch.ops.bitfast.group_norm_relu_add_fwd(a, b, weight, bias, num_groups, float(eps), relu, name)
     return s, y

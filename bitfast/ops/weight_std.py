@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from bitfast import backends
 from bitfast.ops import _checks, _library, _register, reference
@@ -57,6 +58,33 @@ torch.library.register_autograd(
 )
 
 
+class _EagerWeightStandardize(torch.autograd.Function):
+    """Autograd of ``weight_standardize_fwd`` in plain eager execution where no C++
+    autograd serves the backend (Triton; see ``_register.eager_forward``)."""
+
+    @staticmethod
+    def forward(ctx, w, eps, backend):
+        out, mean, rstd = _register.kernel_of("weight_standardize_fwd", backend)(w, eps)
+        ctx.save_for_backward(w, mean, rstd)
+        ctx.backend = backend
+        ctx.mark_non_differentiable(mean, rstd)
+        return out, mean, rstd
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
+        w, mean, rstd = ctx.saved_tensors
+        return _register.kernel_of("weight_standardize_bwd", ctx.backend)(grad_out.contiguous(), w, mean, rstd), None, None
+
+
+def _standardize(w: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
+    # the standardized weight from a non-reference backend: straight to the kernels in
+    # plain eager execution, through the registered op otherwise
+    if _register.eager(w):
+        return _register.eager_forward("weight_standardize_fwd", backend, _EagerWeightStandardize, (w, eps), (w,))[0]
+    return torch.ops.bitfast.weight_standardize_fwd(w, eps, backend)[0]
+
+
 def _check_weight(fn: str, w, eps) -> None:
     _checks.tensor(fn, "w", w)
     _checks.floating(fn, "w", w)
@@ -84,7 +112,7 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8, *, backend: str | Non
     name = backends.resolve(FAMILY, w.device.type, w.dtype, backend)
     if name == "reference":
         return reference.weight_standardize(w, eps)
-    return torch.ops.bitfast.weight_standardize_fwd(w, float(eps), name)[0]
+    return _standardize(w, float(eps), name)
 
 
 def _pair(fn: str, name: str, v) -> list[int]:
@@ -146,4 +174,6 @@ def std_conv2d(
     name = backends.resolve(FAMILY, weight.device.type, weight.dtype, backend)
     if name == "reference":
         return reference.std_conv2d(x, weight, bias, stride, padding, dilation, groups, eps)
+    if _register.eager(x, weight, bias):
+        return F.conv2d(x, _standardize(weight, float(eps), name), bias, stride, padding, dilation, groups)
     return torch.ops.bitfast.std_conv2d(x, weight, bias, stride, padding, dilation, groups, float(eps), name)
