@@ -176,12 +176,12 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, const Params<at::opmath_type<scala
     std::vector<acc_t> part(s.nblk * s.C);
     for_blocks(s, [&](int64_t b, int64_t np, int64_t off) {
       thread_local std::vector<acc_t> xbuf;
-      rows::cols_sum(load(X + off, np * s.C, xbuf), np, s.C, part.data() + b * s.C);
+      rows::cols_sum(load(X + off, np * s.C, xbuf), np, s.C, s.C, part.data() + b * s.C);
     });
     for_channel_totals(part, s, [&](int64_t c, double t) { p.MEAN[c] = acc_t(t / double(s.count)); });
     for_blocks(s, [&](int64_t b, int64_t np, int64_t off) {
       thread_local std::vector<acc_t> xbuf;
-      rows::cols_sum_sq_dev(load(X + off, np * s.C, xbuf), np, s.C, p.MEAN, part.data() + b * s.C);
+      rows::cols_sum_sq_dev(load(X + off, np * s.C, xbuf), np, s.C, s.C, p.MEAN, part.data() + b * s.C);
     });
     for_channel_totals(part, s, [&](int64_t c, double q) { p.VAR[c] = acc_t(q / double(s.count)); });
   }
@@ -194,7 +194,7 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, const Params<at::opmath_type<scala
     thread_local std::vector<acc_t> xbuf, ybuf;
     const acc_t* x = load(X + off, np * s.C, xbuf);
     acc_t* y = out_buffer(Y + off, np * s.C, ybuf);
-    rows::cols_affine(x, y, np, s.C, sc.data(), sh.data(), relu);
+    rows::cols_affine(x, y, np, s.C, s.C, sc.data(), sh.data(), relu);
     store(y, Y + off, np * s.C);
   });
 }
@@ -214,7 +214,7 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const Params<
     thread_local std::vector<acc_t> xbuf, dybuf;
     const acc_t* x = load(X + off, np * s.C, xbuf);
     const acc_t* dy = load(DY + off, np * s.C, dybuf);
-    rows::cols_bwd_sums(dy, x, np, s.C, sc.data(), sh.data(), p.MEAN, relu, pdy.data() + b * s.C,
+    rows::cols_bwd_sums(dy, x, np, s.C, s.C, sc.data(), sh.data(), p.MEAN, relu, pdy.data() + b * s.C,
                         pdyx.data() + b * s.C);
   });
   for_channel_totals(pdy, s, [&](int64_t c, double t) { DB[c] = t; });
@@ -232,7 +232,7 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const Params<
     const acc_t* x = load(X + off, np * s.C, xbuf);
     const acc_t* dy = load(DY + off, np * s.C, dybuf);
     acc_t* dx = out_buffer(DX + off, np * s.C, dxbuf);
-    rows::cols_bwd_dx(dy, x, dx, np, s.C, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
+    rows::cols_bwd_dx(dy, x, dx, np, s.C, s.C, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
     store(dx, DX + off, np * s.C);
   });
 }

@@ -9,9 +9,11 @@
 // is read from memory once. The backward makes one pass for its sums and one for dx.
 //
 // channels_last: the channels of a pixel are contiguous, so the loops run across channels
-// (vectorized over C) and a task is a block of pixels of one sample. Each pass writes
-// per-block column sums; the blocks of a sample are then combined, in double and in a
-// fixed order, into the per-(sample, group) statistics, and the next pass runs.
+// (vectorized over C) over blocks of pixels of one sample. Each pass writes per-block
+// column sums; the blocks of a sample are then combined, in double and in a fixed order,
+// into the per-(sample, group) statistics, and the next pass runs. A task is a whole
+// sample, or, with fewer samples than threads, a range of whole groups of a sample (a
+// slice of each pixel's channels: no thread waits for another), see nhwc_passes.
 //
 // Sums never race: each block owns its partial sums and every combination has a fixed
 // order, so results are bitwise reproducible whatever the thread count. fp16/bf16 data are
@@ -21,7 +23,6 @@
 #include "common/checks.h"
 #include "cpu/norm_rows.h"
 #include "cpu/norm_util.h"
-#include "cpu/simd.h"
 #include "cpu/simd.h"
 
 #include <ATen/Dispatch.h>
@@ -252,21 +253,23 @@ BITFAST_INLINE double lanes_total(const double* __restrict v, int64_t n) {
   return (((p[0] + p[4]) + (p[2] + p[6])) + ((p[1] + p[5]) + (p[3] + p[7]))) + t;
 }
 
-// The forward statistics of one channels_last sample from its blocks' partial sums:
-// sum[b * C + c] (block b's sum of channel c) and m2[b * C + c] (its sum of squares about
-// the block's own channel mean a = sum / pixels, computed as here). Loops run across the
-// channels, vectorized, block after block; each group is then folded from per-channel
-// doubles. tc, qc, muc: (C,) scratch.
+// The forward statistics of the groups [0, G) of a channel range of one channels_last
+// sample (C = G * Cg channels) from its blocks' partial sums: sum[b * ld + c] (block b's
+// sum of channel c) and m2[b * ld + c] (its sum of squares about the block's own channel
+// mean a = sum / pixels, computed as here). Loops run across the channels, vectorized,
+// block after block; each group is then folded from per-channel doubles. Every value
+// depends on its own channel or group only, so a range of groups gets the bits it would
+// get as part of the whole sample. tc, qc, muc: (C,) scratch.
 template <typename T>
-BITFAST_INLINE void nhwc_fold_stats_impl(const T* __restrict sum, const T* __restrict m2, int64_t nblk, int64_t Rb,
-                                         int64_t HW, int64_t C, int64_t G, double eps, T* __restrict mean,
+BITFAST_INLINE void nhwc_fold_stats_impl(const T* __restrict sum, const T* __restrict m2, int64_t ld, int64_t nblk,
+                                         int64_t Rb, int64_t HW, int64_t C, int64_t G, double eps, T* __restrict mean,
                                          T* __restrict rstd, double* __restrict tc, double* __restrict qc,
                                          double* __restrict muc) {
   const int64_t Cg = C / G;
   const double M = double(Cg * HW);
   std::fill(tc, tc + C, 0.0);
   for (int64_t b = 0; b < nblk; ++b) {
-    const T* __restrict sb = sum + b * C;
+    const T* __restrict sb = sum + b * ld;
     for (int64_t c = 0; c < C; ++c) tc[c] += double(sb[c]);
   }
   for (int64_t g = 0; g < G; ++g) {
@@ -281,8 +284,8 @@ BITFAST_INLINE void nhwc_fold_stats_impl(const T* __restrict sum, const T* __res
     const int64_t np = std::min(Rb, HW - b * Rb);
     const T npt = T(np);
     const double npd = double(np);
-    const T* __restrict sb = sum + b * C;
-    const T* __restrict mb = m2 + b * C;
+    const T* __restrict sb = sum + b * ld;
+    const T* __restrict mb = m2 + b * ld;
     for (int64_t c = 0; c < C; ++c) {
       const T st = sb[c];
       const double a = double(st / npt), d = a - muc[c];
@@ -296,54 +299,105 @@ BITFAST_INLINE void nhwc_fold_stats_impl(const T* __restrict sum, const T* __res
   }
 }
 
-BITFAST_TARGET_CLONES void nhwc_fold_stats(const float* sum, const float* m2, int64_t nblk, int64_t Rb, int64_t HW,
-                                           int64_t C, int64_t G, double eps, float* mean, float* rstd, double* tc,
-                                           double* qc, double* muc) {
-  nhwc_fold_stats_impl(sum, m2, nblk, Rb, HW, C, G, eps, mean, rstd, tc, qc, muc);
+BITFAST_TARGET_CLONES void nhwc_fold_stats(const float* sum, const float* m2, int64_t ld, int64_t nblk, int64_t Rb,
+                                           int64_t HW, int64_t C, int64_t G, double eps, float* mean, float* rstd,
+                                           double* tc, double* qc, double* muc) {
+  nhwc_fold_stats_impl(sum, m2, ld, nblk, Rb, HW, C, G, eps, mean, rstd, tc, qc, muc);
 }
 
-BITFAST_TARGET_CLONES void nhwc_fold_stats(const double* sum, const double* m2, int64_t nblk, int64_t Rb,
+BITFAST_TARGET_CLONES void nhwc_fold_stats(const double* sum, const double* m2, int64_t ld, int64_t nblk, int64_t Rb,
                                            int64_t HW, int64_t C, int64_t G, double eps, double* mean, double* rstd,
                                            double* tc, double* qc, double* muc) {
-  nhwc_fold_stats_impl(sum, m2, nblk, Rb, HW, C, G, eps, mean, rstd, tc, qc, muc);
+  nhwc_fold_stats_impl(sum, m2, ld, nblk, Rb, HW, C, G, eps, mean, rstd, tc, qc, muc);
 }
 
-// Runs the channels_last passes of a call. With at least as many samples as threads, a
-// task is a whole sample: its blocks are summed, combined and then written by one thread,
-// so the sample (1 MB for 256 x 32 x 32 fp32) is still in L2 when the last pass reads it
-// again. With fewer samples, each pass is spread over all blocks of all samples and the
-// combinations run between them. Either way every block computes the same partial sums
-// and every combination the same fixed-order sum: the results are bitwise identical.
+// A block of a channels_last pass: `rows` pixels of sample n starting at element offset
+// `off` (the pixel's first channel), channels [c0, c0 + nc) of each (rows C apart), and
+// `task`, the block's index among all blocks (n * nblk + block), which owns the partial
+// sums at task * C + c0.
+struct Block {
+  int64_t task, n, rows, off, c0, nc;
+};
+
+// Runs the channels_last passes of a call in one of three ways; all compute the same
+// partial sums per (block, channel) and the same fixed-order combinations, so the results
+// are bitwise identical whichever runs (and whatever the thread count):
 //
-//   sums(task, n, pixels, element offset)   fills the partial sums of one block
-//   combine(n)                              turns a sample's partial sums into coefficients
-//   write(task, n, pixels, element offset)  writes the output of one block
+//  * at least as many samples as threads: a task is a whole sample; its blocks are summed,
+//    combined and then written by one thread, so the sample (1 MB for 256 x 32 x 32 fp32)
+//    is still in L2 when the last pass reads it again;
+//  * fewer samples, several groups: a task is a range of whole groups of one sample, all
+//    its pixels: the same three steps on a slice of each pixel's channels, no
+//    synchronization between them (a late-stage sample of batch 1 on two threads: half the
+//    groups each);
+//  * fewer samples, one group: each pass is spread over all blocks of all samples and the
+//    combinations run between them.
+//
+//   sums(block)             fills the partial sums of one block's channels
+//   combine(n, g0, g1)      turns sample n's partial sums of groups [g0, g1) into coefficients
+//   write(block)            writes the output of one block's channels
 template <typename Sums, typename Combine, typename Write>
 void nhwc_passes(const Shape& s, Sums&& sums, Combine&& combine, Write&& write) {
-  auto block = [&](int64_t task, auto&& f) {
-    const int64_t n = task / s.nblk, p0 = (task % s.nblk) * s.Rb;
-    f(task, n, std::min(s.Rb, s.HW - p0), (n * s.HW + p0) * s.C);
+  const int64_t threads = at::get_num_threads();
+  auto blocks = [&](int64_t n, int64_t c0, int64_t nc, auto&& f) {
+    for (int64_t b = 0; b < s.nblk; ++b) {
+      const int64_t p0 = b * s.Rb;
+      f(Block{n * s.nblk + b, n, std::min(s.Rb, s.HW - p0), (n * s.HW + p0) * s.C, c0, nc});
+    }
   };
-  if (s.N >= at::get_num_threads()) {
+  if (s.N >= threads) {
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
-        for (int64_t t = n * s.nblk; t < (n + 1) * s.nblk; ++t) block(t, sums);
-        combine(n);
-        for (int64_t t = n * s.nblk; t < (n + 1) * s.nblk; ++t) block(t, write);
+        blocks(n, 0, s.C, sums);
+        combine(n, 0, s.G);
+        blocks(n, 0, s.C, write);
       }
     });
     return;
   }
+  if (s.G > 1) {
+    const int64_t parts = std::min(s.G, (threads + s.N - 1) / s.N);
+    const int64_t per = (s.G + parts - 1) / parts;
+    at::parallel_for(0, s.N * parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t n = t / parts, g0 = (t % parts) * per, g1 = std::min(s.G, g0 + per);
+        if (g0 >= g1) continue;
+        blocks(n, g0 * s.Cg, (g1 - g0) * s.Cg, sums);
+        combine(n, g0, g1);
+        blocks(n, g0 * s.Cg, (g1 - g0) * s.Cg, write);
+      }
+    });
+    return;
+  }
+  auto block = [&](int64_t t, auto&& f) {
+    const int64_t n = t / s.nblk, p0 = (t % s.nblk) * s.Rb;
+    f(Block{t, n, std::min(s.Rb, s.HW - p0), (n * s.HW + p0) * s.C, 0, s.C});
+  };
   const int64_t g = grain(s.Rb * s.C);
   at::parallel_for(0, s.N * s.nblk, g, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) block(t, sums);
   });
   at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) combine(n);
+    for (int64_t n = begin; n < end; ++n) combine(n, 0, s.G);
   });
   at::parallel_for(0, s.N * s.nblk, g, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) block(t, write);
   });
+}
+
+// Where the loops write R rows of L elements destined for p, rows `stride` apart: p itself
+// (*ld = stride) for float32/float64, else buf as contiguous rows (*ld = L; store_rows them).
+template <typename scalar_t>
+at::opmath_type<scalar_t>* out_rows(scalar_t* p, int64_t R, int64_t L, int64_t stride,
+                                    std::vector<at::opmath_type<scalar_t>>& buf, int64_t* ld) {
+  if constexpr (std::is_same_v<scalar_t, at::opmath_type<scalar_t>>) {
+    *ld = stride;
+    return p;
+  } else {
+    if (int64_t(buf.size()) < R * L) buf.resize(R * L);
+    *ld = L;
+    return buf.data();
+  }
 }
 
 template <typename scalar_t>
@@ -351,45 +405,51 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
               const at::opmath_type<scalar_t>* W, const at::opmath_type<scalar_t>* B, const Shape& s, double eps,
               bool relu, const Residual<scalar_t>& res) {
   using acc_t = at::opmath_type<scalar_t>;
-  // With a residual, the sums pass writes the sum block by block and the write pass reads it.
+  // With a residual, the sums pass writes the sum block by block and everything reads it.
   const scalar_t* XS = res.a != nullptr ? res.sum : X;
   // per block and channel: the sum, and the sum of squares about the block's own channel
   // mean, both from one read of the block (the second pass hits L1)
   Scratch<acc_t> sum(s.N * s.nblk * s.C), m2(s.N * s.nblk * s.C), sc(s.N * s.C), sh(s.N * s.C);
-  auto sums = [&](int64_t task, int64_t, int64_t np, int64_t off) {
+  auto sums = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, tbuf, bmean;
-    const acc_t* x = load_input(X, res, off, np * s.C, xbuf, tbuf);
-    acc_t* bs = sum.data() + task * s.C;
-    rows::cols_sum(x, np, s.C, bs);
-    bmean.resize(s.C);
-    for (int64_t c = 0; c < s.C; ++c) bmean[c] = bs[c] / acc_t(np);
-    rows::cols_sum_sq_dev(x, np, s.C, bmean.data(), m2.data() + task * s.C);
+    if (res.a != nullptr) {
+      for (int64_t r = 0; r < k.rows; ++r) load_input(X, res, k.off + r * s.C + k.c0, k.nc, xbuf, tbuf);
+    }
+    int64_t ld;
+    const acc_t* x = load_rows(XS + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
+    acc_t* bs = sum.data() + k.task * s.C + k.c0;
+    rows::cols_sum(x, k.rows, k.nc, ld, bs);
+    bmean.resize(k.nc);
+    for (int64_t c = 0; c < k.nc; ++c) bmean[c] = bs[c] / acc_t(k.rows);
+    rows::cols_sum_sq_dev(x, k.rows, k.nc, ld, bmean.data(), m2.data() + k.task * s.C + k.c0);
   };
-  auto combine = [&](int64_t n) {
+  auto combine = [&](int64_t n, int64_t g0, int64_t g1) {
     thread_local std::vector<double> scratch;
-    scratch.resize(3 * s.C);
+    const int64_t c0 = g0 * s.Cg, nc = (g1 - g0) * s.Cg, first = n * s.nblk * s.C + c0;
+    scratch.resize(3 * nc);
     acc_t* mean = MEAN + n * s.G;
     acc_t* rstd = RSTD + n * s.G;
-    nhwc_fold_stats(sum.data() + n * s.nblk * s.C, m2.data() + n * s.nblk * s.C, s.nblk, s.Rb, s.HW, s.C, s.G, eps,
-                    mean, rstd, scratch.data(), scratch.data() + s.C, scratch.data() + 2 * s.C);
+    nhwc_fold_stats(sum.data() + first, m2.data() + first, s.C, s.nblk, s.Rb, s.HW, nc, g1 - g0, eps, mean + g0,
+                    rstd + g0, scratch.data(), scratch.data() + nc, scratch.data() + 2 * nc);
     acc_t* __restrict scn = sc.data() + n * s.C;
     acc_t* __restrict shn = sh.data() + n * s.C;
-    for (int64_t g = 0; g < s.G; ++g) {
+    for (int64_t g = g0; g < g1; ++g) {
       for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
         scn[c] = rstd[g] * W[c];
         shn[c] = B[c] - mean[g] * scn[c];
       }
     }
   };
-  auto write = [&](int64_t, int64_t n, int64_t np, int64_t off) {
+  auto write = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, ybuf;
-    const int64_t step = stream_rows<scalar_t>(s.C, np);
-    for (int64_t r0 = 0; r0 < np; r0 += step) {
-      const int64_t nr = std::min(step, np - r0), o = off + r0 * s.C;
-      const acc_t* x = load(XS + o, nr * s.C, xbuf);
-      acc_t* y = out_buffer(Y + o, nr * s.C, ybuf);
-      rows::cols_affine(x, y, nr, s.C, sc.data() + n * s.C, sh.data() + n * s.C, relu);
-      store(y, Y + o, nr * s.C);
+    const int64_t step = stream_rows<scalar_t>(k.nc, k.rows), pc = k.n * s.C + k.c0;
+    for (int64_t r0 = 0; r0 < k.rows; r0 += step) {
+      const int64_t nr = std::min(step, k.rows - r0), o = k.off + r0 * s.C + k.c0;
+      int64_t ldx, ldy;
+      const acc_t* x = load_rows(XS + o, nr, k.nc, s.C, xbuf, &ldx);
+      acc_t* y = out_rows(Y + o, nr, k.nc, s.C, ybuf, &ldy);
+      rows::cols_affine(x, y, nr, k.nc, ldx, sc.data() + pc, sh.data() + pc, relu);
+      store_rows(y, Y + o, nr, k.nc, s.C);
     }
   };
   nhwc_passes(s, sums, combine, write);
@@ -414,15 +474,17 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
       }
     }
   }
-  auto sums = [&](int64_t task, int64_t n, int64_t np, int64_t off) {
+  auto sums = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, dybuf;
-    const acc_t* x = load(X + off, np * s.C, xbuf);
-    const acc_t* dy = load(DY + off, np * s.C, dybuf);
-    rows::cols_bwd_sums(dy, x, np, s.C, sc.data() + n * s.C, sh.data() + n * s.C, meanc.data() + n * s.C, relu,
-                        pdy.data() + task * s.C, pdyx.data() + task * s.C);
+    int64_t ld, ld2;  // equal: rows of the same width and type
+    const acc_t* x = load_rows(X + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
+    const acc_t* dy = load_rows(DY + k.off + k.c0, k.rows, k.nc, s.C, dybuf, &ld2);
+    const int64_t pc = k.n * s.C + k.c0;
+    rows::cols_bwd_sums(dy, x, k.rows, k.nc, ld, sc.data() + pc, sh.data() + pc, meanc.data() + pc, relu,
+                        pdy.data() + k.task * s.C + k.c0, pdyx.data() + k.task * s.C + k.c0);
   };
-  auto combine = [&](int64_t n) {
-    for (int64_t g = 0; g < s.G; ++g) {
+  auto combine = [&](int64_t n, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
       const double mean = MEAN[n * s.G + g], r = RSTD[n * s.G + g];
       double sum_g = 0, sum_gx = 0;
       for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
@@ -445,18 +507,21 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
       }
     }
   };
-  auto write = [&](int64_t, int64_t n, int64_t np, int64_t off) {
+  auto write = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf;
-    const int64_t o = n * s.C, step = stream_rows<scalar_t>(s.C, np);
-    for (int64_t r0 = 0; r0 < np; r0 += step) {
-      const int64_t nr = std::min(step, np - r0), e = off + r0 * s.C, k = nr * s.C;
-      const acc_t* x = load(X + e, k, xbuf);
-      const acc_t* dy = load(DY + e, k, dybuf);
-      acc_t* dx = out_buffer(DX + e, k, dxbuf);
-      rows::cols_bwd_dx(dy, x, dx, nr, s.C, sc.data() + o, sh.data() + o, a.data() + o, kx.data() + o, k0.data() + o,
-                        relu);
-      add_grad_sum(GS, e, k, dx, gsbuf);
-      store(dx, DX + e, k);
+    const int64_t pc = k.n * s.C + k.c0, step = stream_rows<scalar_t>(k.nc, k.rows);
+    for (int64_t r0 = 0; r0 < k.rows; r0 += step) {
+      const int64_t nr = std::min(step, k.rows - r0), e = k.off + r0 * s.C + k.c0;
+      int64_t ld, ld2, ld3;  // equal: rows of the same width and type
+      const acc_t* x = load_rows(X + e, nr, k.nc, s.C, xbuf, &ld);
+      const acc_t* dy = load_rows(DY + e, nr, k.nc, s.C, dybuf, &ld2);
+      acc_t* dx = out_rows(DX + e, nr, k.nc, s.C, dxbuf, &ld3);
+      rows::cols_bwd_dx(dy, x, dx, nr, k.nc, ld, sc.data() + pc, sh.data() + pc, a.data() + pc, kx.data() + pc,
+                        k0.data() + pc, relu);
+      if (GS != nullptr) {
+        for (int64_t r = 0; r < nr; ++r) add_grad_sum(GS, e + r * s.C, k.nc, dx + r * ld, gsbuf);
+      }
+      store_rows(dx, DX + e, nr, k.nc, s.C);
     }
   };
   nhwc_passes(s, sums, combine, write);

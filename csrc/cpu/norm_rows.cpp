@@ -152,19 +152,19 @@ BITFAST_INLINE void planar_bwd_dx_impl(const T* dy, const T* x, T* dx, int64_t R
 // Column sums take four rows per update of acc: a quarter of the loads and stores of acc,
 // which otherwise bound these loops (acc is re-read and re-written for every row).
 template <typename T>
-BITFAST_INLINE void cols_sum_impl(const T* __restrict x, int64_t R, int64_t C, T* __restrict acc) {
+BITFAST_INLINE void cols_sum_impl(const T* __restrict x, int64_t R, int64_t C, int64_t ld, T* __restrict acc) {
   std::fill(acc, acc + C, T(0));
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) {
-    const T* __restrict x0 = x + r * C;
-    const T* __restrict x1 = x0 + C;
-    const T* __restrict x2 = x1 + C;
-    const T* __restrict x3 = x2 + C;
+    const T* __restrict x0 = x + r * ld;
+    const T* __restrict x1 = x0 + ld;
+    const T* __restrict x2 = x1 + ld;
+    const T* __restrict x3 = x2 + ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) acc[c] += (x0[c] + x1[c]) + (x2[c] + x3[c]);
   }
   for (; r < R; ++r) {
-    const T* __restrict xr = x + r * C;
+    const T* __restrict xr = x + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) acc[c] += xr[c];
   }
@@ -176,15 +176,15 @@ BITFAST_INLINE T sq(T v) {
 }
 
 template <typename T>
-BITFAST_INLINE void cols_sum_sq_dev_impl(const T* __restrict x, int64_t R, int64_t C, const T* __restrict m,
-                                         T* __restrict acc) {
+BITFAST_INLINE void cols_sum_sq_dev_impl(const T* __restrict x, int64_t R, int64_t C, int64_t ld,
+                                         const T* __restrict m, T* __restrict acc) {
   std::fill(acc, acc + C, T(0));
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) {
-    const T* __restrict x0 = x + r * C;
-    const T* __restrict x1 = x0 + C;
-    const T* __restrict x2 = x1 + C;
-    const T* __restrict x3 = x2 + C;
+    const T* __restrict x0 = x + r * ld;
+    const T* __restrict x1 = x0 + ld;
+    const T* __restrict x2 = x1 + ld;
+    const T* __restrict x3 = x2 + ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T mc = m[c];
@@ -192,18 +192,18 @@ BITFAST_INLINE void cols_sum_sq_dev_impl(const T* __restrict x, int64_t R, int64
     }
   }
   for (; r < R; ++r) {
-    const T* __restrict xr = x + r * C;
+    const T* __restrict xr = x + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) acc[c] += sq(xr[c] - m[c]);
   }
 }
 
 template <typename T, bool RELU>
-BITFAST_INLINE void cols_affine_impl(const T* __restrict x, T* __restrict y, int64_t R, int64_t C,
+BITFAST_INLINE void cols_affine_impl(const T* __restrict x, T* __restrict y, int64_t R, int64_t C, int64_t ld,
                                      const T* __restrict s, const T* __restrict t) {
   for (int64_t r = 0; r < R; ++r) {
-    const T* __restrict xr = x + r * C;
-    T* __restrict yr = y + r * C;
+    const T* __restrict xr = x + r * ld;
+    T* __restrict yr = y + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T v = xr[c] * s[c] + t[c];
@@ -213,14 +213,14 @@ BITFAST_INLINE void cols_affine_impl(const T* __restrict x, T* __restrict y, int
 }
 
 template <typename T, bool RELU>
-BITFAST_INLINE void cols_bwd_sums_impl(const T* __restrict dy, const T* __restrict x, int64_t R, int64_t C,
+BITFAST_INLINE void cols_bwd_sums_impl(const T* __restrict dy, const T* __restrict x, int64_t R, int64_t C, int64_t ld,
                                        const T* __restrict s, const T* __restrict t, const T* __restrict m,
                                        T* __restrict sum_dy, T* __restrict sum_dyx) {
   std::fill(sum_dy, sum_dy + C, T(0));
   std::fill(sum_dyx, sum_dyx + C, T(0));
   for (int64_t r = 0; r < R; ++r) {
-    const T* __restrict dyr = dy + r * C;
-    const T* __restrict xr = x + r * C;
+    const T* __restrict dyr = dy + r * ld;
+    const T* __restrict xr = x + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T g = dyr[c];  // read unconditionally: a select, not a masked load
@@ -233,12 +233,12 @@ BITFAST_INLINE void cols_bwd_sums_impl(const T* __restrict dy, const T* __restri
 
 template <typename T, bool RELU>
 BITFAST_INLINE void cols_bwd_dx_impl(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t R,
-                                     int64_t C, const T* __restrict s, const T* __restrict t, const T* __restrict a,
-                                     const T* __restrict kx, const T* __restrict k0) {
+                                     int64_t C, int64_t ld, const T* __restrict s, const T* __restrict t,
+                                     const T* __restrict a, const T* __restrict kx, const T* __restrict k0) {
   for (int64_t r = 0; r < R; ++r) {
-    const T* __restrict dyr = dy + r * C;
-    const T* __restrict xr = x + r * C;
-    T* __restrict dxr = dx + r * C;
+    const T* __restrict dyr = dy + r * ld;
+    const T* __restrict xr = x + r * ld;
+    T* __restrict dxr = dx + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T g = dyr[c];  // read unconditionally: a select, not a masked load
@@ -267,22 +267,25 @@ BITFAST_INLINE void cols_bwd_dx_impl(const T* __restrict dy, const T* __restrict
                                            const T* s, const T* t, const T* a, const T* kx, const T* k0, bool relu) { \
     planar_bwd_dx_impl<T>(dy, x, dx, R, L, stride, s, t, a, kx, k0, relu);                                           \
   }                                                                                                                  \
-  BITFAST_TARGET_CLONES void cols_sum(const T* x, int64_t R, int64_t C, T* acc) { cols_sum_impl<T>(x, R, C, acc); }  \
-  BITFAST_TARGET_CLONES void cols_sum_sq_dev(const T* x, int64_t R, int64_t C, const T* m, T* acc) {                 \
-    cols_sum_sq_dev_impl<T>(x, R, C, m, acc);                                                                        \
+  BITFAST_TARGET_CLONES void cols_sum(const T* x, int64_t R, int64_t C, int64_t ld, T* acc) {                     \
+    cols_sum_impl<T>(x, R, C, ld, acc);                                                                              \
   }                                                                                                                  \
-  BITFAST_TARGET_CLONES void cols_affine(const T* x, T* y, int64_t R, int64_t C, const T* s, const T* t, bool relu) { \
-    relu ? cols_affine_impl<T, true>(x, y, R, C, s, t) : cols_affine_impl<T, false>(x, y, R, C, s, t);               \
+  BITFAST_TARGET_CLONES void cols_sum_sq_dev(const T* x, int64_t R, int64_t C, int64_t ld, const T* m, T* acc) {     \
+    cols_sum_sq_dev_impl<T>(x, R, C, ld, m, acc);                                                                    \
   }                                                                                                                  \
-  BITFAST_TARGET_CLONES void cols_bwd_sums(const T* dy, const T* x, int64_t R, int64_t C, const T* s, const T* t,    \
-                                           const T* m, bool relu, T* sum_dy, T* sum_dyx) {                           \
-    relu ? cols_bwd_sums_impl<T, true>(dy, x, R, C, s, t, m, sum_dy, sum_dyx)                                        \
-         : cols_bwd_sums_impl<T, false>(dy, x, R, C, s, t, m, sum_dy, sum_dyx);                                      \
+  BITFAST_TARGET_CLONES void cols_affine(const T* x, T* y, int64_t R, int64_t C, int64_t ld, const T* s, const T* t, \
+                                         bool relu) {                                                                \
+    relu ? cols_affine_impl<T, true>(x, y, R, C, ld, s, t) : cols_affine_impl<T, false>(x, y, R, C, ld, s, t);       \
   }                                                                                                                  \
-  BITFAST_TARGET_CLONES void cols_bwd_dx(const T* dy, const T* x, T* dx, int64_t R, int64_t C, const T* s,           \
-                                         const T* t, const T* a, const T* kx, const T* k0, bool relu) {              \
-    relu ? cols_bwd_dx_impl<T, true>(dy, x, dx, R, C, s, t, a, kx, k0)                                               \
-         : cols_bwd_dx_impl<T, false>(dy, x, dx, R, C, s, t, a, kx, k0);                                             \
+  BITFAST_TARGET_CLONES void cols_bwd_sums(const T* dy, const T* x, int64_t R, int64_t C, int64_t ld, const T* s,    \
+                                           const T* t, const T* m, bool relu, T* sum_dy, T* sum_dyx) {               \
+    relu ? cols_bwd_sums_impl<T, true>(dy, x, R, C, ld, s, t, m, sum_dy, sum_dyx)                                    \
+         : cols_bwd_sums_impl<T, false>(dy, x, R, C, ld, s, t, m, sum_dy, sum_dyx);                                  \
+  }                                                                                                                  \
+  BITFAST_TARGET_CLONES void cols_bwd_dx(const T* dy, const T* x, T* dx, int64_t R, int64_t C, int64_t ld,           \
+                                         const T* s, const T* t, const T* a, const T* kx, const T* k0, bool relu) {  \
+    relu ? cols_bwd_dx_impl<T, true>(dy, x, dx, R, C, ld, s, t, a, kx, k0)                                           \
+         : cols_bwd_dx_impl<T, false>(dy, x, dx, R, C, ld, s, t, a, kx, k0);                                         \
   }
 
 BITFAST_NORM_ROWS(float)

@@ -69,29 +69,34 @@ void planar_bwd_dx(const double* dy, const double* x, double* dx, int64_t R, int
                    const double* s, const double* t, const double* a, const double* kx, const double* k0,
                    bool relu);
 
-// Columns: acc[c] = sum over the R rows of x[r * C + c] (acc is overwritten).
-void cols_sum(const float* x, int64_t R, int64_t C, float* acc);
-void cols_sum(const double* x, int64_t R, int64_t C, double* acc);
+// Columns: R rows of C contiguous channels, rows `ld` (>= C) elements apart in every array
+// of a call (ld = C for whole rows; larger for a range of channels of each row).
 
-// Columns: acc[c] = sum over the R rows of (x[r * C + c] - m[c])^2.
-void cols_sum_sq_dev(const float* x, int64_t R, int64_t C, const float* m, float* acc);
-void cols_sum_sq_dev(const double* x, int64_t R, int64_t C, const double* m, double* acc);
+// Columns: acc[c] = sum over the R rows of x[r * ld + c] (acc is overwritten).
+void cols_sum(const float* x, int64_t R, int64_t C, int64_t ld, float* acc);
+void cols_sum(const double* x, int64_t R, int64_t C, int64_t ld, double* acc);
+
+// Columns: acc[c] = sum over the R rows of (x[r * ld + c] - m[c])^2.
+void cols_sum_sq_dev(const float* x, int64_t R, int64_t C, int64_t ld, const float* m, float* acc);
+void cols_sum_sq_dev(const double* x, int64_t R, int64_t C, int64_t ld, const double* m, double* acc);
 
 // Columns: y = x * s[c] + t[c], then max(y, 0) when relu.
-void cols_affine(const float* x, float* y, int64_t R, int64_t C, const float* s, const float* t, bool relu);
-void cols_affine(const double* x, double* y, int64_t R, int64_t C, const double* s, const double* t, bool relu);
+void cols_affine(const float* x, float* y, int64_t R, int64_t C, int64_t ld, const float* s, const float* t,
+                 bool relu);
+void cols_affine(const double* x, double* y, int64_t R, int64_t C, int64_t ld, const double* s, const double* t,
+                 bool relu);
 
 // Columns backward sums (overwritten): with d = dy masked by (x * s[c] + t[c] > 0) when
 // relu, sum_dy[c] = sum d and sum_dyx[c] = sum d * (x - m[c]) over the R rows.
-void cols_bwd_sums(const float* dy, const float* x, int64_t R, int64_t C, const float* s, const float* t,
+void cols_bwd_sums(const float* dy, const float* x, int64_t R, int64_t C, int64_t ld, const float* s, const float* t,
                    const float* m, bool relu, float* sum_dy, float* sum_dyx);
-void cols_bwd_sums(const double* dy, const double* x, int64_t R, int64_t C, const double* s, const double* t,
-                   const double* m, bool relu, double* sum_dy, double* sum_dyx);
+void cols_bwd_sums(const double* dy, const double* x, int64_t R, int64_t C, int64_t ld, const double* s,
+                   const double* t, const double* m, bool relu, double* sum_dy, double* sum_dyx);
 
 // Columns dx = a[c] * d + kx[c] * x + k0[c], d as in cols_bwd_sums.
-void cols_bwd_dx(const float* dy, const float* x, float* dx, int64_t R, int64_t C, const float* s, const float* t,
-                 const float* a, const float* kx, const float* k0, bool relu);
-void cols_bwd_dx(const double* dy, const double* x, double* dx, int64_t R, int64_t C, const double* s,
+void cols_bwd_dx(const float* dy, const float* x, float* dx, int64_t R, int64_t C, int64_t ld, const float* s,
+                 const float* t, const float* a, const float* kx, const float* k0, bool relu);
+void cols_bwd_dx(const double* dy, const double* x, double* dx, int64_t R, int64_t C, int64_t ld, const double* s,
                  const double* t, const double* a, const double* kx, const double* k0, bool relu);
 
 }  // namespace bitfast::cpu::rows
