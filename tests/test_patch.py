@@ -174,7 +174,9 @@ def test_timm_like_bit_parity(norm, train):
     out_ref, g_ref = _run(ref, x, y)
     out, g = _run(model, x, y)
     out64, g64 = _run(exact, x.double(), y)
-    torch.testing.assert_close(out, out_ref, rtol=1e-4, atol=1e-5)
+    # a coarse check, then the real one: float32 rounding differs between the kernels
+    # (vector widths, summation orders) and a training-mode BatchNorm net amplifies it
+    torch.testing.assert_close(out, out_ref, rtol=1e-3, atol=1e-4)
     _assert_as_close_to_exact(out, out_ref, out64, msg="logits")
     for n in g_ref:
         _assert_as_close_to_exact(g[n], g_ref[n], g64[n], msg=n)

@@ -37,8 +37,11 @@ def _model():
 
 
 def _train(out: str, info: DistInfo, batch_size: int = 8):
+    # A small lr: at 0.05 the loss went 1.07 -> 1.78 -> 5.11, and so divergent a run
+    # amplifies the rounding that differs between a batch of 8 and two of 4 (convolution and
+    # reduction orders) past any tolerance that would still catch a real sync fault.
     cfg = TrainConfig(batch_size=batch_size, output=out, model="bit_tiny", progress=False, momentum=0.9, seed=0)
-    return train_loop(_model(), _dataset(), cfg=cfg, total_steps=3, lr_at=lambda s: 0.05, num_classes=3, info=info)
+    return train_loop(_model(), _dataset(), cfg=cfg, total_steps=3, lr_at=lambda s: 0.01, num_classes=3, info=info)
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
