@@ -77,37 +77,55 @@ BITFAST_INLINE void planar_affine_impl(const T* x, T* y, int64_t R, int64_t L, i
   }
 }
 
-// Two streams per chunk, as in lane_sum: four independent vector chains for the two sums.
+// Pairwise total of the kLanes partial sums of an array (a tree: its additions overlap).
+constexpr int kLanes = 16;  // one AVX-512 vector of float
+
+template <typename T>
+BITFAST_INLINE T lanes16_total(const T* v) {
+  T a[8];
+  for (int l = 0; l < 8; ++l) a[l] = v[l] + v[l + 8];
+  for (int l = 0; l < 4; ++l) a[l] += a[l + 4];
+  return (a[0] + a[2]) + (a[1] + a[3]);
+}
+
+// The backward sums of one row: kLanes-wide partial sums in two interleaved sets (four
+// independent vector chains), folded by a tree once per chunk. A row of a late BiT stage
+// is short (14 x 14 or 7 x 7 pixels), so the fold is a large part of the work: the
+// compiler's own epilogue for a simd reduction added the lanes one by one.
 template <typename T, bool RELU>
 BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, int64_t n, T s, T t, T m,
                                  double* sum_dy, double* sum_dyx) {
+  constexpr int64_t W = kLanes;
   double tot_d = 0, tot_dx = 0;
   for (int64_t b = 0; b < n; b += kSumChunk) {
-    const int64_t len = std::min(n - b, kSumChunk), h = len / 2;
-    const T* __restrict x0 = x + b;
-    const T* __restrict x1 = x0 + h;
-    const T* __restrict dy0 = dy + b;
-    const T* __restrict dy1 = dy0 + h;
-    T sd0 = 0, sdx0 = 0, sd1 = 0, sdx1 = 0;
-#pragma omp simd reduction(+ : sd0, sdx0, sd1, sdx1)
-    for (int64_t i = 0; i < h; ++i) {
-      // dy read unconditionally: a select, not a masked load
-      const T g0 = dy0[i], g1 = dy1[i];
-      const T d0 = RELU ? (x0[i] * s + t > T(0) ? g0 : T(0)) : g0;
-      const T d1 = RELU ? (x1[i] * s + t > T(0) ? g1 : T(0)) : g1;
-      sd0 += d0;
-      sdx0 += d0 * (x0[i] - m);
-      sd1 += d1;
-      sdx1 += d1 * (x1[i] - m);
+    const int64_t len = std::min(n - b, kSumChunk), full = len / (2 * W) * (2 * W);
+    const T* __restrict xb = x + b;
+    const T* __restrict gb = dy + b;
+    T d0[W] = {}, e0[W] = {}, d1[W] = {}, e1[W] = {};
+    for (int64_t i = 0; i < full; i += 2 * W) {
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) {
+        // dy read unconditionally: a select, not a masked load
+        const T xa = xb[i + l], xc = xb[i + W + l], ga = gb[i + l], gc = gb[i + W + l];
+        const T da = RELU ? (xa * s + t > T(0) ? ga : T(0)) : ga;
+        const T dc = RELU ? (xc * s + t > T(0) ? gc : T(0)) : gc;
+        d0[l] += da;
+        e0[l] += da * (xa - m);
+        d1[l] += dc;
+        e1[l] += dc * (xc - m);
+      }
     }
-    for (int64_t i = 2 * h; i < len; ++i) {
-      const T g = dy0[i];
-      const T d = RELU ? (x0[i] * s + t > T(0) ? g : T(0)) : g;
-      sd1 += d;
-      sdx1 += d * (x0[i] - m);
+    for (int64_t i = full; i < len; ++i) {  // fewer than 2 * W left: one per lane
+      const T g = gb[i];
+      const T d = RELU ? (xb[i] * s + t > T(0) ? g : T(0)) : g;
+      const int64_t k = i - full;
+      T* __restrict dd = k < W ? d0 : d1;
+      T* __restrict ee = k < W ? e0 : e1;
+      dd[k % W] += d;
+      ee[k % W] += d * (xb[i] - m);
     }
-    tot_d += double(sd0 + sd1);
-    tot_dx += double(sdx0 + sdx1);
+    tot_d += double(lanes16_total(d0) + lanes16_total(d1));
+    tot_dx += double(lanes16_total(e0) + lanes16_total(e1));
   }
   *sum_dy = tot_d;
   *sum_dyx = tot_dx;
