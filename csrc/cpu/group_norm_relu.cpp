@@ -29,7 +29,6 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <cmath>
@@ -333,11 +332,13 @@ struct Block {
 //  * fewer samples, one group: each pass is spread over all blocks of all samples and the
 //    combinations run between them.
 //
+//   prepare(n, c0, nc)      per-channel inputs of sample n's channels [c0, c0 + nc), before
+//                           the first sums of those channels
 //   sums(block)             fills the partial sums of one block's channels
 //   combine(n, g0, g1)      turns sample n's partial sums of groups [g0, g1) into coefficients
 //   write(block)            writes the output of one block's channels
-template <typename Sums, typename Combine, typename Write>
-void nhwc_passes(const Shape& s, Sums&& sums, Combine&& combine, Write&& write) {
+template <typename Prepare, typename Sums, typename Combine, typename Write>
+void nhwc_passes(const Shape& s, Prepare&& prepare, Sums&& sums, Combine&& combine, Write&& write) {
   const int64_t threads = at::get_num_threads();
   auto blocks = [&](int64_t n, int64_t c0, int64_t nc, auto&& f) {
     for (int64_t b = 0; b < s.nblk; ++b) {
@@ -348,6 +349,7 @@ void nhwc_passes(const Shape& s, Sums&& sums, Combine&& combine, Write&& write) 
   if (s.N >= threads) {
     at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
       for (int64_t n = begin; n < end; ++n) {
+        prepare(n, int64_t(0), s.C);
         blocks(n, 0, s.C, sums);
         combine(n, 0, s.G);
         blocks(n, 0, s.C, write);
@@ -362,6 +364,7 @@ void nhwc_passes(const Shape& s, Sums&& sums, Combine&& combine, Write&& write) 
       for (int64_t t = begin; t < end; ++t) {
         const int64_t n = t / parts, g0 = (t % parts) * per, g1 = std::min(s.G, g0 + per);
         if (g0 >= g1) continue;
+        prepare(n, g0 * s.Cg, (g1 - g0) * s.Cg);
         blocks(n, g0 * s.Cg, (g1 - g0) * s.Cg, sums);
         combine(n, g0, g1);
         blocks(n, g0 * s.Cg, (g1 - g0) * s.Cg, write);
@@ -373,6 +376,9 @@ void nhwc_passes(const Shape& s, Sums&& sums, Combine&& combine, Write&& write) 
     const int64_t n = t / s.nblk, p0 = (t % s.nblk) * s.Rb;
     f(Block{t, n, std::min(s.Rb, s.HW - p0), (n * s.HW + p0) * s.C, 0, s.C});
   };
+  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) prepare(n, int64_t(0), s.C);
+  });
   const int64_t g = grain(s.Rb * s.C);
   at::parallel_for(0, s.N * s.nblk, g, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) block(t, sums);
@@ -452,7 +458,7 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
       store_rows(y, Y + o, nr, k.nc, s.C);
     }
   };
-  nhwc_passes(s, sums, combine, write);
+  nhwc_passes(s, [](int64_t, int64_t, int64_t) {}, sums, combine, write);
 }
 
 template <typename scalar_t>
@@ -464,16 +470,15 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
   const int64_t NC = s.N * s.C;
   Scratch<acc_t> pdy(s.N * s.nblk * s.C), pdyx(s.N * s.nblk * s.C);
   Scratch<acc_t> sc(NC), sh(NC), meanc(NC), a(NC), kx(NC), k0(NC);
-  for (int64_t n = 0; n < s.N; ++n) {
-    for (int64_t g = 0; g < s.G; ++g) {
+  auto prepare = [&](int64_t n, int64_t c0, int64_t nc) {
+    for (int64_t c = c0; c < c0 + nc; ++c) {
+      const int64_t g = c / s.Cg;
       const acc_t mean = MEAN[n * s.G + g], rstd = RSTD[n * s.G + g];
-      for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
-        sc[n * s.C + c] = rstd * W[c];
-        sh[n * s.C + c] = B[c] - mean * sc[n * s.C + c];
-        meanc[n * s.C + c] = mean;
-      }
+      sc[n * s.C + c] = rstd * W[c];
+      sh[n * s.C + c] = B[c] - mean * sc[n * s.C + c];
+      meanc[n * s.C + c] = mean;
     }
-  }
+  };
   auto sums = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, dybuf;
     int64_t ld, ld2;  // equal: rows of the same width and type
@@ -524,17 +529,23 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
       store_rows(dx, DX + e, nr, k.nc, s.C);
     }
   };
-  nhwc_passes(s, sums, combine, write);
+  nhwc_passes(s, prepare, sums, combine, write);
 }
 
-// grad_weight or grad_bias: the (N, C) per-sample sums added over the samples in order.
-at::Tensor sum_over_samples(const std::vector<double>& per_sample, int64_t N, int64_t C, at::ScalarType dtype) {
-  at::Tensor out = at::zeros({C}, at::TensorOptions().dtype(at::kDouble));
-  double* o = out.data_ptr<double>();
-  for (int64_t n = 0; n < N; ++n) {
-    for (int64_t c = 0; c < C; ++c) o[c] += per_sample[n * C + c];
+// grad_weight or grad_bias: the (N, C) per-sample sums added over the samples in order,
+// in double, written once in the parameters' dtype.
+at::Tensor sum_over_samples(const double* per_sample, int64_t N, int64_t C, at::ScalarType dtype) {
+  std::vector<double> total(per_sample, per_sample + C);
+  for (int64_t n = 1; n < N; ++n) {
+    const double* p = per_sample + n * C;
+    for (int64_t c = 0; c < C; ++c) total[c] += p[c];
   }
-  return out.to(dtype);
+  at::Tensor out = at::empty({C}, at::TensorOptions().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "sum_over_samples", [&] {
+    scalar_t* o = out.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) o[c] = scalar_t(total[c]);
+  });
+  return out;
 }
 
 }  // namespace
@@ -575,7 +586,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(const at::Ten
   const auto acc = stat_dtype(x.scalar_type());
   at::Tensor dx = at::empty(x.sizes(), x.options().memory_format(fmt));
   const at::Tensor w = channel_param(weight, s.C, acc, 1.0), b = channel_param(bias, s.C, acc, 0.0);
-  std::vector<double> dwn(s.N * s.C), dbn(s.N * s.C);
+  Scratch<double> dwn(s.N * s.C), dbn(s.N * s.C);  // every element written by the kernels
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "native_group_norm_relu_bwd", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto run = cl ? bwd_nhwc<scalar_t> : bwd_nchw<scalar_t>;
@@ -584,7 +595,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(const at::Ten
         dwn.data(), dbn.data(), s, relu, nullptr);
   });
   const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : at::kFloat;
-  return {dx, sum_over_samples(dwn, s.N, s.C, pdtype), sum_over_samples(dbn, s.N, s.C, pdtype)};
+  return {dx, sum_over_samples(dwn.data(), s.N, s.C, pdtype), sum_over_samples(dbn.data(), s.N, s.C, pdtype)};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_fwd(
@@ -641,7 +652,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_bwd(
   const auto acc = stat_dtype(sum.scalar_type());
   at::Tensor dx = at::empty(sum.sizes(), sum.options().memory_format(fmt));
   const at::Tensor w = channel_param(weight, s.C, acc, 1.0), b = channel_param(bias, s.C, acc, 0.0);
-  std::vector<double> dwn(s.N * s.C), dbn(s.N * s.C);
+  Scratch<double> dwn(s.N * s.C), dbn(s.N * s.C);  // every element written by the kernels
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, sum.scalar_type(), op, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     auto run = cl ? bwd_nhwc<scalar_t> : bwd_nchw<scalar_t>;
@@ -650,7 +661,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_bwd(
         dwn.data(), dbn.data(), s, relu, has_gs ? gsc.const_data_ptr<scalar_t>() : nullptr);
   });
   const auto pdtype = weight.has_value() && weight->defined() ? weight->scalar_type() : at::kFloat;
-  return {dx, sum_over_samples(dwn, s.N, s.C, pdtype), sum_over_samples(dbn, s.N, s.C, pdtype)};
+  return {dx, sum_over_samples(dwn.data(), s.N, s.C, pdtype), sum_over_samples(dbn.data(), s.N, s.C, pdtype)};
 }
 
 }  // namespace bitfast::cpu
