@@ -60,12 +60,15 @@ struct GroupNormReLU : public torch::autograd::Function<GroupNormReLU> {
     ctx->saved_data["num_groups"] = num_groups;
     ctx->saved_data["relu"] = relu;
     ctx->mark_non_differentiable({mean, rstd});
+    // no tensors of zeros for the statistics' (always absent) gradients
+    ctx->set_materialize_grads(false);
     return {y, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto bwd = handle<Tensor3(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
                                      const Tensor&, int64_t, bool)>("bitfast::native_group_norm_relu_bwd");
+    if (!grads[0].defined()) return variable_list(6);  // y unused: no gradient flows
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
     const OptTensor weight = opt(saved[1]), bias = opt(saved[2]);
@@ -104,6 +107,7 @@ struct GroupNormReLUAdd : public torch::autograd::Function<GroupNormReLUAdd> {
     static auto bwd = handle<Tensor3(const Tensor&, const OptTensor&, const Tensor&, const OptTensor&,
                                      const OptTensor&, const Tensor&, const Tensor&, int64_t, bool)>(
         "bitfast::native_group_norm_relu_add_bwd");
+    if (!grads[0].defined() && !grads[1].defined()) return variable_list(7);
     const auto saved = ctx->get_saved_variables();
     const Tensor& sum = saved[0];
     const OptTensor weight = opt(saved[1]), bias = opt(saved[2]);
@@ -138,12 +142,14 @@ struct BatchNormReLU : public torch::autograd::Function<BatchNormReLU> {
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["relu"] = relu;
     ctx->mark_non_differentiable({mean, var});
+    ctx->set_materialize_grads(false);
     return {y, mean, var};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto bwd = handle<Tensor3(const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, const Tensor&,
                                      const Tensor&, bool, double, bool)>("bitfast::native_batch_norm_relu_bwd");
+    if (!grads[0].defined()) return variable_list(8);
     const auto saved = ctx->get_saved_variables();
     const Tensor& x = saved[0];
     const OptTensor weight = opt(saved[1]), bias = opt(saved[2]);
@@ -169,12 +175,14 @@ struct WeightStandardize : public torch::autograd::Function<WeightStandardize> {
     auto [out, mean, rstd] = fwd.call(w, eps);
     ctx->save_for_backward({w, mean, rstd});
     ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);
     return {out, mean, rstd};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static auto bwd = handle<Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
         "bitfast::native_weight_standardize_bwd");
+    if (!grads[0].defined()) return variable_list(2);
     const auto saved = ctx->get_saved_variables();
     return {bwd.call(grads[0].contiguous(), saved[0], saved[1], saved[2]), Tensor()};
   }
