@@ -5,7 +5,9 @@ machine hit both sides alike. Prints one line per (shape, dtype, layout, mode) w
 median time of each side and the ratio, then a markdown table.
 
     python benchmarks/norm_ab.py [--ops group_norm_relu,batch_norm_relu] [--dtypes fp32,bf16]
-                                 [--rounds 5] [--threads 2]
+                                 [--shapes 16x1024x8x8,16x2048x4x4] [--rounds 5] [--threads 2]
+
+Without ``--shapes`` the shapes are those of ``bitfast bench`` on CPU.
 """
 
 import argparse
@@ -19,6 +21,7 @@ p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 p.add_argument("--ops", default="group_norm_relu", help="comma-separated norm ops of bitfast bench")
 p.add_argument("--dtypes", default="fp32", help="comma-separated: fp32, bf16")
 p.add_argument("--layouts", default="channels_last,nchw", help="comma-separated: channels_last, nchw")
+p.add_argument("--shapes", default=None, help="comma-separated NxCxHxW shapes instead of the bench's")
 p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (the median is kept)")
 p.add_argument("--min-time", type=float, default=0.05, help="seconds of calls per case per round")
 p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -29,11 +32,15 @@ if args.threads:
 impls = ("eager", "cpp")
 rows = []
 for op in args.ops.split(","):
-    for shape in bench.shapes(op, "cpu", False):
+    if args.shapes:
+        table = {s: tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")}
+    else:
+        table = bench.shapes(op, "cpu", False)
+    for shape, value in table.items():
         for dt in args.dtypes.split(","):
             for lay in args.layouts.split(","):
                 for mode in ("fwd", "bwd", "full"):
-                    cases = {i: bench.make_case(bench.Spec(op, shape, dt, lay, mode, i), "cpu") for i in impls}
+                    cases = {i: bench.make_case(bench.Spec(op, shape, dt, lay, mode, i), "cpu", shape=value) for i in impls}
                     for c in cases.values():
                         c.check()
                     t = {i: [] for i in impls}
