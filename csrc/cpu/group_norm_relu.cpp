@@ -406,10 +406,110 @@ at::opmath_type<scalar_t>* out_rows(scalar_t* p, int64_t R, int64_t L, int64_t s
   }
 }
 
+// Small groups of wide channel ranges (BiT's last stage: 64 channels per group at 4x4 or
+// 7x7) and small groups of a single sample are taken whole, one (sample, group) per task,
+// as in NCHW: a group is HW rows of Cg contiguous channels (rows C apart), small enough for
+// L1 (at most 8192 elements over at most 256 rows, float column sums of at most 256
+// terms). No per-channel partial sums, no fold across blocks: with few pixels per channel
+// that bookkeeping cost as much as the passes over the data. Rows narrower than 64
+// channels are slower this way than in the blocks of a whole sample (measured at
+// 16x1024x8x8 and 16x512x4x4), except when a single sample leaves nothing else to run in
+// parallel (1x768x14x14). The choice depends on the shape only, so results do not depend
+// on the thread count.
+bool group_major(const Shape& s) {
+  return s.Cg >= 16 && s.HW <= 256 && s.Cg * s.HW <= 8192 && (s.Cg >= 64 || s.N == 1);
+}
+
+template <typename scalar_t>
+void fwd_nhwc_groups(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, at::opmath_type<scalar_t>* RSTD,
+                     const at::opmath_type<scalar_t>* W, const at::opmath_type<scalar_t>* B, const Shape& s,
+                     double eps, bool relu, const Residual<scalar_t>& res) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* XS = res.a != nullptr ? res.sum : X;
+  at::parallel_for(0, s.N * s.G, grain(s.M), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf, tbuf, ybuf, colsum(s.Cg), colsq(s.Cg), mv(s.Cg), sc(s.Cg), sh(s.Cg);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / s.G, c0 = (ng % s.G) * s.Cg, off = n * s.HW * s.C + c0;
+      if (res.a != nullptr) {
+        for (int64_t r = 0; r < s.HW; ++r) load_input(X, res, off + r * s.C, s.Cg, xbuf, tbuf);
+      }
+      int64_t ld;
+      const acc_t* x = load_rows(XS + off, s.HW, s.Cg, s.C, xbuf, &ld);
+      rows::cols_sum(x, s.HW, s.Cg, ld, colsum.data());
+      double total = 0;
+      for (int64_t c = 0; c < s.Cg; ++c) total += double(colsum[c]);
+      // 0 / 0 = NaN for an empty group, as the reference's mean of nothing.
+      const acc_t mean = acc_t(total / double(s.M));
+      std::fill(mv.begin(), mv.end(), mean);
+      rows::cols_sum_sq_dev(x, s.HW, s.Cg, ld, mv.data(), colsq.data());
+      double q = 0;
+      for (int64_t c = 0; c < s.Cg; ++c) q += double(colsq[c]);
+      const acc_t rstd = acc_t(1.0 / std::sqrt(q / double(s.M) + eps));
+      MEAN[ng] = mean;
+      RSTD[ng] = rstd;
+      for (int64_t c = 0; c < s.Cg; ++c) {
+        sc[c] = rstd * W[c0 + c];
+        sh[c] = B[c0 + c] - mean * sc[c];
+      }
+      int64_t ldy;
+      acc_t* y = out_rows(Y + off, s.HW, s.Cg, s.C, ybuf, &ldy);
+      rows::cols_affine(x, y, s.HW, s.Cg, ld, sc.data(), sh.data(), relu);
+      store_rows(y, Y + off, s.HW, s.Cg, s.C);
+    }
+  });
+}
+
+template <typename scalar_t>
+void bwd_nhwc_groups(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opmath_type<scalar_t>* MEAN,
+                     const at::opmath_type<scalar_t>* RSTD, const at::opmath_type<scalar_t>* W,
+                     const at::opmath_type<scalar_t>* B, double* DWN, double* DBN, const Shape& s, bool relu,
+                     const scalar_t* GS) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, s.N * s.G, grain(2 * s.M), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf, sc(s.Cg), sh(s.Cg), mv(s.Cg), sdy(s.Cg), sdyx(s.Cg), a(s.Cg),
+        kx(s.Cg), k0(s.Cg);
+    for (int64_t ng = begin; ng < end; ++ng) {
+      const int64_t n = ng / s.G, c0 = (ng % s.G) * s.Cg, off = n * s.HW * s.C + c0;
+      const acc_t mean = MEAN[ng], rstd = RSTD[ng];
+      for (int64_t c = 0; c < s.Cg; ++c) {
+        sc[c] = rstd * W[c0 + c];
+        sh[c] = B[c0 + c] - mean * sc[c];
+        mv[c] = mean;
+      }
+      int64_t ld, ld2, ld3;  // equal: rows of the same width and type
+      const acc_t* x = load_rows(X + off, s.HW, s.Cg, s.C, xbuf, &ld);
+      const acc_t* dy = load_rows(DY + off, s.HW, s.Cg, s.C, dybuf, &ld2);
+      rows::cols_bwd_sums(dy, x, s.HW, s.Cg, ld, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
+      double sum_g = 0, sum_gx = 0;
+      const double r = rstd;
+      for (int64_t c = 0; c < s.Cg; ++c) {
+        const double db = sdy[c], dw = double(sdyx[c]) * r;
+        DBN[n * s.C + c0 + c] = db;
+        DWN[n * s.C + c0 + c] = dw;
+        sum_g += double(W[c0 + c]) * db;
+        sum_gx += double(W[c0 + c]) * dw;
+      }
+      const double mg = sum_g / double(s.M), mgx = sum_gx / double(s.M);
+      for (int64_t c = 0; c < s.Cg; ++c) {
+        a[c] = acc_t(r * double(W[c0 + c]));
+        kx[c] = acc_t(-r * r * mgx);
+        k0[c] = acc_t(r * r * mgx * double(mean) - r * mg);
+      }
+      acc_t* dx = out_rows(DX + off, s.HW, s.Cg, s.C, dxbuf, &ld3);
+      rows::cols_bwd_dx(dy, x, dx, s.HW, s.Cg, ld, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
+      if (GS != nullptr) {
+        for (int64_t row = 0; row < s.HW; ++row) add_grad_sum(GS, off + row * s.C, s.Cg, dx + row * ld, gsbuf);
+      }
+      store_rows(dx, DX + off, s.HW, s.Cg, s.C);
+    }
+  });
+}
+
 template <typename scalar_t>
 void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, at::opmath_type<scalar_t>* RSTD,
               const at::opmath_type<scalar_t>* W, const at::opmath_type<scalar_t>* B, const Shape& s, double eps,
               bool relu, const Residual<scalar_t>& res) {
+  if (group_major(s)) return fwd_nhwc_groups(X, Y, MEAN, RSTD, W, B, s, eps, relu, res);
   using acc_t = at::opmath_type<scalar_t>;
   // With a residual, the sums pass writes the sum block by block and everything reads it.
   const scalar_t* XS = res.a != nullptr ? res.sum : X;
@@ -466,6 +566,7 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
               const at::opmath_type<scalar_t>* RSTD, const at::opmath_type<scalar_t>* W,
               const at::opmath_type<scalar_t>* B, double* DWN, double* DBN, const Shape& s, bool relu,
               const scalar_t* GS) {
+  if (group_major(s)) return bwd_nhwc_groups(DY, X, DX, MEAN, RSTD, W, B, DWN, DBN, s, relu, GS);
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t NC = s.N * s.C;
   Scratch<acc_t> pdy(s.N * s.nblk * s.C), pdyx(s.N * s.nblk * s.C);

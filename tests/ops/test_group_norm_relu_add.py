@@ -24,6 +24,7 @@ SHAPES = [
     (2, 6, 5, 3, 1, "one-group"),
     (3, 40, 7, 9, 8, "non-pow2-odd-spatial"),
     (1, 64, 7, 7, 32, "bit-groups"),
+    (2, 1024, 4, 4, 16, "whole-groups"),
 ]
 LAYOUTS = ["nchw", "channels_last"]
 

@@ -237,6 +237,8 @@ GN_SHAPES = [
     ((3, 40, 7, 9), 8, "odd"),
     ((2, 64, 14, 14), 32, "bit-C64"),
     ((2, 2048, 4, 4), 32, "bit-final-4x4"),
+    ((1, 512, 7, 7), 32, "bit-7x7"),
+    ((2, 32, 16, 16), 2, "wide-groups-16x16"),
 ]
 
 # (shape, label)
@@ -592,13 +594,14 @@ def test_bn_native_update_stats(dtype):
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("n", [1, 4])
-def test_norms_reproducible_across_thread_counts(layout, n):
+@pytest.mark.parametrize("c,hw", [(256, 12), (2048, 4)], ids=["blocks", "whole-groups"])
+def test_norms_reproducible_across_thread_counts(layout, n, c, hw):
     """Fixed blocks and fixed-order sums: one thread and all threads give the same bits
     (with one sample, channels_last GroupNorm takes its per-sample path on one thread and
-    its all-blocks path on several)."""
-    x = make_activation((n, 256, 12, 12), torch.float32, layout, DEVICE)
+    its channel-range path on several; 2048 channels at 4x4 take whole groups per task)."""
+    x = make_activation((n, c, hw, hw), torch.float32, layout, DEVICE)
     g = torch.randn(x.shape).contiguous(memory_format=reference.memory_format(x))
-    w, b = norm_params(256, DEVICE)
+    w, b = norm_params(c, DEVICE)
 
     def run():
         out = torch.ops.bitfast.native_group_norm_relu_fwd(x, w, b, 32, 1e-5, True)
