@@ -115,17 +115,30 @@ BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, 
         e1[l] += dc * (xc - m);
       }
     }
-    for (int64_t i = full; i < len; ++i) {  // fewer than 2 * W left: one per lane
+    int64_t rest = full;
+    if (len - rest >= W) {  // one more vector step (a 7x7 row: 32 + 16 + 1)
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) {
+        const T xa = xb[rest + l], ga = gb[rest + l];
+        const T da = RELU ? (xa * s + t > T(0) ? ga : T(0)) : ga;
+        d0[l] += da;
+        e0[l] += da * (xa - m);
+      }
+      rest += W;
+    }
+    for (int64_t i = rest; i < len; ++i) {  // fewer than W left: one per lane
       const T g = gb[i];
       const T d = RELU ? (xb[i] * s + t > T(0) ? g : T(0)) : g;
-      const int64_t k = i - full;
-      T* __restrict dd = k < W ? d0 : d1;
-      T* __restrict ee = k < W ? e0 : e1;
-      dd[k % W] += d;
-      ee[k % W] += d * (xb[i] - m);
+      d1[i - rest] += d;
+      e1[i - rest] += d * (xb[i] - m);
     }
-    tot_d += double(lanes16_total(d0) + lanes16_total(d1));
-    tot_dx += double(lanes16_total(e0) + lanes16_total(e1));
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) {  // the two sets, lane by lane (a vector add)
+      d0[l] += d1[l];
+      e0[l] += e1[l];
+    }
+    tot_d += double(lanes16_total(d0));
+    tot_dx += double(lanes16_total(e0));
   }
   *sum_dy = tot_d;
   *sum_dyx = tot_dx;
