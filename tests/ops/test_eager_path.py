@@ -35,7 +35,10 @@ class Passthrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-BACKENDS = [pytest.param(b, id=b) for b in ("cpp", "triton")]
+# (device, backend); the CUDA ones run on a GPU machine (benchmarks/gpu_check.sh)
+BACKENDS = [
+    pytest.param(d, b, id=f"{d}-{b}") for d, b in (("cpu", "cpp"), ("cpu", "triton"), ("cuda", "cuda"), ("cuda", "triton"))
+]
 LAYOUTS = [pytest.param(f, id=n) for n, f in (("nchw", torch.contiguous_format), ("cl", torch.channels_last))]
 DTYPES = [pytest.param(d, id=str(d).split(".")[1]) for d in (torch.float32, torch.bfloat16)]
 
@@ -72,25 +75,26 @@ def _assert_same(a, b, what):
         assert torch.equal(x, y), f"{what}: result {i} differs between the eager and the registered path"
 
 
-def _cases(backend, dtype, fmt):
+def _cases(backend, dtype, fmt, device):
     """(name, fn, inputs, output-gradient maker) for every public op with an eager path."""
     g = torch.Generator().manual_seed(0)
 
     def rnd(*shape, scale=1.0):
-        return (scale * torch.randn(*shape, generator=g)).to(dtype)
+        return (scale * torch.randn(*shape, generator=g)).to(device=device, dtype=dtype)
 
     x = rnd(2, 8, 5, 5).contiguous(memory_format=fmt)
     x2 = rnd(2, 8, 5, 5).contiguous(memory_format=fmt)
-    w = 1 + 0.1 * torch.randn(8, generator=g)
-    b = 0.1 * torch.randn(8, generator=g)
+    w = (1 + 0.1 * torch.randn(8, generator=g)).to(device)
+    b = (0.1 * torch.randn(8, generator=g)).to(device)
     cw = rnd(6, 8, 3, 3, scale=0.1)
 
     def dys(outs):
-        return [torch.randn(o.shape, generator=torch.Generator().manual_seed(1)).to(o.dtype) for o in outs]
+        gen = torch.Generator().manual_seed(1)
+        return [torch.randn(o.shape, generator=gen).to(device=device, dtype=o.dtype) for o in outs]
 
     def bn(training):
         def f(x, w, b):
-            rm, rv = torch.zeros(8), torch.ones(8)
+            rm, rv = torch.zeros(8, device=device), torch.ones(8, device=device)
             return bitfast.ops.batch_norm_relu(x, rm, rv, w, b, training=training, backend=backend)
 
         return f
@@ -114,19 +118,19 @@ def _cases(backend, dtype, fmt):
     ], dys
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("device,backend", BACKENDS)
 @pytest.mark.parametrize("fmt", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("python_autograd", [False, True], ids=["native-autograd", "python-autograd"])
-def test_eager_path_equals_registered_op(backend, fmt, dtype, python_autograd, monkeypatch):
+def test_eager_path_equals_registered_op(device, backend, fmt, dtype, python_autograd, monkeypatch):
     for family in ("group_norm_relu", "batch_norm_relu", "weight_standardize"):
-        require_backend(backend, family, "cpu", dtype)
+        require_backend(backend, family, device, dtype)
     if python_autograd:
-        if backend != "cpp":
+        if backend == "triton":
             pytest.skip("triton has no C++ autograd: its eager path always records the Python one (the other parameter)")
         # a build without csrc/autograd.cpp: the eager path records a Python autograd.Function
         monkeypatch.setattr(_register, "native_autograd", lambda op: False)
-    cases, dys = _cases(backend, dtype, fmt)
+    cases, dys = _cases(backend, dtype, fmt, device)
     for name, fn, inputs in cases:
         eager, registered = _run_both(fn, inputs, dys)
         _assert_same(eager, registered, f"{name} [{backend}, {dtype}, {fmt}]")
