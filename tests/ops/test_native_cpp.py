@@ -239,6 +239,7 @@ GN_SHAPES = [
     ((2, 2048, 4, 4), 32, "bit-final-4x4"),
     ((1, 512, 7, 7), 32, "bit-7x7"),
     ((2, 32, 16, 16), 2, "wide-groups-16x16"),
+    ((2, 96, 4, 8), 4, "short-rows"),
 ]
 
 # (shape, label)
@@ -247,6 +248,7 @@ BN_SHAPES = [
     ((3, 5, 7, 3), "odd"),
     ((4, 64, 14, 14), "bit-C64"),
     ((2, 512, 7, 7), "bit-late"),
+    ((17, 8, 4, 4), "many-samples-4x4"),
 ]
 
 NORM_LAYOUTS = ["nchw", "channels_last", "non_contiguous"]
