@@ -34,6 +34,7 @@
 #include <cmath>
 #include <memory>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace bitfast::cpu {
@@ -149,6 +150,31 @@ void add_grad_sum(const scalar_t* GS, int64_t off, int64_t n, at::opmath_type<sc
   residual_add(dx, load(GS + off, n, buf), dx, n);
 }
 
+// The backward coefficients of one group of Cg channels (M elements) from its per-channel
+// sums, sums(c) -> {sum of d, sum of d * (x - mean)}: grad_bias and grad_weight of the
+// channels (DB[c], DW[c], per sample) and, with g = d * weight,
+// dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) = a[c] * d + kx[c] * x + k0[c].
+// W, DW, DB, a, kx and k0 point at the group's first channel.
+template <typename acc_t, typename Sums>
+BITFAST_INLINE void group_bwd_coefficients(Sums&& sums, int64_t Cg, int64_t M, double mean, double r, const acc_t* W,
+                                           double* DW, double* DB, acc_t* a, acc_t* kx, acc_t* k0) {
+  double sum_g = 0, sum_gx = 0;
+  for (int64_t c = 0; c < Cg; ++c) {
+    const auto [db, dwx] = sums(c);
+    const double dw = dwx * r;
+    DB[c] = db;
+    DW[c] = dw;
+    sum_g += double(W[c]) * db;
+    sum_gx += double(W[c]) * dw;
+  }
+  const double mg = sum_g / double(M), mgx = sum_gx / double(M);
+  for (int64_t c = 0; c < Cg; ++c) {
+    a[c] = acc_t(r * double(W[c]));
+    kx[c] = acc_t(-r * r * mgx);
+    k0[c] = acc_t(r * r * mgx * mean - r * mg);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // NCHW
 // ---------------------------------------------------------------------------------------
@@ -206,22 +232,9 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
         mv[c] = mean;
       }
       rows::planar_bwd_sums(dy, x, s.Cg, s.HW, s.HW, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
-      // with g = d * weight: sum(g) and sum(g * xhat) over the group
-      double sum_g = 0, sum_gx = 0;
-      for (int64_t c = 0; c < s.Cg; ++c) {
-        const double db = sdy[c], dw = sdyx[c] * double(rstd);
-        DBN[n * s.C + c0 + c] = db;
-        DWN[n * s.C + c0 + c] = dw;
-        sum_g += double(W[c0 + c]) * db;
-        sum_gx += double(W[c0 + c]) * dw;
-      }
-      // dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) = a * d + kx * x + k0
-      const double r = rstd, mg = sum_g / double(s.M), mgx = sum_gx / double(s.M);
-      for (int64_t c = 0; c < s.Cg; ++c) {
-        a[c] = acc_t(r * double(W[c0 + c]));
-        kx[c] = acc_t(-r * r * mgx);
-        k0[c] = acc_t(r * r * mgx * double(mean) - r * mg);
-      }
+      group_bwd_coefficients([&](int64_t c) { return std::pair<double, double>(sdy[c], sdyx[c]); }, s.Cg, s.M,
+                             double(mean), double(rstd), W + c0, DWN + n * s.C + c0, DBN + n * s.C + c0, a.data(),
+                             kx.data(), k0.data());
       const int64_t step = stream_rows<scalar_t>(s.HW, s.Cg);
       for (int64_t r0 = 0; r0 < s.Cg; r0 += step) {
         const int64_t nr = std::min(step, s.Cg - r0), o = r0 * s.HW, off = ng * s.M + o;
@@ -480,21 +493,9 @@ void bwd_nhwc_groups(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const 
       const acc_t* x = load_rows(X + off, s.HW, s.Cg, s.C, xbuf, &ld);
       const acc_t* dy = load_rows(DY + off, s.HW, s.Cg, s.C, dybuf, &ld2);
       rows::cols_bwd_sums(dy, x, s.HW, s.Cg, ld, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
-      double sum_g = 0, sum_gx = 0;
-      const double r = rstd;
-      for (int64_t c = 0; c < s.Cg; ++c) {
-        const double db = sdy[c], dw = double(sdyx[c]) * r;
-        DBN[n * s.C + c0 + c] = db;
-        DWN[n * s.C + c0 + c] = dw;
-        sum_g += double(W[c0 + c]) * db;
-        sum_gx += double(W[c0 + c]) * dw;
-      }
-      const double mg = sum_g / double(s.M), mgx = sum_gx / double(s.M);
-      for (int64_t c = 0; c < s.Cg; ++c) {
-        a[c] = acc_t(r * double(W[c0 + c]));
-        kx[c] = acc_t(-r * r * mgx);
-        k0[c] = acc_t(r * r * mgx * double(mean) - r * mg);
-      }
+      group_bwd_coefficients([&](int64_t c) { return std::pair<double, double>(sdy[c], sdyx[c]); }, s.Cg, s.M,
+                             double(mean), double(rstd), W + c0, DWN + n * s.C + c0, DBN + n * s.C + c0, a.data(),
+                             kx.data(), k0.data());
       acc_t* dx = out_rows(DX + off, s.HW, s.Cg, s.C, dxbuf, &ld3);
       rows::cols_bwd_dx(dy, x, dx, s.HW, s.Cg, ld, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
       if (GS != nullptr) {
@@ -591,26 +592,17 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
   };
   auto combine = [&](int64_t n, int64_t g0, int64_t g1) {
     for (int64_t g = g0; g < g1; ++g) {
-      const double mean = MEAN[n * s.G + g], r = RSTD[n * s.G + g];
-      double sum_g = 0, sum_gx = 0;
-      for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
+      const int64_t c0 = g * s.Cg, o = n * s.C + c0;
+      auto sums = [&](int64_t c) {  // the blocks' partial sums of channel c0 + c, in order
         double db = 0, dwx = 0;
         for (int64_t b = 0; b < s.nblk; ++b) {
-          db += double(pdy[(n * s.nblk + b) * s.C + c]);
-          dwx += double(pdyx[(n * s.nblk + b) * s.C + c]);
+          db += double(pdy[(n * s.nblk + b) * s.C + c0 + c]);
+          dwx += double(pdyx[(n * s.nblk + b) * s.C + c0 + c]);
         }
-        const double dw = dwx * r;
-        DBN[n * s.C + c] = db;
-        DWN[n * s.C + c] = dw;
-        sum_g += double(W[c]) * db;
-        sum_gx += double(W[c]) * dw;
-      }
-      const double mg = sum_g / double(s.M), mgx = sum_gx / double(s.M);
-      for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
-        a[n * s.C + c] = acc_t(r * double(W[c]));
-        kx[n * s.C + c] = acc_t(-r * r * mgx);
-        k0[n * s.C + c] = acc_t(r * r * mgx * mean - r * mg);
-      }
+        return std::pair<double, double>(db, dwx);
+      };
+      group_bwd_coefficients(sums, s.Cg, s.M, double(MEAN[n * s.G + g]), double(RSTD[n * s.G + g]), W + c0, DWN + o,
+                             DBN + o, a.data() + o, kx.data() + o, k0.data() + o);
     }
   };
   auto write = [&](const Block& k) {
