@@ -62,7 +62,7 @@ class StoryConfig:
     batch_size: int = 64
     upstream_steps: int = 300
     upstream_lr: float = 0.025
-    finetune_schedule: Sequence[int] = (4, 20, 30, 36, 40)
+    finetune_schedule: Sequence[int] = (6, 30, 45, 54, 60)
     finetune_lr: float = 0.03
     scratch_lr: float = 0.025
     shots: Sequence[int] = (1, 5, 10)
