@@ -44,7 +44,7 @@ __all__ = ["StoryConfig", "story"]
 
 @dataclass
 class StoryConfig:
-    """The story's knobs (defaults: the README's run, about 4-5 minutes on 2 CPU cores).
+    """The story's knobs (defaults: the README's run, about a minute on 2 CPU cores).
 
     ``upstream_steps`` at ``batch_size`` on digits 0-4 with peak lr ``upstream_lr`` (cosine);
     ``finetune_schedule`` = [warmup, d1, d2, d3, total] steps on digits 5-9 with peak lr
