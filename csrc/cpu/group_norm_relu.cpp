@@ -350,6 +350,11 @@ struct Block {
 //   sums(block)             fills the partial sums of one block's channels
 //   combine(n, g0, g1)      turns sample n's partial sums of groups [g0, g1) into coefficients
 //   write(block)            writes the output of one block's channels
+// The prepare step of a pass without per-channel inputs (the forward).
+struct NoPrepare {
+  void operator()(int64_t, int64_t, int64_t) const {}
+};
+
 template <typename Prepare, typename Sums, typename Combine, typename Write>
 void nhwc_passes(const Shape& s, Prepare&& prepare, Sums&& sums, Combine&& combine, Write&& write) {
   const int64_t threads = at::get_num_threads();
@@ -389,9 +394,11 @@ void nhwc_passes(const Shape& s, Prepare&& prepare, Sums&& sums, Combine&& combi
     const int64_t n = t / s.nblk, p0 = (t % s.nblk) * s.Rb;
     f(Block{t, n, std::min(s.Rb, s.HW - p0), (n * s.HW + p0) * s.C, 0, s.C});
   };
-  at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) prepare(n, int64_t(0), s.C);
-  });
+  if constexpr (!std::is_same_v<std::decay_t<Prepare>, NoPrepare>) {  // no empty parallel region
+    at::parallel_for(0, s.N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t n = begin; n < end; ++n) prepare(n, int64_t(0), s.C);
+    });
+  }
   const int64_t g = grain(s.Rb * s.C);
   at::parallel_for(0, s.N * s.nblk, g, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) block(t, sums);
@@ -559,7 +566,7 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
       store_rows(y, Y + o, nr, k.nc, s.C);
     }
   };
-  nhwc_passes(s, [](int64_t, int64_t, int64_t) {}, sums, combine, write);
+  nhwc_passes(s, NoPrepare{}, sums, combine, write);
 }
 
 template <typename scalar_t>

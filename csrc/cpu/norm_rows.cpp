@@ -56,6 +56,14 @@ BITFAST_INLINE double sum_sq_dev_impl(const T* __restrict x, int64_t n, T m) {
   return lane_sum(x, n, [m](T v) { return (v - m) * (v - m); });
 }
 
+// The output gradient masked by the forward's ReLU, the mask recomputed with exactly the
+// forward's arithmetic (x * s + t > 0) so the two agree on every element. The callers read
+// g unconditionally: a select, not a masked load.
+template <typename T, bool RELU>
+BITFAST_INLINE T relu_grad(T x, T g, T s, T t) {
+  return RELU ? (x * s + t > T(0) ? g : T(0)) : g;
+}
+
 template <typename T, bool RELU>
 BITFAST_INLINE void affine_row(const T* __restrict x, T* __restrict y, int64_t n, T s, T t) {
 #pragma omp simd
@@ -105,10 +113,9 @@ BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, 
     for (int64_t i = 0; i < full; i += 2 * W) {
 #pragma omp simd
       for (int64_t l = 0; l < W; ++l) {
-        // dy read unconditionally: a select, not a masked load
         const T xa = xb[i + l], xc = xb[i + W + l], ga = gb[i + l], gc = gb[i + W + l];
-        const T da = RELU ? (xa * s + t > T(0) ? ga : T(0)) : ga;
-        const T dc = RELU ? (xc * s + t > T(0) ? gc : T(0)) : gc;
+        const T da = relu_grad<T, RELU>(xa, ga, s, t);
+        const T dc = relu_grad<T, RELU>(xc, gc, s, t);
         d0[l] += da;
         e0[l] += da * (xa - m);
         d1[l] += dc;
@@ -120,7 +127,7 @@ BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, 
 #pragma omp simd
       for (int64_t l = 0; l < W; ++l) {
         const T xa = xb[rest + l], ga = gb[rest + l];
-        const T da = RELU ? (xa * s + t > T(0) ? ga : T(0)) : ga;
+        const T da = relu_grad<T, RELU>(xa, ga, s, t);
         d0[l] += da;
         e0[l] += da * (xa - m);
       }
@@ -128,7 +135,7 @@ BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, 
     }
     for (int64_t i = rest; i < len; ++i) {  // fewer than W left: one per lane
       const T g = gb[i];
-      const T d = RELU ? (xb[i] * s + t > T(0) ? g : T(0)) : g;
+      const T d = relu_grad<T, RELU>(xb[i], g, s, t);
       d1[i - rest] += d;
       e1[i - rest] += d * (xb[i] - m);
     }
@@ -159,7 +166,7 @@ BITFAST_INLINE void bwd_sums_rows_across(const T* __restrict dy, const T* __rest
 #pragma omp simd
     for (int64_t r = 0; r < B; ++r) {
       const T xv = x[r * stride + i], g = dy[r * stride + i];
-      const T d = RELU ? (xv * s[r] + t[r] > T(0) ? g : T(0)) : g;
+      const T d = relu_grad<T, RELU>(xv, g, s[r], t[r]);
       ad[r] += d;
       ax[r] += d * (xv - m[r]);
     }
@@ -198,8 +205,8 @@ BITFAST_INLINE void bwd_dx_row(const T* __restrict dy, const T* __restrict x, T*
                                T a, T kx, T k0) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T g = dy[i];  // read unconditionally: a select, not a masked load
-    const T d = RELU ? (x[i] * s + t > T(0) ? g : T(0)) : g;
+    const T g = dy[i];
+    const T d = relu_grad<T, RELU>(x[i], g, s, t);
     dx[i] = a * d + kx * x[i] + k0;
   }
 }
@@ -291,8 +298,8 @@ BITFAST_INLINE void cols_bwd_sums_impl(const T* __restrict dy, const T* __restri
     const T* __restrict xr = x + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T g = dyr[c];  // read unconditionally: a select, not a masked load
-      const T d = RELU ? (xr[c] * s[c] + t[c] > T(0) ? g : T(0)) : g;
+      const T g = dyr[c];
+      const T d = relu_grad<T, RELU>(xr[c], g, s[c], t[c]);
       sum_dy[c] += d;
       sum_dyx[c] += d * (xr[c] - m[c]);
     }
@@ -309,8 +316,8 @@ BITFAST_INLINE void cols_bwd_dx_impl(const T* __restrict dy, const T* __restrict
     T* __restrict dxr = dx + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T g = dyr[c];  // read unconditionally: a select, not a masked load
-      const T d = RELU ? (xr[c] * s[c] + t[c] > T(0) ? g : T(0)) : g;
+      const T g = dyr[c];
+      const T d = relu_grad<T, RELU>(xr[c], g, s[c], t[c]);
       dxr[c] = a[c] * d + kx[c] * xr[c] + k0[c];
     }
   }
