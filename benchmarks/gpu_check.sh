@@ -1,25 +1,53 @@
 #!/usr/bin/env bash
 # One-call check of bitfast on a lent GPU machine (H100/H200, torch + CUDA, triton, timm,
-# no internet): print the device and versions, build the CUDA extension, run the CUDA tests,
-# run `bitfast bench --quick` (every op on every backend against the eager, torch.compile and
-# torch.optim.SGD baselines, and the BiT-R50x1 training step at 224x224, bf16, channels_last,
-# batch 128), and leave the logs, bench.json and bench.md in the output directory (first
-# argument, else $OUT, else benchmarks/results/local). The bench table is printed last.
-# Fails loudly on the first broken step. Budget: under 8 minutes on an H100 (build about
-# 40 s, CUDA tests about 1 min, bench about 3 min).
+# pytest-xdist, no internet): print the device and versions, build the CUDA extension, run
+# the CUDA tests, time the norm ops' CUDA and Triton kernels against eager in fp32/bf16,
+# NCHW/channels_last (benchmarks/cuda_norms.py), run `bitfast bench --quick` on the ops
+# (every backend against the eager, torch.compile and torch.optim.SGD baselines), then the
+# BiT-R50x1 training step (224x224, bf16, channels_last, batch 128) if time is left. Logs and
+# results go to the output directory (first argument, else $OUT, else
+# benchmarks/results/local); a summary is printed last.
 #
-# Without a GPU (a dry run on a developer machine) it says so, skips the build and the CUDA
-# tests, and runs the bench on the CPU.
+# Every step runs under a time cap inside one budget (BITFAST_GPU_BUDGET seconds, default
+# 430), most important first; a failing step is reported and the next one still runs; the
+# exit status is non-zero if any step failed. On an H100: build about 1.5 min, tests about
+# 2 min, benches 3-4 min.
+#
+# Without a GPU (a dry run on a developer machine) it says so, skips the build, the CUDA
+# tests and the CUDA norm timings, and runs the bench on the CPU.
 #
 #   bash benchmarks/gpu_check.sh [OUTDIR]
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/results/local}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
-step() { echo; echo "== $* ($(date -u +%H:%M:%S))"; }
-fail() { echo "gpu_check: FAILED: $*" >&2; exit 1; }
 t_start=$(date +%s)
+deadline=$(( t_start + ${BITFAST_GPU_BUDGET:-430} ))
+failed=()
+skipped=()
+step() { echo; echo "== $* ($(date -u +%H:%M:%S), $(( $(date +%s) - t_start )) s in)"; }
+left() { echo $(( deadline - $(date +%s) )); }
+# timed NAME CAP MIN CMD...: run CMD under min(CAP, time left) seconds, or skip it when less
+# than MIN seconds are left; a non-zero exit (124: out of time) is recorded as a failure.
+timed() {
+    local name=$1 cap=$2 min=$3 t rc
+    shift 3
+    t=$(left)
+    [ "$t" -gt "$cap" ] && t=$cap
+    if [ "$t" -lt "$min" ]; then
+        echo "gpu_check: $name skipped: ${t} s left of the budget (needs ${min} s)"
+        skipped+=("$name")
+        return 0
+    fi
+    timeout -k 10 "$t" "$@"
+    rc=$?
+    if [ "$rc" != 0 ]; then
+        echo "gpu_check: $name FAILED (exit $rc$([ "$rc" = 124 ] && echo ", out of its ${t} s"))"
+        failed+=("$name (exit $rc)")
+    fi
+    return 0
+}
 
 step "device and versions"
 if "$py" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -32,9 +60,9 @@ fi
 "$py" - <<'PY' | tee -a "$out/device.txt"
 import os, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda)
-for name in ("triton", "timm"):
+for name in ("triton", "timm", "xdist", "pytest_timeout"):
     try:
-        print(name, __import__(name).__version__)
+        print(name, getattr(__import__(name), "__version__", "installed"))
     except ImportError:
         print(name, "not installed")
 if torch.cuda.is_available():
@@ -43,44 +71,72 @@ else:
     print("device cpu |", os.cpu_count(), "cores")
 PY
 git log -1 --format='bitfast commit %H %s' 2>/dev/null | tee -a "$out/device.txt" || true
+git status --short 2>/dev/null | head -20 | sed 's/^/uncommitted: /' | tee -a "$out/device.txt" || true
 
+build() {
+    local start
+    start=$(date +%s)
+    "$py" -m pip install --no-build-isolation --no-deps --no-index -e . > "$out/build.log" 2>&1 \
+        || { tail -60 "$out/build.log"; return 1; }
+    echo "built in $(( $(date +%s) - start )) s"
+}
 if [ "$gpu" = 1 ]; then
     step "build (pip install --no-build-isolation -e .)"
     export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
     export BITFAST_BUILD_CPP=1 BITFAST_BUILD_CUDA=1
-    start=$(date +%s)
-    "$py" -m pip install --no-build-isolation --no-deps --no-index -e . > "$out/build.log" 2>&1 \
-        || { tail -40 "$out/build.log"; fail "build (log: $out/build.log)"; }
-    echo "built in $(( $(date +%s) - start )) s"
+    export py out
+    export -f build
+    timed build 300 60 bash -c build
 else
     step "build: skipped (no GPU; the installed build is used)"
 fi
 "$py" -m bitfast.cli env | tee "$out/env.txt"
 if [ "$gpu" = 1 ]; then
     "$py" -c "import bitfast, sys; b = bitfast.available_backends(); print(b); sys.exit(0 if {'cpp', 'cuda', 'triton'} <= set(b) else 1)" \
-        || fail "the cpp, cuda and triton backends are not all available"
+        || failed+=("backends: cpp, cuda and triton not all available")
 fi
 
 if [ "$gpu" = 1 ]; then
     step "CUDA tests"
     # Compiled Triton on the GPU, not the interpreter.
     export TRITON_INTERPRET=0
-    # BITFAST_GPU_TESTS narrows the selection (a pytest -k expression) when device time is short.
-    if ! "$py" -m pytest tests -q -k "${BITFAST_GPU_TESTS:-cuda}" -p no:cacheprovider -o addopts="" -rs --durations=10 \
-        --junitxml="$out/cuda-tests.xml" 2>&1 | tee "$out/cuda-tests.log"; then
-        fail "CUDA tests (log: $out/cuda-tests.log)"
-    fi
+    extra=()
+    # Several worker processes when pytest-xdist is there (faster; a crashing test takes one
+    # worker down, not the run), and a per-test time limit when pytest-timeout is.
+    "$py" -c "import xdist" 2>/dev/null && extra+=(-n "${BITFAST_GPU_WORKERS:-8}")
+    "$py" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 180)
+    # BITFAST_GPU_TESTS narrows the selection (a pytest -k expression) when device time is
+    # short. The nvcc compile check is left out: the build above compiled every .cu file.
+    timed "CUDA tests" 300 60 "$py" -m pytest tests -q -p no:cacheprovider -o addopts="" -rfEs "${extra[@]}" \
+        -k "${BITFAST_GPU_TESTS:-cuda and not test_cuda_sources_compile}" --durations=15 \
+        --junitxml="$out/cuda-tests.xml" > "$out/cuda-tests.log" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$out/cuda-tests.log" | tail -40
+
+    step "CUDA norm kernels vs eager: fp32/bf16, NCHW/channels_last, fwd+bwd"
+    timed "cuda_norms" 150 40 "$py" benchmarks/cuda_norms.py --json "$out/cuda-norms.json" \
+        --markdown "$out/cuda-norms.md" > "$out/cuda-norms.txt" 2>&1
+    tail -5 "$out/cuda-norms.txt"
 else
-    step "CUDA tests: skipped (no GPU)"
+    step "CUDA tests and CUDA norm timings: skipped (no GPU)"
 fi
 
-step "bitfast bench --quick (ops and the BiT-R50x1 train step)"
 unset TRITON_INTERPRET
-# The table goes to bench.txt (printed at the end); the progress lines stream here.
-if ! "$py" -m bitfast.cli bench --quick --json "$out/bench.json" --markdown "$out/bench.md" 2>&1 >"$out/bench.txt" \
-        | tee "$out/bench-progress.log"; then
-    fail "bitfast bench (log: $out/bench-progress.log)"
-fi
+step "bitfast bench --quick on the ops"
+timed "bench (ops)" 240 60 "$py" -m bitfast.cli bench --quick --no-progress \
+    --ops weight_standardize,group_norm_relu,group_norm_relu_add,batch_norm_relu,sgd_momentum \
+    --json "$out/bench.json" --markdown "$out/bench.md" > "$out/bench.txt" 2>&1
+step "bitfast bench --quick on the BiT-R50x1 train step"
+timed "bench (train step)" 240 90 "$py" -m bitfast.cli bench --quick --no-progress --ops train_step \
+    --json "$out/bench-train.json" --markdown "$out/bench-train.md" > "$out/bench-train.txt" 2>&1
 
-step "done in $(( $(date +%s) - t_start )) s; results in $out (bench.md, bench.json, logs)"
-cat "$out/bench.txt"
+step "summary after $(( $(date +%s) - t_start )) s; results in $out"
+for f in cuda-norms.txt bench.txt bench-train.txt; do
+    [ -f "$out/$f" ] && { echo "--- $f"; grep -v "^|--" "$out/$f" | cut -c1-230; }
+done
+[ -f "$out/cuda-tests.log" ] && { echo "--- CUDA tests"; grep -E "^(FAILED|ERROR)" "$out/cuda-tests.log" | cut -c1-200 | head -30; tail -1 "$out/cuda-tests.log"; }
+[ ${#skipped[@]} -gt 0 ] && echo "gpu_check: skipped for time: ${skipped[*]}"
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "gpu_check: FAILED: ${failed[*]}"
+    exit 1
+fi
+echo "gpu_check: all steps passed"
