@@ -11,7 +11,10 @@
 # Every step runs under a time cap inside one budget (BITFAST_GPU_BUDGET seconds, default
 # 430), most important first; a failing step is reported and the next one still runs; the
 # exit status is non-zero if any step failed. On an H100: build about 1.5 min, tests about
-# 2 min, benches 3-4 min.
+# 1.5 min, benches 3-4 min. BITFAST_GPU_STEPS picks and orders the steps after the build
+# (default "errors,tests,norms,ops,train"; errors: the native ops' argument errors on CPU
+# and CUDA in child processes, with a cuda-gdb backtrace if one crashes);
+# BITFAST_GPU_NORMS_ARGS passes arguments to benchmarks/cuda_norms.py.
 #
 # Without a GPU (a dry run on a developer machine) it says so, skips the build, the CUDA
 # tests and the CUDA norm timings, and runs the bench on the CPU.
@@ -96,38 +99,79 @@ if [ "$gpu" = 1 ]; then
         || failed+=("backends: cpp, cuda and triton not all available")
 fi
 
-if [ "$gpu" = 1 ]; then
-    step "CUDA tests"
+errors_step() {
+    # Bad arguments to the native ops must raise RuntimeErrors, not crash the process.
+    local dev rc code
+    for dev in cpu cuda; do
+        code="import tests.ops.test_native_cpp as t; t.check_errors('$dev'); t.check_norm_errors('$dev'); print('argument errors on $dev: RuntimeErrors as expected')"
+        "$py" -X faulthandler -c "$code"
+        rc=$?
+        if [ "$rc" != 0 ] && [ "$dev" = cuda ] && command -v cuda-gdb >/dev/null; then
+            echo "the $dev error checks exited with $rc: a backtrace under cuda-gdb"
+            timeout 120 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args "$py" -c "$code" 2>&1 | tail -80
+        fi
+        [ "$rc" = 0 ] || return 1
+    done
+}
+
+tests_step() {
     # Compiled Triton on the GPU, not the interpreter.
-    export TRITON_INTERPRET=0
-    extra=()
+    local extra=()
     # Several worker processes when pytest-xdist is there (faster; a crashing test takes one
     # worker down, not the run), and a per-test time limit when pytest-timeout is.
-    "$py" -c "import xdist" 2>/dev/null && extra+=(-n "${BITFAST_GPU_WORKERS:-8}")
+    "$py" -c "import xdist" 2>/dev/null && extra+=(-n "${BITFAST_GPU_WORKERS:-12}")
     "$py" -c "import pytest_timeout" 2>/dev/null && extra+=(--timeout 180)
     # BITFAST_GPU_TESTS narrows the selection (a pytest -k expression) when device time is
     # short. The nvcc compile check is left out: the build above compiled every .cu file.
-    timed "CUDA tests" 300 60 "$py" -m pytest tests -q -p no:cacheprovider -o addopts="" -rfEs "${extra[@]}" \
+    TRITON_INTERPRET=0 "$py" -m pytest tests -q -p no:cacheprovider -o addopts="" -rfEs "${extra[@]}" \
         -k "${BITFAST_GPU_TESTS:-cuda and not test_cuda_sources_compile}" --durations=15 \
         --junitxml="$out/cuda-tests.xml" > "$out/cuda-tests.log" 2>&1
-    grep -E "^(FAILED|ERROR)|passed|failed" "$out/cuda-tests.log" | tail -40
+}
 
-    step "CUDA norm kernels vs eager: fp32/bf16, NCHW/channels_last, fwd+bwd"
-    timed "cuda_norms" 150 40 "$py" benchmarks/cuda_norms.py --json "$out/cuda-norms.json" \
-        --markdown "$out/cuda-norms.md" > "$out/cuda-norms.txt" 2>&1
-    tail -5 "$out/cuda-norms.txt"
-else
-    step "CUDA tests and CUDA norm timings: skipped (no GPU)"
-fi
-
+export py out
+export -f errors_step tests_step
 unset TRITON_INTERPRET
-step "bitfast bench --quick on the ops"
-timed "bench (ops)" 240 60 "$py" -m bitfast.cli bench --quick --no-progress \
-    --ops weight_standardize,group_norm_relu,group_norm_relu_add,batch_norm_relu,sgd_momentum \
-    --json "$out/bench.json" --markdown "$out/bench.md" > "$out/bench.txt" 2>&1
-step "bitfast bench --quick on the BiT-R50x1 train step"
-timed "bench (train step)" 240 90 "$py" -m bitfast.cli bench --quick --no-progress --ops train_step \
-    --json "$out/bench-train.json" --markdown "$out/bench-train.md" > "$out/bench-train.txt" 2>&1
+for s in $(echo "${BITFAST_GPU_STEPS:-errors,tests,norms,ops,train}" | tr ',' ' '); do
+    case "$s" in
+    errors)
+        step "argument errors of the native ops (CPU, CUDA)"
+        if [ "$gpu" = 1 ]; then
+            timed "argument errors" 180 20 bash -c errors_step 2>&1 | tee "$out/errors.log"
+            grep -q "argument errors on cuda: RuntimeErrors as expected" "$out/errors.log" || failed+=("argument errors")
+        else
+            echo "skipped (no GPU)"
+        fi ;;
+    tests)
+        step "CUDA tests"
+        if [ "$gpu" = 1 ]; then
+            timed "CUDA tests" 300 60 bash -c tests_step
+            grep -E "^(FAILED|ERROR)|passed|failed" "$out/cuda-tests.log" | tail -40
+        else
+            echo "skipped (no GPU)"
+        fi ;;
+    norms)
+        step "CUDA norm kernels vs eager (benchmarks/cuda_norms.py ${BITFAST_GPU_NORMS_ARGS:-})"
+        if [ "$gpu" = 1 ]; then
+            # shellcheck disable=SC2086
+            timed "cuda_norms" 150 40 "$py" benchmarks/cuda_norms.py ${BITFAST_GPU_NORMS_ARGS:-} \
+                --json "$out/cuda-norms.json" --markdown "$out/cuda-norms.md" > "$out/cuda-norms.txt" 2>&1
+            tail -5 "$out/cuda-norms.txt"
+        else
+            echo "skipped (no GPU)"
+        fi ;;
+    ops)
+        step "bitfast bench --quick on the ops"
+        timed "bench (ops)" 240 60 "$py" -m bitfast.cli bench --quick --no-progress \
+            --ops weight_standardize,group_norm_relu,group_norm_relu_add,batch_norm_relu,sgd_momentum \
+            --json "$out/bench.json" --markdown "$out/bench.md" > "$out/bench.txt" 2>&1 ;;
+    train)
+        step "bitfast bench --quick on the BiT-R50x1 train step"
+        timed "bench (train step)" 240 90 "$py" -m bitfast.cli bench --quick --no-progress --ops train_step \
+            --json "$out/bench-train.json" --markdown "$out/bench-train.md" > "$out/bench-train.txt" 2>&1 ;;
+    *)
+        failed+=("unknown step $s in BITFAST_GPU_STEPS") ;;
+    esac
+done
 
 step "summary after $(( $(date +%s) - t_start )) s; results in $out"
 for f in cuda-norms.txt bench.txt bench-train.txt; do

@@ -15,7 +15,7 @@ The request is taken, in order, from an explicit ``backend=`` argument (a module
 backend when it is built), the innermost ``use_backend`` context, the ``BITFAST_BACKEND``
 environment variable, and otherwise ``auto``. ``auto`` picks the first backend in the
 device's priority list that can serve the inputs (CPU: cpp, reference; CUDA: cuda, triton,
-reference, with triton before cuda for the families in ``CUDA_UNVALIDATED``, see
+reference, with triton before cuda for any family in ``CUDA_UNVALIDATED``, see
 ``priority``); an explicitly requested backend that cannot serve raises ``BackendError``
 listing why. ``auto`` never picks the Triton interpreter: it is a testing tool.
 """
@@ -42,10 +42,12 @@ _PRIORITY: dict[str, tuple[str, ...]] = {
 }
 
 # Families whose CUDA kernels (bitfast._C_cuda) have compiled but not yet passed their
-# parity tests on a GPU (tests/ops/test_native_cuda_norms.py, run by
-# benchmarks/gpu_check.sh). On CUDA tensors ``auto`` tries triton before cuda for these; an
-# explicit ``backend="cuda"`` still runs them. Remove a family once its tests pass on a GPU.
-CUDA_UNVALIDATED: frozenset[str] = frozenset({"group_norm_relu", "batch_norm_relu"})
+# parity tests on a GPU (run by benchmarks/gpu_check.sh). On CUDA tensors ``auto`` tries
+# triton before cuda for these; an explicit ``backend="cuda"`` still runs them. Add a
+# family when its CUDA kernels are new; remove it once its tests pass on a GPU. Empty since
+# GroupNorm+ReLU and BatchNorm+ReLU passed theirs on an H100 (2026-11-26, see
+# benchmarks/results/), where they also beat the Triton kernels at every BiT shape measured.
+CUDA_UNVALIDATED: frozenset[str] = frozenset()
 
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _HALF_AND_SINGLE = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -165,9 +167,8 @@ def priority(op: str, device_type: str) -> tuple[str, ...]:
     """The backends ``auto`` tries, in order, for the op family ``op`` on ``device_type``.
 
     The device's list (CPU: cpp, reference; CUDA: cuda, triton, reference), except that on
-    CUDA the families in ``CUDA_UNVALIDATED`` (GroupNorm+ReLU and BatchNorm+ReLU, whose
-    CUDA kernels have not yet been run on a GPU) try triton before cuda. Weight
-    standardization and SGD keep cuda first. Unknown device types get an empty list.
+    CUDA the families in ``CUDA_UNVALIDATED`` (CUDA kernels not yet run on a GPU; none at
+    present) try triton before cuda. Unknown device types get an empty list.
     """
     order = _PRIORITY.get(device_type, ())
     if device_type == "cuda" and op in CUDA_UNVALIDATED and "cuda" in order and "triton" in order:

@@ -54,13 +54,14 @@ __global__ void _bn_coef_kernel(
   acc_t mean, var;
   if (P != nullptr) {
     const int64_t stride = NPARTS * C;
-    Welford<acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
+    // Merged in float64 (see "Final merges" in cuda/norm_common.h).
+    Welford<double> w{0.0, 0.0, 0.0};
     for (int64_t q = 0; q < NPARTS; ++q) {
       const int64_t i = q * C + c;
-      w = welford_merge(w, Welford<acc_t>{P[i], P[stride + i], P[2 * stride + i]});
+      w = welford_merge(w, Welford<double>{P[i], P[stride + i], P[2 * stride + i]});
     }
-    mean = w.mean;
-    var = w.m2 / w.count;
+    mean = static_cast<acc_t>(w.mean);
+    var = static_cast<acc_t>(w.m2 / w.count);
     MEAN[c] = mean;
     VAR[c] = var;
   } else {
@@ -95,12 +96,14 @@ __global__ void _bn_bwd_coef_kernel(
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= C) return;
   const int64_t stride = NPARTS * C;
-  acc_t db = acc_t(0), dwx = acc_t(0);
+  // Summed in float64 (see "Final merges" in cuda/norm_common.h).
+  double db_wide = 0.0, dwx = 0.0;
   for (int64_t q = 0; q < NPARTS; ++q) {
-    db += P[q * C + c];
+    db_wide += P[q * C + c];
     dwx += P[stride + q * C + c];
   }
-  const acc_t r = inv_sqrt(VAR[c] + EPS), dw = dwx * r, w = W ? W[c] : acc_t(1);
+  const acc_t r = inv_sqrt(VAR[c] + EPS), w = W ? W[c] : acc_t(1);
+  const acc_t dw = static_cast<acc_t>(dwx * r), db = static_cast<acc_t>(db_wide);
   DW[c] = dw;
   DB[c] = db;
   const acc_t mg = TRAINING ? w * db / COUNT : acc_t(0);
@@ -142,7 +145,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_fwd(const at::Ten
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,
                                                                    bool training, double eps, bool relu) {
-  check_batch_norm_relu_fwd(x, running_mean, running_var, weight, bias, training, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool cl = is_channels_last(x);
   const at::Tensor xc = x.contiguous(format_of(cl));
@@ -191,7 +193,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_bwd(const at::Ten
                                                                    const std::optional<at::Tensor>& bias,
                                                                    const at::Tensor& mean, const at::Tensor& var,
                                                                    bool training, double eps, bool relu) {
-  check_batch_norm_relu_bwd(grad_y, x, weight, bias, mean, var, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool cl = is_channels_last(x);
   const auto fmt = format_of(cl);
@@ -236,7 +237,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_relu_bwd(const at::Ten
 
 void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var, const at::Tensor& mean,
                               const at::Tensor& var, double momentum, int64_t count) {
-  check_batch_norm_update_stats(running_mean, running_var, mean, var, count, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(running_mean.device());
   const int64_t C = running_mean.size(0);
   const bool fused = running_mean.is_contiguous() && running_var.is_contiguous() &&

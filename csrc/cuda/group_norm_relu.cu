@@ -129,14 +129,16 @@ __global__ void _gn_stats_finalize_kernel(
   const int64_t ng = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (ng >= N * G) return;
   const int64_t n = ng / G, g = ng % G, cg = C / G, stride = N * S * C;
-  Welford<acc_t> w{acc_t(0), acc_t(0), acc_t(0)};
+  // Merged in float64 (see "Final merges" in cuda/norm_common.h).
+  Welford<double> w{0.0, 0.0, 0.0};
   for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
     for (int64_t j = 0; j < S; ++j) {
       const int64_t i = (n * S + j) * C + c;
-      w = welford_merge(w, Welford<acc_t>{P[i], P[stride + i], P[2 * stride + i]});
+      w = welford_merge(w, Welford<double>{P[i], P[stride + i], P[2 * stride + i]});
     }
   }
-  const acc_t mean = w.mean, rstd = inv_sqrt(w.m2 / w.count + EPS);
+  const acc_t mean = static_cast<acc_t>(w.mean);
+  const acc_t rstd = static_cast<acc_t>(inv_sqrt(w.m2 / w.count + static_cast<double>(EPS)));
   MEAN[ng] = mean;
   RSTD[ng] = rstd;
   for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
@@ -185,21 +187,23 @@ __global__ void _gn_bwd_coef_kernel(
   if (ng >= N * G) return;
   const int64_t n = ng / G, g = ng % G, cg = C / G, stride = N * S * C;
   const acc_t mean = MEAN[ng], r = RSTD[ng];
-  acc_t sum_g = acc_t(0), sum_gx = acc_t(0);
+  // Summed in float64 (see "Final merges" in cuda/norm_common.h).
+  double sum_g = 0.0, sum_gx = 0.0;
   for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
-    acc_t db = acc_t(0), dwx = acc_t(0);
+    double db = 0.0, dwx = 0.0;
     for (int64_t j = 0; j < S; ++j) {
       const int64_t i = (n * S + j) * C + c;
       db += P[i];
       dwx += P[stride + i];
     }
-    const acc_t dw = dwx * r, w = W ? W[c] : acc_t(1);
-    DBN[n * C + c] = db;
-    DWN[n * C + c] = dw;
+    const double dw = dwx * r, w = W ? W[c] : acc_t(1);
+    DBN[n * C + c] = static_cast<acc_t>(db);
+    DWN[n * C + c] = static_cast<acc_t>(dw);
     sum_g += w * db;
     sum_gx += w * dw;
   }
-  const acc_t m = static_cast<acc_t>(cg * HW), mg = sum_g / m, mgx = sum_gx / m;
+  const double m = static_cast<double>(cg * HW);
+  const acc_t mg = static_cast<acc_t>(sum_g / m), mgx = static_cast<acc_t>(sum_gx / m);
   for (int64_t c = g * cg; c < (g + 1) * cg; ++c) {
     A[n * C + c] = r * (W ? W[c] : acc_t(1));
     KX[n * C + c] = -r * r * mgx;
@@ -265,7 +269,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_fwd(const at::Ten
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,
                                                                    int64_t num_groups, double eps, bool relu) {
-  check_group_norm_relu_fwd(x, weight, bias, num_groups, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool cl = is_channels_last(x);
   const at::Tensor xc = x.contiguous(format_of(cl));
@@ -320,7 +323,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(const at::Ten
                                                                    const std::optional<at::Tensor>& bias,
                                                                    const at::Tensor& mean, const at::Tensor& rstd,
                                                                    int64_t num_groups, bool relu) {
-  check_group_norm_relu_bwd(grad_y, x, weight, bias, mean, rstd, num_groups, c10::DeviceType::CUDA);
   const c10::cuda::CUDAGuard guard(x.device());
   const bool cl = is_channels_last(x);
   const auto fmt = format_of(cl);

@@ -14,6 +14,12 @@
 //     pixels, so that a few samples with many pixels still make enough blocks).
 //
 // All launches go to the current stream; every reduction has a fixed order (no atomics).
+//
+// Final merges: the kernels that combine the partials of one (sample, group) or one channel
+// (one thread each, in a fixed order) do so in float64 whatever the math type, then round
+// the results to it. A float32 running merge of thousands of partials (12544 for one
+// 64-channel group of 112 x 112 pixels in channels_last) lost digits: relative errors of
+// 3.5e-6 in the mean and 2.6e-6 in rstd against 1e-7 from PyTorch (H100, 2026-11-26).
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -193,8 +193,7 @@ void sgd_momentum_(at::TensorList params, at::TensorList grads, at::TensorList m
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    bool is_first_step, const std::optional<at::Tensor>& lr_tensor, at::TensorList ema_params,
                    double ema_decay) {
-  const bool use_momentum = check_sgd_momentum(params, grads, momentum_buffers, momentum, lr_tensor, ema_params,
-                                               ema_decay, c10::DeviceType::CUDA);
+  const bool use_momentum = momentum != 0.0;  // the buffers take part (arguments checked in cuda/register.cpp)
   if (params.empty()) return;
   const c10::cuda::CUDAGuard guard(params[0].device());
   const bool use_ema = !ema_params.empty();

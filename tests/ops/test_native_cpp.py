@@ -347,9 +347,18 @@ def check_bn_update_stats(device, dtype=torch.float32) -> None:
         torch.ops.bitfast.native_batch_norm_update_stats_(rm, rv, mean, var, 0.1, count)
         reference.batch_norm_update_stats_(rm_ref, rv_ref, mean, var, 0.1, count)
         assert (rm.data_ptr(), rv.data_ptr()) == ptrs
-        # exact in fp32/fp64; half-precision buffers may round the last bit differently
+        # Exact in fp32/fp64 on CPU. On CUDA within a rounding: the kernel and ATen's tensor
+        # ops (mul_, add_(alpha=)) need not contract the multiply-add alike (an H100 run
+        # differed by one ulp in 2 of 7 channels). Half-precision buffers may round the
+        # last bit differently.
         low = dtype in (torch.float16, torch.bfloat16)
-        tol = dict(rtol=1e-2, atol=1e-3) if low else dict(rtol=0, atol=0)
+        eps = torch.finfo(dtype).eps
+        if low:
+            tol = dict(rtol=1e-2, atol=1e-3)
+        elif torch.device(device).type == "cuda":
+            tol = dict(rtol=eps, atol=4 * eps)
+        else:
+            tol = dict(rtol=0, atol=0)
         torch.testing.assert_close(rm, rm_ref, **tol)
         torch.testing.assert_close(rv, rv_ref, **tol)
 
