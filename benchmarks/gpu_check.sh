@@ -13,7 +13,7 @@
 # exit status is non-zero if any step failed. On an H100: build about 1.5 min, tests about
 # 1.5 min, benches 3-4 min. BITFAST_GPU_STEPS picks and orders the steps after the build
 # (default "errors,tests,norms,ops,train"; errors: the native ops' argument errors on CPU
-# and CUDA in child processes, with a cuda-gdb backtrace if one crashes);
+# and CUDA in child processes; on a crash a cuda-gdb backtrace and benchmarks/throw_probe.py);
 # BITFAST_GPU_NORMS_ARGS passes arguments to benchmarks/cuda_norms.py.
 #
 # Without a GPU (a dry run on a developer machine) it says so, skips the build, the CUDA
@@ -79,7 +79,7 @@ git status --short 2>/dev/null | head -20 | sed 's/^/uncommitted: /' | tee -a "$
 build() {
     local start
     start=$(date +%s)
-    "$py" -m pip install --no-build-isolation --no-deps --no-index -e . > "$out/build.log" 2>&1 \
+    "$py" -m pip install -v --no-build-isolation --no-deps --no-index -e . > "$out/build.log" 2>&1 \
         || { tail -60 "$out/build.log"; return 1; }
     echo "built in $(( $(date +%s) - start )) s"
 }
@@ -100,18 +100,27 @@ if [ "$gpu" = 1 ]; then
 fi
 
 errors_step() {
-    # Bad arguments to the native ops must raise RuntimeErrors, not crash the process.
-    local dev rc code
+    # Bad arguments to the native ops must raise RuntimeErrors, not crash the process. On a
+    # crash: a backtrace under cuda-gdb (it debugs CPU-only programs too), then
+    # benchmarks/throw_probe.py, which tells whether any extension built here crashes so.
+    local dev rc code bad=0
     for dev in cpu cuda; do
         code="import tests.ops.test_native_cpp as t; t.check_errors('$dev'); t.check_norm_errors('$dev'); print('argument errors on $dev: RuntimeErrors as expected')"
         "$py" -X faulthandler -c "$code"
         rc=$?
-        if [ "$rc" != 0 ] && [ "$dev" = cuda ] && command -v cuda-gdb >/dev/null; then
-            echo "the $dev error checks exited with $rc: a backtrace under cuda-gdb"
-            timeout 120 cuda-gdb -batch -ex run -ex bt -ex "info sharedlibrary" --args "$py" -c "$code" 2>&1 | tail -80
+        if [ "$rc" != 0 ]; then
+            bad=1
+            echo "the $dev error checks exited with $rc"
+            if command -v cuda-gdb >/dev/null; then
+                echo "backtrace under cuda-gdb:"
+                timeout 150 cuda-gdb -batch -ex run -ex bt --args "$py" -c "$code" 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -60
+            fi
         fi
-        [ "$rc" = 0 ] || return 1
     done
+    if [ "$bad" = 1 ]; then
+        "$py" benchmarks/throw_probe.py
+    fi
+    return $bad
 }
 
 tests_step() {
@@ -136,7 +145,7 @@ for s in $(echo "${BITFAST_GPU_STEPS:-errors,tests,norms,ops,train}" | tr ',' ' 
     errors)
         step "argument errors of the native ops (CPU, CUDA)"
         if [ "$gpu" = 1 ]; then
-            timed "argument errors" 180 20 bash -c errors_step 2>&1 | tee "$out/errors.log"
+            timed "argument errors" 360 20 bash -c errors_step 2>&1 | tee "$out/errors.log"
             grep -q "argument errors on cuda: RuntimeErrors as expected" "$out/errors.log" || failed+=("argument errors")
         else
             echo "skipped (no GPU)"

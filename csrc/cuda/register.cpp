@@ -2,10 +2,8 @@
 // bitfast/ops/_library.py. Loading bitfast._C_cuda runs this registration. It lives in a
 // .cpp file so the host compiler, not nvcc, digests torch/library.h.
 //
-// Each op's arguments are checked here (common/checks.h), in host-compiled code, before
-// the launcher in the .cu file runs: on the first GPU machine bitfast ran on (H100, torch
-// 2.11, CUDA 13), an error thrown from nvcc-compiled code took the process down with a
-// segmentation fault instead of raising a RuntimeError. The launchers assume checked
+// Each op's arguments are checked here (common/checks.h), before the launcher in the .cu
+// file runs, so the .cu files hold kernels and launches only. The launchers assume checked
 // arguments; they keep only the launch-size limits that depend on the kernels' grids.
 #include "common/checks.h"
 #include "cuda/batch_norm_relu.h"
