@@ -9,8 +9,10 @@ child process, so a crash is reported rather than suffered.
 
     python benchmarks/throw_probe.py [--build-dir DIR]
 
-Prints one line per variant ("raised RuntimeError" or "crashed: signal N") and exits 1 if
-any variant crashed.
+Three ways of raising (TORCH_CHECK, which captures a C++ backtrace as the c10::Error is
+made; a c10::Error made without one; a plain std::runtime_error), each in its own child
+process, for torch's default flags and for bitfast's. Prints one line per case ("raised
+RuntimeError" or "crashed: signal N") and exits 1 if any crashed.
 """
 
 import argparse
@@ -24,16 +26,40 @@ SOURCE = r"""
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <stdexcept>
+
 namespace {
-at::Tensor throw_if_1d(const at::Tensor& x) {
+// TORCH_CHECK: a c10::Error that captures a C++ backtrace as it is made.
+at::Tensor torch_check(const at::Tensor& x) {
   TORCH_CHECK(x.dim() >= 2, "probe: x has ", x.dim(), " dims (shape ", x.sizes(), "); expected >= 2");
+  return x;
+}
+// A c10::Error made without a backtrace.
+at::Tensor c10_error_no_backtrace(const at::Tensor& x) {
+  if (x.dim() < 2) throw c10::Error(c10::str("probe: x has ", x.dim(), " dims"), nullptr);
+  return x;
+}
+// A plain C++ exception.
+at::Tensor std_runtime_error(const at::Tensor& x) {
+  if (x.dim() < 2) throw std::runtime_error("probe: x has fewer than 2 dims");
   return x;
 }
 }  // namespace
 
-TORCH_LIBRARY(NAMESPACE, m) { m.def("throw_if_1d(Tensor x) -> Tensor"); }
-TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) { m.impl("throw_if_1d", &throw_if_1d); }
+TORCH_LIBRARY(NAMESPACE, m) {
+  m.def("torch_check(Tensor x) -> Tensor");
+  m.def("c10_error_no_backtrace(Tensor x) -> Tensor");
+  m.def("std_runtime_error(Tensor x) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
+  m.impl("torch_check", &torch_check);
+  m.impl("c10_error_no_backtrace", &c10_error_no_backtrace);
+  m.impl("std_runtime_error", &std_runtime_error);
+}
 """
+
+# How the error is raised: each kind in its own child process, so one crash hides nothing.
+KINDS = ("torch_check", "c10_error_no_backtrace", "std_runtime_error")
 
 # name -> extra compiler flags: torch's defaults, then bitfast's (setup.py)
 VARIANTS = {
@@ -44,11 +70,13 @@ VARIANTS = {
 CHILD = r"""
 import sys, torch
 from torch.utils.cpp_extension import load_inline
-name, flags, build = sys.argv[1], sys.argv[2].split() if sys.argv[2] else [], sys.argv[3]
+name, flags, build, kind = sys.argv[1], sys.argv[2].split() if sys.argv[2] else [], sys.argv[3], sys.argv[4]
 src = {src!r}.replace("NAMESPACE", name)
 load_inline(name, cpp_sources=src, extra_cflags=flags, extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
             is_python_module=False, build_directory=build, verbose=False)
-op = getattr(torch.ops, name).throw_if_1d
+if kind == "build":
+    sys.exit(0)
+op = getattr(getattr(torch.ops, name), kind)
 assert op(torch.zeros(2, 2)).shape == (2, 2)
 try:
     op(torch.zeros(3))
@@ -67,22 +95,26 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     root = args.build_dir or tempfile.mkdtemp(prefix="bitfast_throw_probe_")
     crashed = False
-    for name, flags in VARIANTS.items():
-        build = os.path.join(root, name)
+    for variant, flags in VARIANTS.items():
+        build = os.path.join(root, variant)
         os.makedirs(build, exist_ok=True)
-        child = subprocess.run(
-            [sys.executable, "-X", "faulthandler", "-c", CHILD.format(src=SOURCE), f"bitfast_probe_{name}",
-             " ".join(flags), build],
-            capture_output=True, text=True, timeout=300,
-        )
-        if child.returncode < 0:
-            crashed = True
-            verdict = f"crashed: signal {-child.returncode}"
-        elif child.returncode == 0:
-            verdict = child.stdout.strip().splitlines()[-1]
-        else:
-            verdict = f"exit {child.returncode}: " + (child.stdout + child.stderr).strip()[-400:]
-        print(f"throw_probe {name} (flags: {' '.join(flags) or 'torch defaults'}): {verdict}")
+        name = f"bitfast_probe_{variant}"
+        for kind in ("build",) + KINDS:
+            child = subprocess.run(
+                [sys.executable, "-X", "faulthandler", "-c", CHILD.format(src=SOURCE), name, " ".join(flags), build,
+                 kind],
+                capture_output=True, text=True, timeout=300,
+            )
+            if child.returncode < 0:
+                crashed = True
+                verdict = f"crashed: signal {-child.returncode}"
+            elif child.returncode == 0:
+                verdict = "built" if kind == "build" else child.stdout.strip().splitlines()[-1]
+            else:
+                verdict = f"exit {child.returncode}: " + (child.stdout + child.stderr).strip()[-400:]
+            print(f"throw_probe {variant} (flags: {' '.join(flags) or 'torch defaults'}) {kind}: {verdict}")
+            if kind == "build" and child.returncode != 0:
+                break
     return 1 if crashed else 0
 
 
