@@ -44,10 +44,12 @@ _PRIORITY: dict[str, tuple[str, ...]] = {
 # Families whose CUDA kernels (bitfast._C_cuda) have compiled but not yet passed their
 # parity tests on a GPU (run by benchmarks/gpu_check.sh). On CUDA tensors ``auto`` tries
 # triton before cuda for these; an explicit ``backend="cuda"`` still runs them. Add a
-# family when its CUDA kernels are new; remove it once its tests pass on a GPU. Empty since
+# family when its CUDA kernels are new; remove it once its tests pass on a GPU.
 # GroupNorm+ReLU and BatchNorm+ReLU passed theirs on an H100 (2026-11-26, see
-# benchmarks/results/), where they also beat the Triton kernels at every BiT shape measured.
-CUDA_UNVALIDATED: frozenset[str] = frozenset()
+# benchmarks/results/), where they also beat the Triton kernels at nearly every BiT shape
+# measured. GroupNorm+ReLU with the residual add (its CUDA forward and backward written
+# after that run) has not run on a GPU yet.
+CUDA_UNVALIDATED: frozenset[str] = frozenset({"group_norm_relu_add"})
 
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 _HALF_AND_SINGLE = frozenset({torch.float16, torch.bfloat16, torch.float32})
@@ -167,8 +169,9 @@ def priority(op: str, device_type: str) -> tuple[str, ...]:
     """The backends ``auto`` tries, in order, for the op family ``op`` on ``device_type``.
 
     The device's list (CPU: cpp, reference; CUDA: cuda, triton, reference), except that on
-    CUDA the families in ``CUDA_UNVALIDATED`` (CUDA kernels not yet run on a GPU; none at
-    present) try triton before cuda. Unknown device types get an empty list.
+    CUDA the families in ``CUDA_UNVALIDATED`` (CUDA kernels not yet run on a GPU: at
+    present ``group_norm_relu_add``) try triton before cuda. Unknown device types get an
+    empty list.
     """
     order = _PRIORITY.get(device_type, ())
     if device_type == "cuda" and op in CUDA_UNVALIDATED and "cuda" in order and "triton" in order:

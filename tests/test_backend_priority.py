@@ -13,6 +13,7 @@ def test_priority_lists():
         assert family not in backends.CUDA_UNVALIDATED
         assert backends.priority(family, "cuda") == ("cuda", "triton", "reference")
         assert backends.priority(family, "cpu") == ("cpp", "reference")
+    assert backends.priority("group_norm_relu_add", "cuda") == ("triton", "cuda", "reference")
     assert backends.priority("group_norm_relu", "mps") == ()
     # every registered family gets a permutation of its device's list
     for family in backends.families():

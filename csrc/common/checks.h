@@ -275,6 +275,34 @@ inline void check_group_norm_relu_bwd(const at::Tensor& grad_y, const at::Tensor
   check_stat(op, "rstd", rstd, x, shape, "one value per (sample, group)");
 }
 
+inline void check_group_norm_relu_add_fwd(const at::Tensor& a, const at::Tensor& b,
+                                          const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias, int64_t num_groups,
+                                          c10::DeviceType device) {
+  constexpr const char* op = "native_group_norm_relu_add_fwd";
+  check_nchw(op, a, device);
+  check_like_x(op, "b", b, a);
+  check_num_groups(op, a, num_groups);
+  check_channel_vector(op, "weight", weight, a);
+  check_channel_vector(op, "bias", bias, a);
+}
+
+inline void check_group_norm_relu_add_bwd(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_sum,
+                                          const at::Tensor& sum, const std::optional<at::Tensor>& weight,
+                                          const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                          const at::Tensor& rstd, int64_t num_groups, c10::DeviceType device) {
+  constexpr const char* op = "native_group_norm_relu_add_bwd";
+  check_nchw(op, sum, device);
+  check_like_x(op, "grad_y", grad_y, sum);
+  if (grad_sum.has_value() && grad_sum->defined()) check_like_x(op, "grad_sum", *grad_sum, sum);
+  check_num_groups(op, sum, num_groups);
+  check_channel_vector(op, "weight", weight, sum);
+  check_channel_vector(op, "bias", bias, sum);
+  const std::vector<int64_t> shape = {sum.size(0), num_groups};
+  check_stat(op, "mean", mean, sum, shape, "one value per (sample, group)");
+  check_stat(op, "rstd", rstd, sum, shape, "one value per (sample, group)");
+}
+
 inline void check_batch_norm_relu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
                                       const std::optional<at::Tensor>& running_var,
                                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,

@@ -702,11 +702,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_f
     const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, int64_t num_groups, double eps, bool relu) {
   constexpr const char* op = "native_group_norm_relu_add_fwd";
-  check_nchw(op, a, c10::DeviceType::CPU);
-  check_like_x(op, "b", b, a);
-  check_num_groups(op, a, num_groups);
-  check_channel_vector(op, "weight", weight, a);
-  check_channel_vector(op, "bias", bias, a);
+  check_group_norm_relu_add_fwd(a, b, weight, bias, num_groups, c10::DeviceType::CPU);
   const bool cl = is_channels_last(a);
   const auto fmt = format_of(cl);
   const at::Tensor ac = a.contiguous(fmt), bc = b.contiguous(fmt);
@@ -733,16 +729,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_bwd(
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
     const at::Tensor& rstd, int64_t num_groups, bool relu) {
   constexpr const char* op = "native_group_norm_relu_add_bwd";
-  check_nchw(op, sum, c10::DeviceType::CPU);
-  check_like_x(op, "grad_y", grad_y, sum);
+  check_group_norm_relu_add_bwd(grad_y, grad_sum, sum, weight, bias, mean, rstd, num_groups, c10::DeviceType::CPU);
   const bool has_gs = grad_sum.has_value() && grad_sum->defined();
-  if (has_gs) check_like_x(op, "grad_sum", *grad_sum, sum);
-  check_num_groups(op, sum, num_groups);
-  check_channel_vector(op, "weight", weight, sum);
-  check_channel_vector(op, "bias", bias, sum);
-  const std::vector<int64_t> stat_shape = {sum.size(0), num_groups};
-  check_stat(op, "mean", mean, sum, stat_shape, "one value per (sample, group)");
-  check_stat(op, "rstd", rstd, sum, stat_shape, "one value per (sample, group)");
   const bool cl = is_channels_last(sum);
   const auto fmt = format_of(cl);
   const at::Tensor xc = sum.contiguous(fmt), gc = grad_y.contiguous(fmt);

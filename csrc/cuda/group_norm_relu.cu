@@ -28,6 +28,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
@@ -318,15 +319,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_fwd(const at::Ten
   return {y, mean, rstd};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(const at::Tensor& grad_y, const at::Tensor& x,
-                                                                   const std::optional<at::Tensor>& weight,
-                                                                   const std::optional<at::Tensor>& bias,
-                                                                   const at::Tensor& mean, const at::Tensor& rstd,
-                                                                   int64_t num_groups, bool relu) {
+namespace {
+
+// The backward of both ops: grad_sum, when defined, is added to dx before it is rounded.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd(const at::Tensor& grad_y, const at::Tensor& grad_sum,
+                                                      const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                      const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                                      const at::Tensor& rstd, int64_t num_groups, bool relu) {
   const c10::cuda::CUDAGuard guard(x.device());
   const bool cl = is_channels_last(x);
   const auto fmt = format_of(cl);
   const at::Tensor xc = x.contiguous(fmt), gc = grad_y.contiguous(fmt);
+  const at::Tensor gsc = grad_sum.defined() ? grad_sum.contiguous(fmt) : at::Tensor();
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
   const int64_t N = x.size(0), C = x.size(1), HW = x.size(2) * x.size(3), G = num_groups;
   const auto acc = stat_dtype(x.scalar_type());
@@ -335,7 +339,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(const at::Ten
   if (x.numel() == 0) {
     // sums over nothing
     const auto opts = x.options().dtype(pdtype);
-    return {dx, at::zeros({C}, opts), at::zeros({C}, opts)};
+    return {grad_sum.defined() ? dx.copy_(grad_sum) : dx, at::zeros({C}, opts), at::zeros({C}, opts)};
   }
   const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
   const NormShape s = norm_shape(xc, cl);
@@ -359,12 +363,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(const at::Ten
         part.const_data_ptr<acc_t>(), mp, rp, wp, dwn.data_ptr<acc_t>(), dbn.data_ptr<acc_t>(), a.data_ptr<acc_t>(),
         kx.data_ptr<acc_t>(), k0.data_ptr<acc_t>(), N, C, G, s.S, HW);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd_dx(gc, xc, sc, sh, a, kx, k0, C, relu, s, dx);
+    bwd_dx(gc, xc, sc, sh, a, kx, k0, C, relu, s, dx, gsc);
     _sum_over_samples_kernel<acc_t><<<blocks_for(C, kThreads), kThreads, 0, stream>>>(
         dwn.const_data_ptr<acc_t>(), dbn.const_data_ptr<acc_t>(), gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(), N, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dx, gw.to(pdtype), gb.to(pdtype)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                                                   const std::optional<at::Tensor>& weight,
+                                                                   const std::optional<at::Tensor>& bias,
+                                                                   const at::Tensor& mean, const at::Tensor& rstd,
+                                                                   int64_t num_groups, bool relu) {
+  return gn_bwd(grad_y, at::Tensor(), x, weight, bias, mean, rstd, num_groups, relu);
+}
+
+// The residual sum is ATen's own a + b (so it is bitwise the reference's), laid out like a;
+// the GroupNorm+ReLU forward above then reads it: one pass more than a fused kernel.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_fwd(
+    const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t num_groups, double eps, bool relu) {
+  const c10::cuda::CUDAGuard guard(a.device());
+  const at::Tensor sum = at::add(a, b).contiguous(format_of(is_channels_last(a)));
+  auto [y, mean, rstd] = group_norm_relu_fwd(sum, weight, bias, num_groups, eps, relu);
+  return {sum, y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_bwd(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_sum, const at::Tensor& sum,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t num_groups, bool relu) {
+  const at::Tensor gs = grad_sum.has_value() && grad_sum->defined() ? *grad_sum : at::Tensor();
+  return gn_bwd(grad_y, gs, sum, weight, bias, mean, rstd, num_groups, relu);
 }
 
 }  // namespace bitfast::cuda

@@ -38,4 +38,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(
     int64_t num_groups,
     bool relu);
 
+// The residual sum s = a + b (ATen's add, laid out like a) and GroupNorm+ReLU of it:
+// (sum, y, mean, rstd).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_fwd(
+    const at::Tensor& a,                      // (N, C, H, W)
+    const at::Tensor& b,                      // like a
+    const std::optional<at::Tensor>& weight,  // (C,) or None
+    const std::optional<at::Tensor>& bias,    // (C,) or None
+    int64_t num_groups,
+    double eps,
+    bool relu);
+
+// (grad_input, grad_weight, grad_bias); grad_input = grad_sum (None: zero) + the gradient
+// of y through the sum, added in the math type and rounded once.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_bwd(
+    const at::Tensor& grad_y,                   // like sum
+    const std::optional<at::Tensor>& grad_sum,  // like sum, or None
+    const at::Tensor& sum,                      // the forward's sum
+    const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias,
+    const at::Tensor& mean,                     // (N, G) saved by the forward
+    const at::Tensor& rstd,                     // (N, G)
+    int64_t num_groups,
+    bool relu);
+
 }  // namespace bitfast::cuda

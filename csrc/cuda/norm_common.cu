@@ -204,13 +204,14 @@ __global__ void __launch_bounds__(kThreads) _cl_partials_kernel(
 // ---------------------------------------------------------------------------------------
 
 // Forward (BWD false): OUT = relu?(X * SC[k] + SH[k]).
-// Backward (BWD true): OUT = A[k] * d + KX[k] * X + K0[k], d = DY masked by the ReLU.
+// Backward (BWD true): OUT = A[k] * d + KX[k] * X + K0[k] (+ GS), d = DY masked by the ReLU.
 // Thread i handles elements [i * VEC, (i + 1) * VEC), which share their sample and, in
 // NCHW, their channel (the innermost dimension is a multiple of VEC).
 template <typename scalar_t, typename acc_t, int VEC, bool CL, bool BWD>
 __global__ void __launch_bounds__(kThreads) _pointwise_kernel(
     const scalar_t* __restrict__ X,   // (N, C, H, W), NCHW or channels_last
     const scalar_t* __restrict__ DY,  // like X (BWD), else unused
+    const scalar_t* __restrict__ GS,  // like X, added to OUT (BWD), or nullptr
     scalar_t* __restrict__ OUT,       // like X
     const acc_t* __restrict__ SC,     // forward scale at k = n * KN + c
     const acc_t* __restrict__ SH,     // forward shift at k
@@ -236,8 +237,11 @@ __global__ void __launch_bounds__(kThreads) _pointwise_kernel(
     }
     const int64_t k = n * KN + c;
     const Pack<scalar_t, VEC> xv = load_pack<scalar_t, VEC>(X + i);
-    Pack<scalar_t, VEC> dv, ov;
-    if constexpr (BWD) dv = load_pack<scalar_t, VEC>(DY + i);
+    Pack<scalar_t, VEC> dv, gv{}, ov;
+    if constexpr (BWD) {
+      dv = load_pack<scalar_t, VEC>(DY + i);
+      if (GS != nullptr) gv = load_pack<scalar_t, VEC>(GS + i);
+    }
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       const int64_t ke = CL ? k + e : k;
@@ -245,7 +249,8 @@ __global__ void __launch_bounds__(kThreads) _pointwise_kernel(
       const acc_t pre = x * SC[ke] + SH[ke];
       if constexpr (BWD) {
         const acc_t d = (!RELU || pre > acc_t(0)) ? static_cast<acc_t>(dv.v[e]) : acc_t(0);
-        ov.v[e] = static_cast<scalar_t>(A[ke] * d + KX[ke] * x + K0[ke]);
+        const acc_t g = A[ke] * d + KX[ke] * x + K0[ke];
+        ov.v[e] = static_cast<scalar_t>(GS != nullptr ? g + static_cast<acc_t>(gv.v[e]) : g);
       } else {
         ov.v[e] = static_cast<scalar_t>(RELU && pre < acc_t(0) ? acc_t(0) : pre);
       }
@@ -294,18 +299,19 @@ void launch_partials(const scalar_t* x, const scalar_t* dy, const acc_t* sc, con
 }
 
 template <typename scalar_t, typename acc_t, int VEC, bool BWD>
-void launch_pointwise(const scalar_t* x, const scalar_t* dy, scalar_t* out, const acc_t* sc, const acc_t* sh,
-                      const acc_t* a, const acc_t* kx, const acc_t* k0, int64_t kn, bool relu, const NormShape& s) {
+void launch_pointwise(const scalar_t* x, const scalar_t* dy, const scalar_t* gs, scalar_t* out, const acc_t* sc,
+                      const acc_t* sh, const acc_t* a, const acc_t* kx, const acc_t* k0, int64_t kn, bool relu,
+                      const NormShape& s) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t nvec = s.N * s.C * s.HW / VEC;
   // a grid-stride loop: at most 2^16 blocks, each thread then handles a few vectors
   const unsigned blocks = std::min<unsigned>(blocks_for(nvec, kThreads), 1u << 16);
   if (s.channels_last) {
     _pointwise_kernel<scalar_t, acc_t, VEC, true, BWD>
-        <<<blocks, kThreads, 0, stream>>>(x, dy, out, sc, sh, a, kx, k0, s.C, s.HW, kn, nvec, relu);
+        <<<blocks, kThreads, 0, stream>>>(x, dy, gs, out, sc, sh, a, kx, k0, s.C, s.HW, kn, nvec, relu);
   } else {
     _pointwise_kernel<scalar_t, acc_t, VEC, false, BWD>
-        <<<blocks, kThreads, 0, stream>>>(x, dy, out, sc, sh, a, kx, k0, s.C, s.HW, kn, nvec, relu);
+        <<<blocks, kThreads, 0, stream>>>(x, dy, gs, out, sc, sh, a, kx, k0, s.C, s.HW, kn, nvec, relu);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -383,27 +389,30 @@ void affine_relu(const at::Tensor& x, const at::Tensor& sc, const at::Tensor& sh
     scalar_t* yp = y.data_ptr<scalar_t>();
     const acc_t *scp = sc.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
     if (can_vectorize<scalar_t>(s, {xp, yp})) {
-      launch_pointwise<scalar_t, acc_t, vec_of<scalar_t>(), false>(xp, nullptr, yp, scp, shp, nullptr, nullptr,
-                                                                   nullptr, kn, relu, s);
+      launch_pointwise<scalar_t, acc_t, vec_of<scalar_t>(), false>(xp, nullptr, nullptr, yp, scp, shp, nullptr,
+                                                                   nullptr, nullptr, kn, relu, s);
     } else {
-      launch_pointwise<scalar_t, acc_t, 1, false>(xp, nullptr, yp, scp, shp, nullptr, nullptr, nullptr, kn, relu, s);
+      launch_pointwise<scalar_t, acc_t, 1, false>(xp, nullptr, nullptr, yp, scp, shp, nullptr, nullptr, nullptr, kn,
+                                                  relu, s);
     }
   });
 }
 
 void bwd_dx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& sc, const at::Tensor& sh,
             const at::Tensor& a, const at::Tensor& kx, const at::Tensor& k0, int64_t kn, bool relu,
-            const NormShape& s, at::Tensor& dx) {
+            const NormShape& s, at::Tensor& dx, const at::Tensor& gs) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bitfast_norm_bwd_dx", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *dp = dy.const_data_ptr<scalar_t>();
+    const scalar_t* gp = gs.defined() ? gs.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = dx.data_ptr<scalar_t>();
     const acc_t *scp = sc.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
     const acc_t *ap = a.const_data_ptr<acc_t>(), *kxp = kx.const_data_ptr<acc_t>(), *k0p = k0.const_data_ptr<acc_t>();
-    if (can_vectorize<scalar_t>(s, {xp, dp, op})) {
-      launch_pointwise<scalar_t, acc_t, vec_of<scalar_t>(), true>(xp, dp, op, scp, shp, ap, kxp, k0p, kn, relu, s);
+    if (can_vectorize<scalar_t>(s, {xp, dp, gp, op})) {
+      launch_pointwise<scalar_t, acc_t, vec_of<scalar_t>(), true>(xp, dp, gp, op, scp, shp, ap, kxp, k0p, kn, relu,
+                                                                  s);
     } else {
-      launch_pointwise<scalar_t, acc_t, 1, true>(xp, dp, op, scp, shp, ap, kxp, k0p, kn, relu, s);
+      launch_pointwise<scalar_t, acc_t, 1, true>(xp, dp, gp, op, scp, shp, ap, kxp, k0p, kn, relu, s);
     }
   });
 }

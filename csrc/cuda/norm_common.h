@@ -62,10 +62,12 @@ void channel_bwd_partials(const at::Tensor& dy, const at::Tensor& x, const at::T
 void affine_relu(const at::Tensor& x, const at::Tensor& sc, const at::Tensor& sh, int64_t kn, bool relu,
                  const NormShape& s, at::Tensor& y);
 
-// dx = a[k] * d + kx[k] * x + k0[k], d as in channel_bwd_partials; dx is preallocated like x.
+// dx = a[k] * d + kx[k] * x + k0[k] (+ gs), d as in channel_bwd_partials; dx is
+// preallocated like x. gs, when defined (laid out like x), is added in the math type before
+// dx is rounded: the gradient that reached a residual sum directly.
 void bwd_dx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& sc, const at::Tensor& sh,
             const at::Tensor& a, const at::Tensor& kx, const at::Tensor& k0, int64_t kn, bool relu,
-            const NormShape& s, at::Tensor& dx);
+            const NormShape& s, at::Tensor& dx, const at::Tensor& gs = at::Tensor());
 
 // A per-channel parameter (weight, bias) as a contiguous (C,) tensor of dtype acc, or an
 // undefined tensor when absent (the kernels then use 1 or 0).

@@ -62,6 +62,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_bwd(const at::Ten
   return bitfast::cuda::group_norm_relu_bwd(grad_y, x, weight, bias, mean, rstd, num_groups, relu);
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_fwd(
+    const at::Tensor& a, const at::Tensor& b, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, int64_t num_groups, double eps, bool relu) {
+  bitfast::check_group_norm_relu_add_fwd(a, b, weight, bias, num_groups, kCUDA);
+  return bitfast::cuda::group_norm_relu_add_fwd(a, b, weight, bias, num_groups, eps, relu);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_bwd(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_sum, const at::Tensor& sum,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+    const at::Tensor& rstd, int64_t num_groups, bool relu) {
+  bitfast::check_group_norm_relu_add_bwd(grad_y, grad_sum, sum, weight, bias, mean, rstd, num_groups, kCUDA);
+  return bitfast::cuda::group_norm_relu_add_bwd(grad_y, grad_sum, sum, weight, bias, mean, rstd, num_groups, relu);
+}
+
 void sgd_momentum_(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
                    bool is_first_step, const std::optional<at::Tensor>& lr_tensor, at::TensorList ema_params,
@@ -98,6 +113,8 @@ TORCH_LIBRARY_IMPL(bitfast, CUDA, m) {
   m.impl("native_batch_norm_update_stats_", &batch_norm_update_stats_);
   m.impl("native_group_norm_relu_fwd", &group_norm_relu_fwd);
   m.impl("native_group_norm_relu_bwd", &group_norm_relu_bwd);
+  m.impl("native_group_norm_relu_add_fwd", &group_norm_relu_add_fwd);
+  m.impl("native_group_norm_relu_add_bwd", &group_norm_relu_add_bwd);
   m.impl("native_sgd_momentum_", &sgd_momentum_);
   m.impl("native_weight_standardize_fwd", &weight_standardize_fwd);
   m.impl("native_weight_standardize_bwd", &weight_standardize_bwd);

@@ -714,6 +714,7 @@ def check_norm_errors(device: str) -> None:
     gn_fwd, gn_bwd = torch.ops.bitfast.native_group_norm_relu_fwd, torch.ops.bitfast.native_group_norm_relu_bwd
     bn_fwd, bn_bwd = torch.ops.bitfast.native_batch_norm_relu_fwd, torch.ops.bitfast.native_batch_norm_relu_bwd
     update = torch.ops.bitfast.native_batch_norm_update_stats_
+    add_fwd, add_bwd = torch.ops.bitfast.native_group_norm_relu_add_fwd, torch.ops.bitfast.native_group_norm_relu_add_bwd
     x = torch.randn(2, 6, 3, 3, device=device)
     w = torch.randn(6, device=device)
     _, mean, rstd = gn_fwd(x, w, w, 3, 1e-5, True)
@@ -736,6 +737,8 @@ def check_norm_errors(device: str) -> None:
         (lambda: bn_bwd(x, x, w, w, bmean[:2], bvar, True, 1e-5, True), r"mean has shape \[2\]; expected \[6\]"),
         (lambda: update(rm, rv, bmean[:2], bvar, 0.1, 18), r"mean has shape \[2\]; expected \(6,\) like running_mean"),
         (lambda: update(torch.zeros(1, device=device).expand(6), rv, bmean, bvar, 0.1, 18), r"share memory"),
+        (lambda: add_fwd(x, x[:1], None, None, 3, 1e-5, True), r"native_group_norm_relu_add_fwd: b has shape"),
+        (lambda: add_bwd(x, x[:1], x, None, None, mean, rstd, 3, True), r"native_group_norm_relu_add_bwd: grad_sum"),
     ]
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):

@@ -139,6 +139,49 @@ def test_gn_native_bit_shapes(dtype, layout, shape, groups, label):
     check_gn_native(x, *_params(shape[1]), groups, relu=True)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("shape,groups", [((2, 256, 28, 28), 32), ((2, 2048, 56, 56), 32)], ids=["smem", "two-phase"])
+@pytest.mark.parametrize("with_grad_sum", [True, False], ids=["grad_sum", "no-grad_sum"])
+def test_gn_add_native(dtype, layout, shape, groups, with_grad_sum):
+    """native_group_norm_relu_add_fwd/bwd on CUDA: the sum is ATen's a + b bitwise, y and
+    the statistics are native_group_norm_relu_fwd of it bitwise, and grad_input is the
+    GroupNorm gradient plus grad_sum, within 2x the reference's own error of float64."""
+    a = make_activation(shape, dtype, layout, DEVICE)
+    b = make_activation(shape, dtype, layout, DEVICE)
+    w, bias = _params(shape[1])
+    fmt = reference.memory_format(a)
+    s, y, mean, rstd = torch.ops.bitfast.native_group_norm_relu_add_fwd(a, b, w, bias, groups, 1e-5, True)
+    assert s.is_contiguous(memory_format=fmt) and y.is_contiguous(memory_format=fmt)
+    assert torch.equal(s, (a + b).contiguous(memory_format=fmt))
+    for got, want in zip((y, mean, rstd), torch.ops.bitfast.native_group_norm_relu_fwd(s, w, bias, groups, 1e-5, True)):
+        assert torch.equal(got, want)
+    gy = torch.randn(shape, device=DEVICE).to(dtype).contiguous(memory_format=fmt)
+    gs = torch.randn(shape, device=DEVICE).to(dtype).contiguous(memory_format=fmt) if with_grad_sum else None
+    gi, gw, gb = torch.ops.bitfast.native_group_norm_relu_add_bwd(gy, gs, s, w, bias, mean, rstd, groups, True)
+    assert gi.dtype == dtype and gi.is_contiguous(memory_format=fmt)
+    _, dw, db = torch.ops.bitfast.native_group_norm_relu_bwd(gy, s, w, bias, mean, rstd, groups, True)
+    assert torch.equal(gw, dw) and torch.equal(gb, db)
+    s64 = s.double()
+    _, _, mean64, rstd64 = reference.group_norm_relu_add_forward(s64, torch.zeros_like(s64), w.double(),
+                                                                  bias.double(), groups, 1e-5, True)
+    ref64 = reference.group_norm_relu_add_backward(gy.double(), None if gs is None else gs.double(), s64, w.double(),
+                                                   bias.double(), mean64, rstd64, groups, True)
+    base = reference.group_norm_relu_add_backward(gy, gs, s, w, bias, mean, rstd, groups, True)
+    assert_parity(gi, ref64[0], base[0], dtype, "grad_input")
+
+
+def test_gn_add_native_opcheck():
+    a = make_activation((2, 8, 5, 5), torch.float32, "channels_last", DEVICE)
+    b = make_activation((2, 8, 5, 5), torch.float32, "channels_last", DEVICE)
+    w, bias = _params(8)
+    torch.library.opcheck(torch.ops.bitfast.native_group_norm_relu_add_fwd.default, (a, b, w, bias, 4, 1e-5, True))
+    s, _, mean, rstd = torch.ops.bitfast.native_group_norm_relu_add_fwd(a, b, w, bias, 4, 1e-5, True)
+    gy, gs = torch.randn_like(s), torch.randn_like(s)
+    torch.library.opcheck(torch.ops.bitfast.native_group_norm_relu_add_bwd.default,
+                          (gy, gs, s, w, bias, mean, rstd, 4, True))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("shape,groups", [((2, 64, 8, 8), 8), ((2, 2048, 56, 56), 32)], ids=["smem", "two-phase"])
