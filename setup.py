@@ -76,6 +76,12 @@ def extensions():
     # libtorch's changes inline definitions in c10's headers: an extension built so crashed
     # when it raised its first error on torch 2.11 (H100, 2026-11-26).
     cxx = ["-O3", "-DBITFAST_HAVE_SCHEMA_TAG"]
+    # No contraction of a * b + c into fused multiply-adds: GCC contracts by default, and
+    # whether a loop gets them depends on the clone (none on baseline x86-64, some with
+    # AVX2/AVX-512) and on how each loop vectorizes. Without it every clone, CPU and loop
+    # computes the same arithmetic, so the backward's ReLU mask repeats the forward's
+    # exactly and bf16 loops that convert in registers match the widened ones bit for bit.
+    cxx_cpu = ["-ffp-contract=off"]
     schema_tag()
     # at::parallel_for runs on OpenMP inside the header: without -fopenmp every CPU kernel
     # would silently run on one thread. (GCC and Linux clang; Apple clang has no -fopenmp.)
@@ -87,7 +93,7 @@ def extensions():
                 "bitfast._C",
                 ["csrc/module.cpp", "csrc/autograd.cpp"] + rel("csrc/cpu/*.cpp"),
                 include_dirs=[os.path.join(ROOT, "csrc")],
-                extra_compile_args={"cxx": cxx + openmp + ["-DBITFAST_MODULE_NAME=_C"]},
+                extra_compile_args={"cxx": cxx + cxx_cpu + openmp + ["-DBITFAST_MODULE_NAME=_C"]},
                 extra_link_args=openmp,
             )
         )

@@ -13,23 +13,6 @@
 namespace bitfast::cpu {
 namespace {
 
-BITFAST_INLINE float bf16_to_float(uint16_t bits) {
-  const uint32_t u = uint32_t(bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
-// Round to nearest even; any NaN becomes the canonical quiet NaN (as c10::BFloat16 does).
-// Written with a signed compare and masks, which vectorize to a few cheap instructions.
-BITFAST_INLINE uint16_t float_to_bf16(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof(u));
-  const uint32_t nan = 0u - uint32_t(int32_t(u & 0x7fffffffu) > int32_t(0x7f800000));
-  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  return uint16_t((nan & 0x7fc0u) | (~nan & rounded));
-}
-
 #ifdef BITFAST_HAVE_F16C_PATH
 // Eight elements per instruction; the target attribute enables F16C for these functions
 // only, so the rest of the library stays baseline x86-64.
@@ -62,12 +45,12 @@ bool has_f16c() { return kF16C; }
 // On raw bits: element-wise stores of c10::BFloat16 objects keep the loop from vectorizing.
 BITFAST_TARGET_CLONES void widen(const c10::BFloat16* src, float* dst, int64_t n) {
   const auto* __restrict bits = reinterpret_cast<const uint16_t*>(src);
-  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_to_float(bits[i]);
+  for (int64_t i = 0; i < n; ++i) dst[i] = bf16_bits_to_float(bits[i]);
 }
 
 BITFAST_TARGET_CLONES void narrow(const float* src, c10::BFloat16* dst, int64_t n) {
   auto* __restrict bits = reinterpret_cast<uint16_t*>(dst);
-  for (int64_t i = 0; i < n; ++i) bits[i] = float_to_bf16(src[i]);
+  for (int64_t i = 0; i < n; ++i) bits[i] = float_to_bf16_bits(src[i]);
 }
 
 void widen(const c10::Half* src, float* dst, int64_t n) {

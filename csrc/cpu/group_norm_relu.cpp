@@ -16,8 +16,9 @@
 // slice of each pixel's channels: no thread waits for another), see nhwc_passes.
 //
 // Sums never race: each block owns its partial sums and every combination has a fixed
-// order, so results are bitwise reproducible whatever the thread count. fp16/bf16 data are
-// widened into float buffers per task; statistics are float32 (float64 for fp64 inputs).
+// order, so results are bitwise reproducible whatever the thread count. fp16 data (and bf16
+// data in NCHW) are widened into float buffers per task; the channels_last loops read and
+// write bf16 in place. Statistics are float32 (float64 for fp64 inputs).
 #include "cpu/group_norm_relu.h"
 
 #include "common/checks.h"
@@ -82,6 +83,26 @@ int64_t grain(int64_t elems_per_task) {
 // fp16/bf16 outputs are written through float buffers of about this many elements (8 KB),
 // a few rows at a time, so that widening, the affine and narrowing all hit L1.
 constexpr int64_t kStreamElems = 2048;
+
+// Whether the channels_last column loops read and write scalar_t in place (bf16: they
+// convert in registers) instead of through float buffers (fp16, and bf16 in NCHW, where
+// in-place loops measured slower). With grad_sum (the residual add's backward) dx still
+// goes through a buffer, where grad_sum is added.
+template <typename scalar_t>
+constexpr bool direct_cols = std::is_same_v<scalar_t, c10::BFloat16>;
+
+// R rows of L elements, `stride` apart, as the column loops take them: in place for
+// direct_cols types (*ld = stride), else widened into buf (*ld = L).
+template <typename scalar_t>
+auto cols_input(const scalar_t* p, int64_t R, int64_t L, int64_t stride,
+                std::vector<at::opmath_type<scalar_t>>& buf, int64_t* ld) {
+  if constexpr (direct_cols<scalar_t>) {
+    *ld = stride;
+    return p;
+  } else {
+    return load_rows(p, R, L, stride, buf, ld);
+  }
+}
 
 // Rows per streamed chunk of rows of `row` elements: all of them for float32/float64
 // (written in place, nothing to stream), else about kStreamElems elements.
@@ -453,8 +474,9 @@ void fwd_nhwc_groups(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* 
       if (res.a != nullptr) {
         for (int64_t r = 0; r < s.HW; ++r) load_input(X, res, off + r * s.C, s.Cg, xbuf, tbuf);
       }
+      // bf16 is read in place by the column loops; fp16 is widened into xbuf
       int64_t ld;
-      const acc_t* x = load_rows(XS + off, s.HW, s.Cg, s.C, xbuf, &ld);
+      const auto* x = cols_input(XS + off, s.HW, s.Cg, s.C, xbuf, &ld);
       rows::cols_sum(x, s.HW, s.Cg, ld, colsum.data());
       double total = 0;
       for (int64_t c = 0; c < s.Cg; ++c) total += double(colsum[c]);
@@ -471,10 +493,14 @@ void fwd_nhwc_groups(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* 
         sc[c] = rstd * W[c0 + c];
         sh[c] = B[c0 + c] - mean * sc[c];
       }
-      int64_t ldy;
-      acc_t* y = out_rows(Y + off, s.HW, s.Cg, s.C, ybuf, &ldy);
-      rows::cols_affine(x, y, s.HW, s.Cg, ld, sc.data(), sh.data(), relu);
-      store_rows(y, Y + off, s.HW, s.Cg, s.C);
+      if constexpr (direct_cols<scalar_t>) {
+        rows::cols_affine(x, Y + off, s.HW, s.Cg, ld, sc.data(), sh.data(), relu);
+      } else {
+        int64_t ldy;
+        acc_t* y = out_rows(Y + off, s.HW, s.Cg, s.C, ybuf, &ldy);
+        rows::cols_affine(x, y, s.HW, s.Cg, ld, sc.data(), sh.data(), relu);
+        store_rows(y, Y + off, s.HW, s.Cg, s.C);
+      }
     }
   });
 }
@@ -496,13 +522,30 @@ void bwd_nhwc_groups(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const 
         sh[c] = B[c0 + c] - mean * sc[c];
         mv[c] = mean;
       }
-      int64_t ld, ld2, ld3;  // equal: rows of the same width and type
-      const acc_t* x = load_rows(X + off, s.HW, s.Cg, s.C, xbuf, &ld);
-      const acc_t* dy = load_rows(DY + off, s.HW, s.Cg, s.C, dybuf, &ld2);
-      rows::cols_bwd_sums(dy, x, s.HW, s.Cg, ld, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
+      if constexpr (direct_cols<scalar_t>) {
+        rows::cols_bwd_sums(DY + off, X + off, s.HW, s.Cg, s.C, sc.data(), sh.data(), mv.data(), relu, sdy.data(),
+                            sdyx.data());
+      }
+      int64_t ld = s.C, ld2, ld3;  // equal: rows of the same width and type
+      const acc_t* x = nullptr;
+      const acc_t* dy = nullptr;
+      if (!direct_cols<scalar_t> || GS != nullptr) {
+        x = load_rows(X + off, s.HW, s.Cg, s.C, xbuf, &ld);
+        dy = load_rows(DY + off, s.HW, s.Cg, s.C, dybuf, &ld2);
+      }
+      if constexpr (!direct_cols<scalar_t>) {
+        rows::cols_bwd_sums(dy, x, s.HW, s.Cg, ld, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
+      }
       group_bwd_coefficients([&](int64_t c) { return std::pair<double, double>(sdy[c], sdyx[c]); }, s.Cg, s.M,
                              double(mean), double(rstd), W + c0, DWN + n * s.C + c0, DBN + n * s.C + c0, a.data(),
                              kx.data(), k0.data());
+      if constexpr (direct_cols<scalar_t>) {
+        if (GS == nullptr) {
+          rows::cols_bwd_dx(DY + off, X + off, DX + off, s.HW, s.Cg, s.C, sc.data(), sh.data(), a.data(), kx.data(),
+                            k0.data(), relu);
+          continue;
+        }
+      }
       acc_t* dx = out_rows(DX + off, s.HW, s.Cg, s.C, dxbuf, &ld3);
       rows::cols_bwd_dx(dy, x, dx, s.HW, s.Cg, ld, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
       if (GS != nullptr) {
@@ -530,7 +573,7 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
       for (int64_t r = 0; r < k.rows; ++r) load_input(X, res, k.off + r * s.C + k.c0, k.nc, xbuf, tbuf);
     }
     int64_t ld;
-    const acc_t* x = load_rows(XS + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
+    const auto* x = cols_input(XS + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
     acc_t* bs = sum.data() + k.task * s.C + k.c0;
     rows::cols_sum(x, k.rows, k.nc, ld, bs);
     bmean.resize(k.nc);
@@ -557,6 +600,11 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
   auto write = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, ybuf;
     const int64_t step = stream_rows<scalar_t>(k.nc, k.rows), pc = k.n * s.C + k.c0;
+    if constexpr (direct_cols<scalar_t>) {
+      const int64_t o = k.off + k.c0;
+      rows::cols_affine(XS + o, Y + o, k.rows, k.nc, s.C, sc.data() + pc, sh.data() + pc, relu);
+      return;
+    }
     for (int64_t r0 = 0; r0 < k.rows; r0 += step) {
       const int64_t nr = std::min(step, k.rows - r0), o = k.off + r0 * s.C + k.c0;
       int64_t ldx, ldy;
@@ -591,8 +639,8 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
   auto sums = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, dybuf;
     int64_t ld, ld2;  // equal: rows of the same width and type
-    const acc_t* x = load_rows(X + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
-    const acc_t* dy = load_rows(DY + k.off + k.c0, k.rows, k.nc, s.C, dybuf, &ld2);
+    const auto* x = cols_input(X + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
+    const auto* dy = cols_input(DY + k.off + k.c0, k.rows, k.nc, s.C, dybuf, &ld2);
     const int64_t pc = k.n * s.C + k.c0;
     rows::cols_bwd_sums(dy, x, k.rows, k.nc, ld, sc.data() + pc, sh.data() + pc, meanc.data() + pc, relu,
                         pdy.data() + k.task * s.C + k.c0, pdyx.data() + k.task * s.C + k.c0);
@@ -615,6 +663,14 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
   auto write = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf;
     const int64_t pc = k.n * s.C + k.c0, step = stream_rows<scalar_t>(k.nc, k.rows);
+    if constexpr (direct_cols<scalar_t>) {
+      if (GS == nullptr) {
+        const int64_t e = k.off + k.c0;
+        rows::cols_bwd_dx(DY + e, X + e, DX + e, k.rows, k.nc, s.C, sc.data() + pc, sh.data() + pc, a.data() + pc,
+                          kx.data() + pc, k0.data() + pc, relu);
+        return;
+      }
+    }
     for (int64_t r0 = 0; r0 < k.rows; r0 += step) {
       const int64_t nr = std::min(step, k.rows - r0), e = k.off + r0 * s.C + k.c0;
       int64_t ld, ld2, ld3;  // equal: rows of the same width and type

@@ -5,9 +5,11 @@
 // cloned plain loop gets AVX2 on every machine that has it.
 #include "cpu/norm_rows.h"
 
+#include "cpu/convert.h"
 #include "cpu/simd.h"
 
 #include <algorithm>
+#include <type_traits>
 
 namespace bitfast::cpu::rows {
 namespace {
@@ -224,24 +226,47 @@ BITFAST_INLINE void planar_bwd_dx_impl(const T* dy, const T* x, T* dx, int64_t R
   }
 }
 
+// Storage element -> math type: the identity for float and double, and for bf16 (raw
+// bits, so that the loops vectorize) the exact widening. math_to<Out> rounds back.
+template <typename T>
+BITFAST_INLINE T to_math(T v) {
+  return v;
+}
+BITFAST_INLINE float to_math(uint16_t bf16) { return bf16_bits_to_float(bf16); }
+
+template <typename Out, typename T>
+BITFAST_INLINE Out math_to(T v) {
+  if constexpr (std::is_same_v<Out, uint16_t>) {
+    return float_to_bf16_bits(v);
+  } else {
+    return v;
+  }
+}
+
+// The column loops take their data in the storage type In (T, or bf16 bits) and compute in
+// T: the same arithmetic on the same values as on a widened copy, so both give the same
+// bits.
+
 // Column sums take four rows per update of acc: a quarter of the loads and stores of acc,
 // which otherwise bound these loops (acc is re-read and re-written for every row).
-template <typename T>
-BITFAST_INLINE void cols_sum_impl(const T* __restrict x, int64_t R, int64_t C, int64_t ld, T* __restrict acc) {
+template <typename T, typename In = T>
+BITFAST_INLINE void cols_sum_impl(const In* __restrict x, int64_t R, int64_t C, int64_t ld, T* __restrict acc) {
   std::fill(acc, acc + C, T(0));
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) {
-    const T* __restrict x0 = x + r * ld;
-    const T* __restrict x1 = x0 + ld;
-    const T* __restrict x2 = x1 + ld;
-    const T* __restrict x3 = x2 + ld;
+    const In* __restrict x0 = x + r * ld;
+    const In* __restrict x1 = x0 + ld;
+    const In* __restrict x2 = x1 + ld;
+    const In* __restrict x3 = x2 + ld;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += (x0[c] + x1[c]) + (x2[c] + x3[c]);
+    for (int64_t c = 0; c < C; ++c) {
+      acc[c] += (T(to_math(x0[c])) + T(to_math(x1[c]))) + (T(to_math(x2[c])) + T(to_math(x3[c])));
+    }
   }
   for (; r < R; ++r) {
-    const T* __restrict xr = x + r * ld;
+    const In* __restrict xr = x + r * ld;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += xr[c];
+    for (int64_t c = 0; c < C; ++c) acc[c] += T(to_math(xr[c]));
   }
 }
 
@@ -250,75 +275,76 @@ BITFAST_INLINE T sq(T v) {
   return v * v;
 }
 
-template <typename T>
-BITFAST_INLINE void cols_sum_sq_dev_impl(const T* __restrict x, int64_t R, int64_t C, int64_t ld,
+template <typename T, typename In = T>
+BITFAST_INLINE void cols_sum_sq_dev_impl(const In* __restrict x, int64_t R, int64_t C, int64_t ld,
                                          const T* __restrict m, T* __restrict acc) {
   std::fill(acc, acc + C, T(0));
   int64_t r = 0;
   for (; r + 4 <= R; r += 4) {
-    const T* __restrict x0 = x + r * ld;
-    const T* __restrict x1 = x0 + ld;
-    const T* __restrict x2 = x1 + ld;
-    const T* __restrict x3 = x2 + ld;
+    const In* __restrict x0 = x + r * ld;
+    const In* __restrict x1 = x0 + ld;
+    const In* __restrict x2 = x1 + ld;
+    const In* __restrict x3 = x2 + ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
       const T mc = m[c];
-      acc[c] += (sq(x0[c] - mc) + sq(x1[c] - mc)) + (sq(x2[c] - mc) + sq(x3[c] - mc));
+      acc[c] += (sq(T(to_math(x0[c])) - mc) + sq(T(to_math(x1[c])) - mc)) +
+                (sq(T(to_math(x2[c])) - mc) + sq(T(to_math(x3[c])) - mc));
     }
   }
   for (; r < R; ++r) {
-    const T* __restrict xr = x + r * ld;
+    const In* __restrict xr = x + r * ld;
 #pragma omp simd
-    for (int64_t c = 0; c < C; ++c) acc[c] += sq(xr[c] - m[c]);
+    for (int64_t c = 0; c < C; ++c) acc[c] += sq(T(to_math(xr[c])) - m[c]);
   }
 }
 
-template <typename T, bool RELU>
-BITFAST_INLINE void cols_affine_impl(const T* __restrict x, T* __restrict y, int64_t R, int64_t C, int64_t ld,
+template <typename T, bool RELU, typename In = T>
+BITFAST_INLINE void cols_affine_impl(const In* __restrict x, In* __restrict y, int64_t R, int64_t C, int64_t ld,
                                      const T* __restrict s, const T* __restrict t) {
   for (int64_t r = 0; r < R; ++r) {
-    const T* __restrict xr = x + r * ld;
-    T* __restrict yr = y + r * ld;
+    const In* __restrict xr = x + r * ld;
+    In* __restrict yr = y + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T v = xr[c] * s[c] + t[c];
-      yr[c] = RELU ? (v < T(0) ? T(0) : v) : v;  // keeps NaN, as torch.relu does
+      const T v = T(to_math(xr[c])) * s[c] + t[c];
+      yr[c] = math_to<In>(RELU ? (v < T(0) ? T(0) : v) : v);  // keeps NaN, as torch.relu does
     }
   }
 }
 
-template <typename T, bool RELU>
-BITFAST_INLINE void cols_bwd_sums_impl(const T* __restrict dy, const T* __restrict x, int64_t R, int64_t C, int64_t ld,
-                                       const T* __restrict s, const T* __restrict t, const T* __restrict m,
-                                       T* __restrict sum_dy, T* __restrict sum_dyx) {
+template <typename T, bool RELU, typename In = T>
+BITFAST_INLINE void cols_bwd_sums_impl(const In* __restrict dy, const In* __restrict x, int64_t R, int64_t C,
+                                       int64_t ld, const T* __restrict s, const T* __restrict t,
+                                       const T* __restrict m, T* __restrict sum_dy, T* __restrict sum_dyx) {
   std::fill(sum_dy, sum_dy + C, T(0));
   std::fill(sum_dyx, sum_dyx + C, T(0));
   for (int64_t r = 0; r < R; ++r) {
-    const T* __restrict dyr = dy + r * ld;
-    const T* __restrict xr = x + r * ld;
+    const In* __restrict dyr = dy + r * ld;
+    const In* __restrict xr = x + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T g = dyr[c];
-      const T d = relu_grad<T, RELU>(xr[c], g, s[c], t[c]);
+      const T g = T(to_math(dyr[c])), xv = T(to_math(xr[c]));
+      const T d = relu_grad<T, RELU>(xv, g, s[c], t[c]);
       sum_dy[c] += d;
-      sum_dyx[c] += d * (xr[c] - m[c]);
+      sum_dyx[c] += d * (xv - m[c]);
     }
   }
 }
 
-template <typename T, bool RELU>
-BITFAST_INLINE void cols_bwd_dx_impl(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t R,
+template <typename T, bool RELU, typename In = T>
+BITFAST_INLINE void cols_bwd_dx_impl(const In* __restrict dy, const In* __restrict x, In* __restrict dx, int64_t R,
                                      int64_t C, int64_t ld, const T* __restrict s, const T* __restrict t,
                                      const T* __restrict a, const T* __restrict kx, const T* __restrict k0) {
   for (int64_t r = 0; r < R; ++r) {
-    const T* __restrict dyr = dy + r * ld;
-    const T* __restrict xr = x + r * ld;
-    T* __restrict dxr = dx + r * ld;
+    const In* __restrict dyr = dy + r * ld;
+    const In* __restrict xr = x + r * ld;
+    In* __restrict dxr = dx + r * ld;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T g = dyr[c];
-      const T d = relu_grad<T, RELU>(xr[c], g, s[c], t[c]);
-      dxr[c] = a[c] * d + kx[c] * xr[c] + k0[c];
+      const T g = T(to_math(dyr[c])), xv = T(to_math(xr[c]));
+      const T d = relu_grad<T, RELU>(xv, g, s[c], t[c]);
+      dxr[c] = math_to<In>(a[c] * d + kx[c] * xv + k0[c]);
     }
   }
 }
@@ -367,5 +393,40 @@ BITFAST_NORM_ROWS(float)
 BITFAST_NORM_ROWS(double)
 
 #undef BITFAST_NORM_ROWS
+
+// The column loops on bf16 storage, computing in float (see norm_rows.h).
+namespace {
+BITFAST_INLINE const uint16_t* bits(const c10::BFloat16* p) { return reinterpret_cast<const uint16_t*>(p); }
+BITFAST_INLINE uint16_t* bits(c10::BFloat16* p) { return reinterpret_cast<uint16_t*>(p); }
+}  // namespace
+
+BITFAST_TARGET_CLONES void cols_sum(const c10::BFloat16* x, int64_t R, int64_t C, int64_t ld, float* acc) {
+  cols_sum_impl<float, uint16_t>(bits(x), R, C, ld, acc);
+}
+
+BITFAST_TARGET_CLONES void cols_sum_sq_dev(const c10::BFloat16* x, int64_t R, int64_t C, int64_t ld, const float* m,
+                                           float* acc) {
+  cols_sum_sq_dev_impl<float, uint16_t>(bits(x), R, C, ld, m, acc);
+}
+
+BITFAST_TARGET_CLONES void cols_affine(const c10::BFloat16* x, c10::BFloat16* y, int64_t R, int64_t C, int64_t ld,
+                                       const float* s, const float* t, bool relu) {
+  relu ? cols_affine_impl<float, true, uint16_t>(bits(x), bits(y), R, C, ld, s, t)
+       : cols_affine_impl<float, false, uint16_t>(bits(x), bits(y), R, C, ld, s, t);
+}
+
+BITFAST_TARGET_CLONES void cols_bwd_sums(const c10::BFloat16* dy, const c10::BFloat16* x, int64_t R, int64_t C,
+                                         int64_t ld, const float* s, const float* t, const float* m, bool relu,
+                                         float* sum_dy, float* sum_dyx) {
+  relu ? cols_bwd_sums_impl<float, true, uint16_t>(bits(dy), bits(x), R, C, ld, s, t, m, sum_dy, sum_dyx)
+       : cols_bwd_sums_impl<float, false, uint16_t>(bits(dy), bits(x), R, C, ld, s, t, m, sum_dy, sum_dyx);
+}
+
+BITFAST_TARGET_CLONES void cols_bwd_dx(const c10::BFloat16* dy, const c10::BFloat16* x, c10::BFloat16* dx, int64_t R,
+                                       int64_t C, int64_t ld, const float* s, const float* t, const float* a,
+                                       const float* kx, const float* k0, bool relu) {
+  relu ? cols_bwd_dx_impl<float, true, uint16_t>(bits(dy), bits(x), bits(dx), R, C, ld, s, t, a, kx, k0)
+       : cols_bwd_dx_impl<float, false, uint16_t>(bits(dy), bits(x), bits(dx), R, C, ld, s, t, a, kx, k0);
+}
 
 }  // namespace bitfast::cpu::rows

@@ -10,8 +10,9 @@
 //  * columns (channels_last): R rows of C contiguous channels, one parameter per column,
 //    vectorized across the channels.
 //
-// Everything is float32 (float64 for float64 tensors): fp16/bf16 data are widened into
-// float buffers by the callers. Sums that may cover many elements come back in double,
+// Everything is computed in float32 (float64 for float64 tensors): fp16 data (and bf16 in
+// the planar loops) are widened into float buffers by the callers; the column loops also
+// read and write bf16 in place. Sums that may cover many elements come back in double,
 // accumulated from float vector lanes a chunk at a time, so a group or channel of 10^5
 // elements sums as accurately as a few hundred; column sums cover a block of rows and are
 // combined in double by the callers. Every sum has a fixed order: results do not depend on
@@ -21,6 +22,8 @@
 // (x * s + t > 0) with s = rstd * weight and t = bias - mean * s, so the two agree on
 // every element.
 #pragma once
+
+#include <c10/util/BFloat16.h>
 
 #include <cstdint>
 
@@ -92,6 +95,18 @@ void cols_bwd_sums(const float* dy, const float* x, int64_t R, int64_t C, int64_
                    const float* m, bool relu, float* sum_dy, float* sum_dyx);
 void cols_bwd_sums(const double* dy, const double* x, int64_t R, int64_t C, int64_t ld, const double* s,
                    const double* t, const double* m, bool relu, double* sum_dy, double* sum_dyx);
+
+// The column loops on bf16 storage (x, dy read as bf16; y, dx rounded to bf16 as they are
+// stored), computing in float: bitwise what the float loops give on widened copies, without
+// the copies.
+void cols_sum(const c10::BFloat16* x, int64_t R, int64_t C, int64_t ld, float* acc);
+void cols_sum_sq_dev(const c10::BFloat16* x, int64_t R, int64_t C, int64_t ld, const float* m, float* acc);
+void cols_affine(const c10::BFloat16* x, c10::BFloat16* y, int64_t R, int64_t C, int64_t ld, const float* s,
+                 const float* t, bool relu);
+void cols_bwd_sums(const c10::BFloat16* dy, const c10::BFloat16* x, int64_t R, int64_t C, int64_t ld, const float* s,
+                   const float* t, const float* m, bool relu, float* sum_dy, float* sum_dyx);
+void cols_bwd_dx(const c10::BFloat16* dy, const c10::BFloat16* x, c10::BFloat16* dx, int64_t R, int64_t C, int64_t ld,
+                 const float* s, const float* t, const float* a, const float* kx, const float* k0, bool relu);
 
 // Columns dx = a[c] * d + kx[c] * x + k0[c], d as in cols_bwd_sums.
 void cols_bwd_dx(const float* dy, const float* x, float* dx, int64_t R, int64_t C, int64_t ld, const float* s,

@@ -632,6 +632,49 @@ def test_norms_reproducible_across_thread_counts(layout, n, c, hw):
         assert torch.equal(a, b_)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((2, 1024, 14, 14), 32), ((2, 64, 28, 28), 32), ((1, 768, 14, 14), 32), ((16, 512, 4, 4), 32), ((3, 48, 9, 7), 1)],
+    ids=["per-sample", "blocks", "whole-groups", "many-samples", "one-group"],
+)
+def test_half_kernels_are_the_float32_kernels_rounded(dtype, layout, shape, groups):
+    """fp16/bf16 inputs run the float32 kernels' arithmetic on their exactly widened values
+    and round each output once: bitwise the float32 kernels' results on x.float(), rounded
+    (bf16 channels_last reads and writes bf16 in place; the others go through float buffers;
+    both must agree with this). GroupNorm, GroupNorm with the residual add, BatchNorm."""
+    x = make_activation(shape, dtype, layout, DEVICE)
+    x2 = make_activation(shape, dtype, layout, DEVICE)
+    fmt = reference.memory_format(x)
+    g = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+    gs = torch.randn(shape).to(dtype).contiguous(memory_format=fmt)
+    w, b = norm_params(shape[1], DEVICE)
+    rm, rv = torch.randn(shape[1]) * 0.1, torch.rand(shape[1]) + 0.5
+    ops = torch.ops.bitfast
+
+    def same(half, full):
+        for h, f in zip(half, full):
+            assert torch.equal(h, f.to(h.dtype)) and h.stride() == f.stride()
+
+    y, m, r = ops.native_group_norm_relu_fwd(x, w, b, groups, 1e-5, True)
+    yf, mf, rf = ops.native_group_norm_relu_fwd(x.float(), w, b, groups, 1e-5, True)
+    same((y, m, r), (yf, mf, rf))
+    same(ops.native_group_norm_relu_bwd(g, x, w, b, m, r, groups, True),
+         ops.native_group_norm_relu_bwd(g.float(), x.float(), w, b, mf, rf, groups, True))
+    s, ya, ma, ra = ops.native_group_norm_relu_add_fwd(x, x2, w, b, groups, 1e-5, True)
+    assert torch.equal(s, (x + x2).contiguous(memory_format=fmt))
+    same((ya, ma, ra), ops.native_group_norm_relu_fwd(s.float(), w, b, groups, 1e-5, True))
+    same(ops.native_group_norm_relu_add_bwd(g, gs, s, w, b, ma, ra, groups, True),
+         ops.native_group_norm_relu_add_bwd(g.float(), gs.float(), s.float(), w, b, ma, ra, groups, True))
+    for training in (True, False):
+        bn = ops.native_batch_norm_relu_fwd(x, rm, rv, w, b, training, 1e-5, True)
+        bnf = ops.native_batch_norm_relu_fwd(x.float(), rm, rv, w, b, training, 1e-5, True)
+        same(bn, bnf)
+        same(ops.native_batch_norm_relu_bwd(g, x, w, b, bn[1], bn[2], training, 1e-5, True),
+             ops.native_batch_norm_relu_bwd(g.float(), x.float(), w, b, bnf[1], bnf[2], training, 1e-5, True))
+
+
 def test_gn_gradcheck_float64_native():
     x = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
     w = torch.randn(6, dtype=torch.float64, requires_grad=True)
