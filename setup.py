@@ -78,9 +78,10 @@ def extensions():
     cxx = ["-O3", "-DBITFAST_HAVE_SCHEMA_TAG"]
     # No contraction of a * b + c into fused multiply-adds: GCC contracts by default, and
     # whether a loop gets them depends on the clone (none on baseline x86-64, some with
-    # AVX2/AVX-512) and on how each loop vectorizes. Without it every clone, CPU and loop
-    # computes the same arithmetic, so the backward's ReLU mask repeats the forward's
-    # exactly and bf16 loops that convert in registers match the widened ones bit for bit.
+    # AVX-512) and on how each loop vectorizes. Without it an element's arithmetic is the
+    # same in every loop, so the backward's ReLU mask repeats the forward's exactly and the
+    # bf16 loops that convert in registers match the widened ones bit for bit. (Sums still
+    # split into as many lanes as the clone's vectors hold.)
     cxx_cpu = ["-ffp-contract=off"]
     schema_tag()
     # at::parallel_for runs on OpenMP inside the header: without -fopenmp every CPU kernel
