@@ -55,12 +55,7 @@ def main(argv=None) -> int:
                       for mode in split(args.modes) for impl in split(args.impls)]
     meta, results, skipped = bench.run(device=args.device, runs=args.runs, specs=specs, progress=False)
     meta["command"] = "python " + " ".join(["benchmarks/cuda_norms.py"] + list(sys.argv[1:] if argv is None else argv))
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(bench.to_json(meta, results, skipped))
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(bench.to_markdown(meta, results, skipped))
+    bench.write_reports(meta, results, skipped, json_path=args.json, markdown_path=args.markdown)
     print(f"cuda_norms on {meta['device']} (copy bandwidth {meta['copy_GBps']} GB/s)")
     for line in bench._skip_summary(skipped):
         print(f"  not measured: {line}")

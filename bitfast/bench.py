@@ -992,6 +992,18 @@ def to_json(meta: dict, results: Sequence[Result], skipped: Sequence[tuple[Spec,
     )
 
 
+def write_reports(meta: dict, results: Sequence[Result], skipped: Sequence[tuple[Spec, str]], *,
+                  json_path: str | None = None, markdown_path: str | None = None) -> None:
+    """Write the results as JSON (``to_json``) and as a markdown report (``to_markdown``)
+    to the paths given (None: not written)."""
+    if json_path:
+        with open(json_path, "w") as f:
+            f.write(to_json(meta, results, skipped))
+    if markdown_path:
+        with open(markdown_path, "w") as f:
+            f.write(to_markdown(meta, results, skipped))
+
+
 def _skip_summary(skipped: Sequence[tuple[Spec, str]]) -> list[str]:
     """Distinct skip reasons with how many cases each covers."""
     counts: dict[tuple[str, str], int] = {}

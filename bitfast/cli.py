@@ -208,12 +208,7 @@ def cmd_bench(args) -> int:
     meta, results, skipped = bench.run(ops, device=device, quick=args.quick, runs=args.runs, progress=not args.no_progress)
     meta["command"] = "bitfast " + " ".join(args.argv)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(bench.to_json(meta, results, skipped))
-    if args.markdown:
-        with open(args.markdown, "w") as f:
-            f.write(bench.to_markdown(meta, results, skipped))
+    bench.write_reports(meta, results, skipped, json_path=args.json, markdown_path=args.markdown)
     print(f"bitfast bench on {meta['device']} (copy bandwidth {meta['copy_GBps']} GB/s), {meta['wall_s']} s; "
           f"torch {meta['torch']}, bitfast {meta['bitfast']}")
     for line in bench._skip_summary(skipped):

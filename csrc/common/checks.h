@@ -260,19 +260,29 @@ inline void check_group_norm_relu_fwd(const at::Tensor& x, const std::optional<a
   check_channel_vector(op, "bias", bias, x);
 }
 
-inline void check_group_norm_relu_bwd(const at::Tensor& grad_y, const at::Tensor& x,
-                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                                      const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
-                                      c10::DeviceType device) {
-  constexpr const char* op = "native_group_norm_relu_bwd";
+// The backward arguments of op (GroupNorm+ReLU, or with the residual add, where x is the
+// saved sum and grad_sum the gradient that reached it directly, or none).
+inline void check_group_norm_bwd_args(const char* op, const at::Tensor& grad_y, const at::Tensor* grad_sum,
+                                      const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias, const at::Tensor& mean,
+                                      const at::Tensor& rstd, int64_t num_groups, c10::DeviceType device) {
   check_nchw(op, x, device);
   check_like_x(op, "grad_y", grad_y, x);
+  if (grad_sum != nullptr) check_like_x(op, "grad_sum", *grad_sum, x);
   check_num_groups(op, x, num_groups);
   check_channel_vector(op, "weight", weight, x);
   check_channel_vector(op, "bias", bias, x);
   const std::vector<int64_t> shape = {x.size(0), num_groups};
   check_stat(op, "mean", mean, x, shape, "one value per (sample, group)");
   check_stat(op, "rstd", rstd, x, shape, "one value per (sample, group)");
+}
+
+inline void check_group_norm_relu_bwd(const at::Tensor& grad_y, const at::Tensor& x,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      const at::Tensor& mean, const at::Tensor& rstd, int64_t num_groups,
+                                      c10::DeviceType device) {
+  check_group_norm_bwd_args("native_group_norm_relu_bwd", grad_y, nullptr, x, weight, bias, mean, rstd, num_groups,
+                            device);
 }
 
 inline void check_group_norm_relu_add_fwd(const at::Tensor& a, const at::Tensor& b,
@@ -291,16 +301,9 @@ inline void check_group_norm_relu_add_bwd(const at::Tensor& grad_y, const std::o
                                           const at::Tensor& sum, const std::optional<at::Tensor>& weight,
                                           const std::optional<at::Tensor>& bias, const at::Tensor& mean,
                                           const at::Tensor& rstd, int64_t num_groups, c10::DeviceType device) {
-  constexpr const char* op = "native_group_norm_relu_add_bwd";
-  check_nchw(op, sum, device);
-  check_like_x(op, "grad_y", grad_y, sum);
-  if (grad_sum.has_value() && grad_sum->defined()) check_like_x(op, "grad_sum", *grad_sum, sum);
-  check_num_groups(op, sum, num_groups);
-  check_channel_vector(op, "weight", weight, sum);
-  check_channel_vector(op, "bias", bias, sum);
-  const std::vector<int64_t> shape = {sum.size(0), num_groups};
-  check_stat(op, "mean", mean, sum, shape, "one value per (sample, group)");
-  check_stat(op, "rstd", rstd, sum, shape, "one value per (sample, group)");
+  const bool has_gs = grad_sum.has_value() && grad_sum->defined();
+  check_group_norm_bwd_args("native_group_norm_relu_add_bwd", grad_y, has_gs ? &*grad_sum : nullptr, sum, weight,
+                            bias, mean, rstd, num_groups, device);
 }
 
 inline void check_batch_norm_relu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& running_mean,
