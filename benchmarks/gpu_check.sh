@@ -9,7 +9,7 @@
 # benchmarks/results/local); a summary is printed last.
 #
 # Every step runs under a time cap inside one budget (BITFAST_GPU_BUDGET seconds, default
-# 430), most important first; a failing step is reported and the next one still runs; the
+# 480), most important first; a failing step is reported and the next one still runs; the
 # exit status is non-zero if any step failed. On an H100: build about 1.5 min, tests about
 # 1.5 min, benches 3-4 min. BITFAST_GPU_STEPS picks and orders the steps after the build
 # (default "errors,tests,norms,ops,train"; errors: the native ops' argument errors on CPU
@@ -26,7 +26,7 @@ out=${1:-${OUT:-benchmarks/results/local}}
 mkdir -p "$out"
 py=${PYTHON:-python3}
 t_start=$(date +%s)
-deadline=$(( t_start + ${BITFAST_GPU_BUDGET:-430} ))
+deadline=$(( t_start + ${BITFAST_GPU_BUDGET:-480} ))
 failed=()
 skipped=()
 step() { echo; echo "== $* ($(date -u +%H:%M:%S), $(( $(date +%s) - t_start )) s in)"; }
@@ -100,8 +100,8 @@ if [ "$gpu" = 1 ]; then
 fi
 
 errors_step() {
-    # Bad arguments to the native ops must raise RuntimeErrors, not crash the process. On a
-    # crash: a backtrace under cuda-gdb (it debugs CPU-only programs too), then
+    # Bad arguments to the native ops must raise RuntimeErrors, not crash the process. On the
+    # first crash: a backtrace under cuda-gdb (it debugs CPU-only programs too); after any,
     # benchmarks/throw_probe.py, which tells whether any extension built here crashes so.
     local dev rc code bad=0
     for dev in cpu cuda; do
@@ -109,16 +109,16 @@ errors_step() {
         "$py" -X faulthandler -c "$code"
         rc=$?
         if [ "$rc" != 0 ]; then
-            bad=1
             echo "the $dev error checks exited with $rc"
-            if command -v cuda-gdb >/dev/null; then
+            if [ "$bad" = 0 ] && command -v cuda-gdb >/dev/null; then
                 echo "backtrace under cuda-gdb:"
-                timeout 150 cuda-gdb -batch -ex run -ex bt --args "$py" -c "$code" 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -60
+                timeout 90 cuda-gdb -batch -ex run -ex bt --args "$py" -c "$code" 2>&1 | grep -v "^\[New Thread\|^\[Thread" | tail -60
             fi
+            bad=1
         fi
     done
     if [ "$bad" = 1 ]; then
-        "$py" benchmarks/throw_probe.py
+        timeout 150 "$py" benchmarks/throw_probe.py
     fi
     return $bad
 }
@@ -145,7 +145,7 @@ for s in $(echo "${BITFAST_GPU_STEPS:-errors,tests,norms,ops,train}" | tr ',' ' 
     errors)
         step "argument errors of the native ops (CPU, CUDA)"
         if [ "$gpu" = 1 ]; then
-            timed "argument errors" 360 20 bash -c errors_step 2>&1 | tee "$out/errors.log"
+            timed "argument errors" 280 20 bash -c errors_step 2>&1 | tee "$out/errors.log"
             grep -q "argument errors on cuda: RuntimeErrors as expected" "$out/errors.log" || failed+=("argument errors")
         else
             echo "skipped (no GPU)"
