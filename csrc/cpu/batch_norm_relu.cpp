@@ -8,8 +8,9 @@
 // pass for the sums of d and d * (x - mean), one for dx.
 //
 // No sum races and every combination has a fixed order, so results are reproducible
-// whatever the thread count. fp16/bf16 data are widened into float buffers per task;
-// statistics are float32 (float64 for fp64 inputs).
+// whatever the thread count. fp16 data (and bf16 in NCHW) are widened into float buffers
+// per task; the channels_last loops read and write bf16 in place. Statistics are float32
+// (float64 for fp64 inputs).
 #include "cpu/batch_norm_relu.h"
 
 #include "common/checks.h"
@@ -176,12 +177,12 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, const Params<at::opmath_type<scala
     std::vector<acc_t> part(s.nblk * s.C);
     for_blocks(s, [&](int64_t b, int64_t np, int64_t off) {
       thread_local std::vector<acc_t> xbuf;
-      rows::cols_sum(load(X + off, np * s.C, xbuf), np, s.C, s.C, part.data() + b * s.C);
+      rows::cols_sum(cols_load(X + off, np * s.C, xbuf), np, s.C, s.C, part.data() + b * s.C);
     });
     for_channel_totals(part, s, [&](int64_t c, double t) { p.MEAN[c] = acc_t(t / double(s.count)); });
     for_blocks(s, [&](int64_t b, int64_t np, int64_t off) {
       thread_local std::vector<acc_t> xbuf;
-      rows::cols_sum_sq_dev(load(X + off, np * s.C, xbuf), np, s.C, s.C, p.MEAN, part.data() + b * s.C);
+      rows::cols_sum_sq_dev(cols_load(X + off, np * s.C, xbuf), np, s.C, s.C, p.MEAN, part.data() + b * s.C);
     });
     for_channel_totals(part, s, [&](int64_t c, double q) { p.VAR[c] = acc_t(q / double(s.count)); });
   }
@@ -192,6 +193,10 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, const Params<at::opmath_type<scala
   }
   for_blocks(s, [&](int64_t, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, ybuf;
+    if constexpr (direct_cols<scalar_t>) {
+      rows::cols_affine(X + off, Y + off, np, s.C, s.C, sc.data(), sh.data(), relu);
+      return;
+    }
     const acc_t* x = load(X + off, np * s.C, xbuf);
     acc_t* y = out_buffer(Y + off, np * s.C, ybuf);
     rows::cols_affine(x, y, np, s.C, s.C, sc.data(), sh.data(), relu);
@@ -212,8 +217,8 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const Params<
   std::vector<acc_t> pdy(s.nblk * s.C), pdyx(s.nblk * s.C);
   for_blocks(s, [&](int64_t b, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, dybuf;
-    const acc_t* x = load(X + off, np * s.C, xbuf);
-    const acc_t* dy = load(DY + off, np * s.C, dybuf);
+    const auto* x = cols_load(X + off, np * s.C, xbuf);
+    const auto* dy = cols_load(DY + off, np * s.C, dybuf);
     rows::cols_bwd_sums(dy, x, np, s.C, s.C, sc.data(), sh.data(), p.MEAN, relu, pdy.data() + b * s.C,
                         pdyx.data() + b * s.C);
   });
@@ -229,6 +234,11 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const Params<
   }
   for_blocks(s, [&](int64_t, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, dybuf, dxbuf;
+    if constexpr (direct_cols<scalar_t>) {
+      rows::cols_bwd_dx(DY + off, X + off, DX + off, np, s.C, s.C, sc.data(), sh.data(), a.data(), kx.data(),
+                        k0.data(), relu);
+      return;
+    }
     const acc_t* x = load(X + off, np * s.C, xbuf);
     const acc_t* dy = load(DY + off, np * s.C, dybuf);
     acc_t* dx = out_buffer(DX + off, np * s.C, dxbuf);

@@ -84,26 +84,6 @@ int64_t grain(int64_t elems_per_task) {
 // a few rows at a time, so that widening, the affine and narrowing all hit L1.
 constexpr int64_t kStreamElems = 2048;
 
-// Whether the channels_last column loops read and write scalar_t in place (bf16: they
-// convert in registers) instead of through float buffers (fp16, and bf16 in NCHW, where
-// in-place loops measured slower). With grad_sum (the residual add's backward) dx still
-// goes through a buffer, where grad_sum is added.
-template <typename scalar_t>
-constexpr bool direct_cols = std::is_same_v<scalar_t, c10::BFloat16>;
-
-// R rows of L elements, `stride` apart, as the column loops take them: in place for
-// direct_cols types (*ld = stride), else widened into buf (*ld = L).
-template <typename scalar_t>
-auto cols_input(const scalar_t* p, int64_t R, int64_t L, int64_t stride,
-                std::vector<at::opmath_type<scalar_t>>& buf, int64_t* ld) {
-  if constexpr (direct_cols<scalar_t>) {
-    *ld = stride;
-    return p;
-  } else {
-    return load_rows(p, R, L, stride, buf, ld);
-  }
-}
-
 // Rows per streamed chunk of rows of `row` elements: all of them for float32/float64
 // (written in place, nothing to stream), else about kStreamElems elements.
 template <typename scalar_t>
@@ -661,6 +641,7 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
     }
   };
   auto write = [&](const Block& k) {
+    // with grad_sum (the residual add's backward) dx goes through a buffer, where it is added
     thread_local std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf;
     const int64_t pc = k.n * s.C + k.c0, step = stream_rows<scalar_t>(k.nc, k.rows);
     if constexpr (direct_cols<scalar_t>) {

@@ -84,6 +84,36 @@ void store_rows(const at::opmath_type<scalar_t>* src, scalar_t* p, int64_t R, in
   }
 }
 
+// Whether the column loops of cpu/norm_rows.h read and write scalar_t in place (bf16: they
+// convert in registers) instead of through float buffers (fp16; the planar loops widen
+// bf16 too: in place measured slower there).
+template <typename scalar_t>
+constexpr bool direct_cols = std::is_same_v<scalar_t, c10::BFloat16>;
+
+// n contiguous elements at p as the column loops take them: in place for direct_cols
+// types, else widened into buf.
+template <typename scalar_t>
+auto cols_load(const scalar_t* p, int64_t n, std::vector<at::opmath_type<scalar_t>>& buf) {
+  if constexpr (direct_cols<scalar_t>) {
+    return p;
+  } else {
+    return load(p, n, buf);
+  }
+}
+
+// R rows of L elements, `stride` apart, as the column loops take them: in place for
+// direct_cols types (*ld = stride), else widened into buf (*ld = L).
+template <typename scalar_t>
+auto cols_input(const scalar_t* p, int64_t R, int64_t L, int64_t stride,
+                std::vector<at::opmath_type<scalar_t>>& buf, int64_t* ld) {
+  if constexpr (direct_cols<scalar_t>) {
+    *ld = stride;
+    return p;
+  } else {
+    return load_rows(p, R, L, stride, buf, ld);
+  }
+}
+
 // Rows of C channels per block of a channels_last pass: about 64K elements (L2-resident
 // while a block makes its two passes), at least 16 rows so that the per-block partial sums
 // stay small next to the data they summarize, and at most 256 rows so that each float
