@@ -250,14 +250,21 @@ inline void check_num_groups(const char* op, const at::Tensor& x, int64_t num_gr
               num_groups);
 }
 
-inline void check_group_norm_relu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
-                                      const std::optional<at::Tensor>& bias, int64_t num_groups,
-                                      c10::DeviceType device) {
-  constexpr const char* op = "native_group_norm_relu_fwd";
+// The forward arguments of op (GroupNorm+ReLU of x, or of x + b with the residual add).
+inline void check_group_norm_fwd_args(const char* op, const at::Tensor& x, const at::Tensor* b,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      int64_t num_groups, c10::DeviceType device) {
   check_nchw(op, x, device);
+  if (b != nullptr) check_like_x(op, "b", *b, x);
   check_num_groups(op, x, num_groups);
   check_channel_vector(op, "weight", weight, x);
   check_channel_vector(op, "bias", bias, x);
+}
+
+inline void check_group_norm_relu_fwd(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                      const std::optional<at::Tensor>& bias, int64_t num_groups,
+                                      c10::DeviceType device) {
+  check_group_norm_fwd_args("native_group_norm_relu_fwd", x, nullptr, weight, bias, num_groups, device);
 }
 
 // The backward arguments of op (GroupNorm+ReLU, or with the residual add, where x is the
@@ -289,12 +296,7 @@ inline void check_group_norm_relu_add_fwd(const at::Tensor& a, const at::Tensor&
                                           const std::optional<at::Tensor>& weight,
                                           const std::optional<at::Tensor>& bias, int64_t num_groups,
                                           c10::DeviceType device) {
-  constexpr const char* op = "native_group_norm_relu_add_fwd";
-  check_nchw(op, a, device);
-  check_like_x(op, "b", b, a);
-  check_num_groups(op, a, num_groups);
-  check_channel_vector(op, "weight", weight, a);
-  check_channel_vector(op, "bias", bias, a);
+  check_group_norm_fwd_args("native_group_norm_relu_add_fwd", a, &b, weight, bias, num_groups, device);
 }
 
 inline void check_group_norm_relu_add_bwd(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_sum,
