@@ -180,6 +180,11 @@ BITFAST_INLINE void group_bwd_coefficients(Sums&& sums, int64_t Cg, int64_t M, d
 // NCHW
 // ---------------------------------------------------------------------------------------
 
+// Whether the NCHW loops read and write scalar_t in place (bf16: they convert in registers)
+// instead of widening each group into float buffers (fp16, and the residual paths).
+template <typename scalar_t>
+constexpr bool direct_planar = std::is_same_v<scalar_t, c10::BFloat16>;
+
 template <typename scalar_t>
 void fwd_nchw(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, at::opmath_type<scalar_t>* RSTD,
               const at::opmath_type<scalar_t>* W, const at::opmath_type<scalar_t>* B, const Shape& s, double eps,
@@ -189,17 +194,29 @@ void fwd_nchw(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
     std::vector<acc_t> xbuf, tbuf, ybuf, sc(s.Cg), sh(s.Cg);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t c0 = (ng % s.G) * s.Cg;
-      const acc_t* x = load_input(X, res, ng * s.M, s.M, xbuf, tbuf);
-      // 0 / 0 = NaN for an empty group, as the reference's mean of nothing.
-      const acc_t mean = acc_t(rows::sum(x, s.M) / double(s.M));
-      const double var = rows::sum_sq_dev(x, s.M, mean) / double(s.M);
-      const acc_t rstd = acc_t(1.0 / std::sqrt(var + eps));
-      MEAN[ng] = mean;
-      RSTD[ng] = rstd;
-      for (int64_t c = 0; c < s.Cg; ++c) {
-        sc[c] = rstd * W[c0 + c];
-        sh[c] = B[c0 + c] - mean * sc[c];
+      // the statistics of the group at x (the stored input, or its widened copy) and its
+      // scale and shift per channel
+      const auto stats = [&](const auto* x) {
+        // 0 / 0 = NaN for an empty group, as the reference's mean of nothing.
+        const acc_t mean = acc_t(rows::sum(x, s.M) / double(s.M));
+        const double var = rows::sum_sq_dev(x, s.M, mean) / double(s.M);
+        const acc_t rstd = acc_t(1.0 / std::sqrt(var + eps));
+        MEAN[ng] = mean;
+        RSTD[ng] = rstd;
+        for (int64_t c = 0; c < s.Cg; ++c) {
+          sc[c] = rstd * W[c0 + c];
+          sh[c] = B[c0 + c] - mean * sc[c];
+        }
+      };
+      if constexpr (direct_planar<scalar_t>) {
+        if (res.a == nullptr) {  // bf16 read and written in place
+          stats(X + ng * s.M);
+          rows::planar_affine(X + ng * s.M, Y + ng * s.M, s.Cg, s.HW, s.HW, sc.data(), sh.data(), relu);
+          continue;
+        }
       }
+      const acc_t* x = load_input(X, res, ng * s.M, s.M, xbuf, tbuf);
+      stats(x);
       const int64_t step = stream_rows<scalar_t>(s.HW, s.Cg);
       for (int64_t r0 = 0; r0 < s.Cg; r0 += step) {
         const int64_t nr = std::min(step, s.Cg - r0), o = r0 * s.HW;
@@ -224,18 +241,33 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
     std::vector<double> sdy(s.Cg), sdyx(s.Cg);
     for (int64_t ng = begin; ng < end; ++ng) {
       const int64_t n = ng / s.G, c0 = (ng % s.G) * s.Cg;
-      const acc_t* x = load(X + ng * s.M, s.M, xbuf);
-      const acc_t* dy = load(DY + ng * s.M, s.M, dybuf);
       const acc_t mean = MEAN[ng], rstd = RSTD[ng];
       for (int64_t c = 0; c < s.Cg; ++c) {
         sc[c] = rstd * W[c0 + c];
         sh[c] = B[c0 + c] - mean * sc[c];
         mv[c] = mean;
       }
+      const auto coefficients = [&] {
+        group_bwd_coefficients([&](int64_t c) { return std::pair<double, double>(sdy[c], sdyx[c]); }, s.Cg, s.M,
+                               double(mean), double(rstd), W + c0, DWN + n * s.C + c0, DBN + n * s.C + c0, a.data(),
+                               kx.data(), k0.data());
+      };
+      if constexpr (direct_planar<scalar_t>) {
+        if (GS == nullptr) {  // bf16 read and written in place
+          const scalar_t* x = X + ng * s.M;
+          const scalar_t* dy = DY + ng * s.M;
+          rows::planar_bwd_sums(dy, x, s.Cg, s.HW, s.HW, sc.data(), sh.data(), mv.data(), relu, sdy.data(),
+                                sdyx.data());
+          coefficients();
+          rows::planar_bwd_dx(dy, x, DX + ng * s.M, s.Cg, s.HW, s.HW, sc.data(), sh.data(), a.data(), kx.data(),
+                              k0.data(), relu);
+          continue;
+        }
+      }
+      const acc_t* x = load(X + ng * s.M, s.M, xbuf);
+      const acc_t* dy = load(DY + ng * s.M, s.M, dybuf);
       rows::planar_bwd_sums(dy, x, s.Cg, s.HW, s.HW, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
-      group_bwd_coefficients([&](int64_t c) { return std::pair<double, double>(sdy[c], sdyx[c]); }, s.Cg, s.M,
-                             double(mean), double(rstd), W + c0, DWN + n * s.C + c0, DBN + n * s.C + c0, a.data(),
-                             kx.data(), k0.data());
+      coefficients();
       const int64_t step = stream_rows<scalar_t>(s.HW, s.Cg);
       for (int64_t r0 = 0; r0 < s.Cg; r0 += step) {
         const int64_t nr = std::min(step, s.Cg - r0), o = r0 * s.HW, off = ng * s.M + o;
@@ -441,45 +473,62 @@ bool group_major(const Shape& s) {
   return s.Cg >= 16 && s.HW <= 256 && s.Cg * s.HW <= 8192 && (s.Cg >= 64 || s.N == 1);
 }
 
+// Groups per task of the group-major path: the fewest consecutive groups (dividing G)
+// whose channels fill whole vectors of 32 lanes (the width of the AVX-512 loops that
+// convert bf16), else 1. A task of BiT-R101x3's 24-channel groups takes 4 groups, 96
+// channels, instead of leaving a third of each row to a vector remainder. Each channel's
+// column sums, and so every result, are the same whatever the task's width.
+int64_t groups_per_task(const Shape& s) {
+  for (int64_t k = 1; k <= s.G && k * s.Cg <= 128; ++k) {
+    if (s.G % k == 0 && (k * s.Cg) % 32 == 0) return k;
+  }
+  return 1;
+}
+
 template <typename scalar_t>
 void fwd_nhwc_groups(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, at::opmath_type<scalar_t>* RSTD,
                      const at::opmath_type<scalar_t>* W, const at::opmath_type<scalar_t>* B, const Shape& s,
                      double eps, bool relu, const Residual<scalar_t>& res) {
   using acc_t = at::opmath_type<scalar_t>;
   const scalar_t* XS = res.a != nullptr ? res.sum : X;
-  at::parallel_for(0, s.N * s.G, grain(s.M), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf, tbuf, ybuf, colsum(s.Cg), colsq(s.Cg), mv(s.Cg), sc(s.Cg), sh(s.Cg);
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / s.G, c0 = (ng % s.G) * s.Cg, off = n * s.HW * s.C + c0;
+  const int64_t k = groups_per_task(s), Ck = k * s.Cg;  // groups and channels of a task
+  at::parallel_for(0, s.N * s.G / k, grain(k * s.M), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf, tbuf, ybuf, colsum(Ck), colsq(Ck), mv(Ck), sc(Ck), sh(Ck);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ng0 = task * k, n = ng0 / s.G, c0 = (ng0 % s.G) * s.Cg, off = n * s.HW * s.C + c0;
       if (res.a != nullptr) {
-        for (int64_t r = 0; r < s.HW; ++r) load_input(X, res, off + r * s.C, s.Cg, xbuf, tbuf);
+        for (int64_t r = 0; r < s.HW; ++r) load_input(X, res, off + r * s.C, Ck, xbuf, tbuf);
       }
       // bf16 is read in place by the column loops; fp16 is widened into xbuf
       int64_t ld;
-      const auto* x = cols_input(XS + off, s.HW, s.Cg, s.C, xbuf, &ld);
-      rows::cols_sum(x, s.HW, s.Cg, ld, colsum.data());
-      double total = 0;
-      for (int64_t c = 0; c < s.Cg; ++c) total += double(colsum[c]);
-      // 0 / 0 = NaN for an empty group, as the reference's mean of nothing.
-      const acc_t mean = acc_t(total / double(s.M));
-      std::fill(mv.begin(), mv.end(), mean);
-      rows::cols_sum_sq_dev(x, s.HW, s.Cg, ld, mv.data(), colsq.data());
-      double q = 0;
-      for (int64_t c = 0; c < s.Cg; ++c) q += double(colsq[c]);
-      const acc_t rstd = acc_t(1.0 / std::sqrt(q / double(s.M) + eps));
-      MEAN[ng] = mean;
-      RSTD[ng] = rstd;
-      for (int64_t c = 0; c < s.Cg; ++c) {
-        sc[c] = rstd * W[c0 + c];
-        sh[c] = B[c0 + c] - mean * sc[c];
+      const auto* x = cols_input(XS + off, s.HW, Ck, s.C, xbuf, &ld);
+      rows::cols_sum(x, s.HW, Ck, ld, colsum.data());
+      for (int64_t j = 0; j < k; ++j) {
+        double total = 0;
+        for (int64_t c = j * s.Cg; c < (j + 1) * s.Cg; ++c) total += double(colsum[c]);
+        // 0 / 0 = NaN for an empty group, as the reference's mean of nothing.
+        const acc_t mean = acc_t(total / double(s.M));
+        std::fill(mv.begin() + j * s.Cg, mv.begin() + (j + 1) * s.Cg, mean);
+      }
+      rows::cols_sum_sq_dev(x, s.HW, Ck, ld, mv.data(), colsq.data());
+      for (int64_t j = 0; j < k; ++j) {
+        double q = 0;
+        for (int64_t c = j * s.Cg; c < (j + 1) * s.Cg; ++c) q += double(colsq[c]);
+        const acc_t mean = mv[j * s.Cg], rstd = acc_t(1.0 / std::sqrt(q / double(s.M) + eps));
+        MEAN[ng0 + j] = mean;
+        RSTD[ng0 + j] = rstd;
+        for (int64_t c = j * s.Cg; c < (j + 1) * s.Cg; ++c) {
+          sc[c] = rstd * W[c0 + c];
+          sh[c] = B[c0 + c] - mean * sc[c];
+        }
       }
       if constexpr (direct_cols<scalar_t>) {
-        rows::cols_affine(x, Y + off, s.HW, s.Cg, ld, sc.data(), sh.data(), relu);
+        rows::cols_affine(x, Y + off, s.HW, Ck, ld, sc.data(), sh.data(), relu);
       } else {
         int64_t ldy;
-        acc_t* y = out_rows(Y + off, s.HW, s.Cg, s.C, ybuf, &ldy);
-        rows::cols_affine(x, y, s.HW, s.Cg, ld, sc.data(), sh.data(), relu);
-        store_rows(y, Y + off, s.HW, s.Cg, s.C);
+        acc_t* y = out_rows(Y + off, s.HW, Ck, s.C, ybuf, &ldy);
+        rows::cols_affine(x, y, s.HW, Ck, ld, sc.data(), sh.data(), relu);
+        store_rows(y, Y + off, s.HW, Ck, s.C);
       }
     }
   });
@@ -491,47 +540,53 @@ void bwd_nhwc_groups(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const 
                      const at::opmath_type<scalar_t>* B, double* DWN, double* DBN, const Shape& s, bool relu,
                      const scalar_t* GS) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, s.N * s.G, grain(2 * s.M), [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf, sc(s.Cg), sh(s.Cg), mv(s.Cg), sdy(s.Cg), sdyx(s.Cg), a(s.Cg),
-        kx(s.Cg), k0(s.Cg);
-    for (int64_t ng = begin; ng < end; ++ng) {
-      const int64_t n = ng / s.G, c0 = (ng % s.G) * s.Cg, off = n * s.HW * s.C + c0;
-      const acc_t mean = MEAN[ng], rstd = RSTD[ng];
-      for (int64_t c = 0; c < s.Cg; ++c) {
-        sc[c] = rstd * W[c0 + c];
-        sh[c] = B[c0 + c] - mean * sc[c];
-        mv[c] = mean;
+  const int64_t k = groups_per_task(s), Ck = k * s.Cg;  // groups and channels of a task
+  at::parallel_for(0, s.N * s.G / k, grain(2 * k * s.M), [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf, sc(Ck), sh(Ck), mv(Ck), sdy(Ck), sdyx(Ck), a(Ck), kx(Ck), k0(Ck);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t ng0 = task * k, n = ng0 / s.G, c0 = (ng0 % s.G) * s.Cg, off = n * s.HW * s.C + c0;
+      for (int64_t j = 0; j < k; ++j) {
+        const acc_t mean = MEAN[ng0 + j], rstd = RSTD[ng0 + j];
+        for (int64_t c = j * s.Cg; c < (j + 1) * s.Cg; ++c) {
+          sc[c] = rstd * W[c0 + c];
+          sh[c] = B[c0 + c] - mean * sc[c];
+          mv[c] = mean;
+        }
       }
       if constexpr (direct_cols<scalar_t>) {
-        rows::cols_bwd_sums(DY + off, X + off, s.HW, s.Cg, s.C, sc.data(), sh.data(), mv.data(), relu, sdy.data(),
+        rows::cols_bwd_sums(DY + off, X + off, s.HW, Ck, s.C, sc.data(), sh.data(), mv.data(), relu, sdy.data(),
                             sdyx.data());
       }
       int64_t ld = s.C, ld2, ld3;  // equal: rows of the same width and type
       const acc_t* x = nullptr;
       const acc_t* dy = nullptr;
       if (!direct_cols<scalar_t> || GS != nullptr) {
-        x = load_rows(X + off, s.HW, s.Cg, s.C, xbuf, &ld);
-        dy = load_rows(DY + off, s.HW, s.Cg, s.C, dybuf, &ld2);
+        x = load_rows(X + off, s.HW, Ck, s.C, xbuf, &ld);
+        dy = load_rows(DY + off, s.HW, Ck, s.C, dybuf, &ld2);
       }
       if constexpr (!direct_cols<scalar_t>) {
-        rows::cols_bwd_sums(dy, x, s.HW, s.Cg, ld, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
+        rows::cols_bwd_sums(dy, x, s.HW, Ck, ld, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
       }
-      group_bwd_coefficients([&](int64_t c) { return std::pair<double, double>(sdy[c], sdyx[c]); }, s.Cg, s.M,
-                             double(mean), double(rstd), W + c0, DWN + n * s.C + c0, DBN + n * s.C + c0, a.data(),
-                             kx.data(), k0.data());
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t cj = j * s.Cg;
+        group_bwd_coefficients(
+            [&](int64_t c) { return std::pair<double, double>(sdy[cj + c], sdyx[cj + c]); }, s.Cg, s.M,
+            double(MEAN[ng0 + j]), double(RSTD[ng0 + j]), W + c0 + cj, DWN + n * s.C + c0 + cj,
+            DBN + n * s.C + c0 + cj, a.data() + cj, kx.data() + cj, k0.data() + cj);
+      }
       if constexpr (direct_cols<scalar_t>) {
         if (GS == nullptr) {
-          rows::cols_bwd_dx(DY + off, X + off, DX + off, s.HW, s.Cg, s.C, sc.data(), sh.data(), a.data(), kx.data(),
+          rows::cols_bwd_dx(DY + off, X + off, DX + off, s.HW, Ck, s.C, sc.data(), sh.data(), a.data(), kx.data(),
                             k0.data(), relu);
           continue;
         }
       }
-      acc_t* dx = out_rows(DX + off, s.HW, s.Cg, s.C, dxbuf, &ld3);
-      rows::cols_bwd_dx(dy, x, dx, s.HW, s.Cg, ld, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
+      acc_t* dx = out_rows(DX + off, s.HW, Ck, s.C, dxbuf, &ld3);
+      rows::cols_bwd_dx(dy, x, dx, s.HW, Ck, ld, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
       if (GS != nullptr) {
-        for (int64_t row = 0; row < s.HW; ++row) add_grad_sum(GS, off + row * s.C, s.Cg, dx + row * ld, gsbuf);
+        for (int64_t row = 0; row < s.HW; ++row) add_grad_sum(GS, off + row * s.C, Ck, dx + row * ld, gsbuf);
       }
-      store_rows(dx, DX + off, s.HW, s.Cg, s.C);
+      store_rows(dx, DX + off, s.HW, Ck, s.C);
     }
   });
 }

@@ -14,6 +14,23 @@
 namespace bitfast::cpu::rows {
 namespace {
 
+// Storage element -> math type: the identity for float and double, and for bf16 (raw
+// bits, so that the loops vectorize) the exact widening. math_to<Out> rounds back.
+template <typename T>
+BITFAST_INLINE T to_math(T v) {
+  return v;
+}
+BITFAST_INLINE float to_math(uint16_t bf16) { return bf16_bits_to_float(bf16); }
+
+template <typename Out, typename T>
+BITFAST_INLINE Out math_to(T v) {
+  if constexpr (std::is_same_v<Out, uint16_t>) {
+    return float_to_bf16_bits(v);
+  } else {
+    return v;
+  }
+}
+
 // Elements summed in float lanes before the partial sum moves to double: 1024 elements in
 // 4 streams of 8 lanes = 32 additions per lane, whose rounding error stays far below
 // float32's output precision.
@@ -24,38 +41,38 @@ constexpr int64_t kSumChunk = 1024;
 // so the additions of consecutive vectors do not wait on each other: with one accumulator a
 // sum is latency-bound (one vector add every 4 cycles), slower than the affine pass after
 // it. The streams are added in a fixed order, then the elements left over.
-template <typename T, typename F>
-BITFAST_INLINE double lane_sum(const T* __restrict x, int64_t n, F f) {
+template <typename T, typename In = T, typename F>
+BITFAST_INLINE double lane_sum(const In* __restrict x, int64_t n, F f) {
   double total = 0;
   for (int64_t b = 0; b < n; b += kSumChunk) {
     const int64_t len = std::min(n - b, kSumChunk), q = len / 4;
-    const T* __restrict x0 = x + b;
-    const T* __restrict x1 = x0 + q;
-    const T* __restrict x2 = x1 + q;
-    const T* __restrict x3 = x2 + q;
+    const In* __restrict x0 = x + b;
+    const In* __restrict x1 = x0 + q;
+    const In* __restrict x2 = x1 + q;
+    const In* __restrict x3 = x2 + q;
     T s0 = 0, s1 = 0, s2 = 0, s3 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2, s3)
     for (int64_t i = 0; i < q; ++i) {
-      s0 += f(x0[i]);
-      s1 += f(x1[i]);
-      s2 += f(x2[i]);
-      s3 += f(x3[i]);
+      s0 += f(T(to_math(x0[i])));
+      s1 += f(T(to_math(x1[i])));
+      s2 += f(T(to_math(x2[i])));
+      s3 += f(T(to_math(x3[i])));
     }
     T tail = 0;
-    for (int64_t i = 4 * q; i < len; ++i) tail += f(x0[i]);
+    for (int64_t i = 4 * q; i < len; ++i) tail += f(T(to_math(x0[i])));
     total += double(((s0 + s1) + (s2 + s3)) + tail);
   }
   return total;
 }
 
-template <typename T>
-BITFAST_INLINE double sum_impl(const T* __restrict x, int64_t n) {
-  return lane_sum(x, n, [](T v) { return v; });
+template <typename T, typename In = T>
+BITFAST_INLINE double sum_impl(const In* __restrict x, int64_t n) {
+  return lane_sum<T>(x, n, [](T v) { return v; });
 }
 
-template <typename T>
-BITFAST_INLINE double sum_sq_dev_impl(const T* __restrict x, int64_t n, T m) {
-  return lane_sum(x, n, [m](T v) { return (v - m) * (v - m); });
+template <typename T, typename In = T>
+BITFAST_INLINE double sum_sq_dev_impl(const In* __restrict x, int64_t n, T m) {
+  return lane_sum<T>(x, n, [m](T v) { return (v - m) * (v - m); });
 }
 
 // The output gradient masked by the forward's ReLU, the mask recomputed with exactly the
@@ -66,23 +83,23 @@ BITFAST_INLINE T relu_grad(T x, T g, T s, T t) {
   return RELU ? (x * s + t > T(0) ? g : T(0)) : g;
 }
 
-template <typename T, bool RELU>
-BITFAST_INLINE void affine_row(const T* __restrict x, T* __restrict y, int64_t n, T s, T t) {
+template <typename T, bool RELU, typename In = T>
+BITFAST_INLINE void affine_row(const In* __restrict x, In* __restrict y, int64_t n, T s, T t) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T v = x[i] * s + t;
-    y[i] = RELU ? (v < T(0) ? T(0) : v) : v;  // keeps NaN, as torch.relu does
+    const T v = T(to_math(x[i])) * s + t;
+    y[i] = math_to<In>(RELU ? (v < T(0) ? T(0) : v) : v);  // keeps NaN, as torch.relu does
   }
 }
 
-template <typename T>
-BITFAST_INLINE void planar_affine_impl(const T* x, T* y, int64_t R, int64_t L, int64_t stride, const T* s, const T* t,
+template <typename T, typename In = T>
+BITFAST_INLINE void planar_affine_impl(const In* x, In* y, int64_t R, int64_t L, int64_t stride, const T* s, const T* t,
                                        bool relu) {
   for (int64_t r = 0; r < R; ++r) {
     if (relu) {
-      affine_row<T, true>(x + r * stride, y + r * stride, L, s[r], t[r]);
+      affine_row<T, true, In>(x + r * stride, y + r * stride, L, s[r], t[r]);
     } else {
-      affine_row<T, false>(x + r * stride, y + r * stride, L, s[r], t[r]);
+      affine_row<T, false, In>(x + r * stride, y + r * stride, L, s[r], t[r]);
     }
   }
 }
@@ -102,20 +119,21 @@ BITFAST_INLINE T lanes16_total(const T* v) {
 // independent vector chains), folded by a tree once per chunk. A row of a late BiT stage
 // is short (14 x 14 or 7 x 7 pixels), so the fold is a large part of the work: the
 // compiler's own epilogue for a simd reduction added the lanes one by one.
-template <typename T, bool RELU>
-BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, int64_t n, T s, T t, T m,
+template <typename T, bool RELU, typename In = T>
+BITFAST_INLINE void bwd_sums_row(const In* __restrict dy, const In* __restrict x, int64_t n, T s, T t, T m,
                                  double* sum_dy, double* sum_dyx) {
   constexpr int64_t W = kLanes;
   double tot_d = 0, tot_dx = 0;
   for (int64_t b = 0; b < n; b += kSumChunk) {
     const int64_t len = std::min(n - b, kSumChunk), full = len / (2 * W) * (2 * W);
-    const T* __restrict xb = x + b;
-    const T* __restrict gb = dy + b;
+    const In* __restrict xb = x + b;
+    const In* __restrict gb = dy + b;
     T d0[W] = {}, e0[W] = {}, d1[W] = {}, e1[W] = {};
     for (int64_t i = 0; i < full; i += 2 * W) {
 #pragma omp simd
       for (int64_t l = 0; l < W; ++l) {
-        const T xa = xb[i + l], xc = xb[i + W + l], ga = gb[i + l], gc = gb[i + W + l];
+        const T xa = T(to_math(xb[i + l])), xc = T(to_math(xb[i + W + l]));
+        const T ga = T(to_math(gb[i + l])), gc = T(to_math(gb[i + W + l]));
         const T da = relu_grad<T, RELU>(xa, ga, s, t);
         const T dc = relu_grad<T, RELU>(xc, gc, s, t);
         d0[l] += da;
@@ -128,7 +146,7 @@ BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, 
     if (len - rest >= W) {  // one more vector step (a 7x7 row: 32 + 16 + 1)
 #pragma omp simd
       for (int64_t l = 0; l < W; ++l) {
-        const T xa = xb[rest + l], ga = gb[rest + l];
+        const T xa = T(to_math(xb[rest + l])), ga = T(to_math(gb[rest + l]));
         const T da = relu_grad<T, RELU>(xa, ga, s, t);
         d0[l] += da;
         e0[l] += da * (xa - m);
@@ -136,10 +154,10 @@ BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, 
       rest += W;
     }
     for (int64_t i = rest; i < len; ++i) {  // fewer than W left: one per lane
-      const T g = gb[i];
-      const T d = relu_grad<T, RELU>(xb[i], g, s, t);
+      const T g = T(to_math(gb[i])), xv = T(to_math(xb[i]));
+      const T d = relu_grad<T, RELU>(xv, g, s, t);
       d1[i - rest] += d;
-      e1[i - rest] += d * (xb[i] - m);
+      e1[i - rest] += d * (xv - m);
     }
 #pragma omp simd
     for (int64_t l = 0; l < W; ++l) {  // the two sets, lane by lane (a vector add)
@@ -158,8 +176,8 @@ BITFAST_INLINE void bwd_sums_row(const T* __restrict dy, const T* __restrict x, 
 // in NCHW is 16 (4x4) or 49 (7x7) pixels: folding a vector per row cost more than the row.
 constexpr int64_t kShortRow = 32;
 
-template <typename T, bool RELU>
-BITFAST_INLINE void bwd_sums_rows_across(const T* __restrict dy, const T* __restrict x, int64_t L, int64_t stride,
+template <typename T, bool RELU, typename In = T>
+BITFAST_INLINE void bwd_sums_rows_across(const In* __restrict dy, const In* __restrict x, int64_t L, int64_t stride,
                                          const T* __restrict s, const T* __restrict t, const T* __restrict m,
                                          double* sum_dy, double* sum_dyx) {
   constexpr int64_t B = kLanes;
@@ -167,7 +185,7 @@ BITFAST_INLINE void bwd_sums_rows_across(const T* __restrict dy, const T* __rest
   for (int64_t i = 0; i < L; ++i) {
 #pragma omp simd
     for (int64_t r = 0; r < B; ++r) {
-      const T xv = x[r * stride + i], g = dy[r * stride + i];
+      const T xv = T(to_math(x[r * stride + i])), g = T(to_math(dy[r * stride + i]));
       const T d = relu_grad<T, RELU>(xv, g, s[r], t[r]);
       ad[r] += d;
       ax[r] += d * (xv - m[r]);
@@ -179,67 +197,50 @@ BITFAST_INLINE void bwd_sums_rows_across(const T* __restrict dy, const T* __rest
   }
 }
 
-template <typename T>
-BITFAST_INLINE void planar_bwd_sums_impl(const T* dy, const T* x, int64_t R, int64_t L, int64_t stride, const T* s,
+template <typename T, typename In = T>
+BITFAST_INLINE void planar_bwd_sums_impl(const In* dy, const In* x, int64_t R, int64_t L, int64_t stride, const T* s,
                                          const T* t, const T* m, bool relu, double* sum_dy, double* sum_dyx) {
   int64_t r0 = 0;
   if (L <= kShortRow) {
     for (; r0 + kLanes <= R; r0 += kLanes) {
       const int64_t o = r0 * stride;
       if (relu) {
-        bwd_sums_rows_across<T, true>(dy + o, x + o, L, stride, s + r0, t + r0, m + r0, sum_dy + r0, sum_dyx + r0);
+        bwd_sums_rows_across<T, true, In>(dy + o, x + o, L, stride, s + r0, t + r0, m + r0, sum_dy + r0, sum_dyx + r0);
       } else {
-        bwd_sums_rows_across<T, false>(dy + o, x + o, L, stride, s + r0, t + r0, m + r0, sum_dy + r0, sum_dyx + r0);
+        bwd_sums_rows_across<T, false, In>(dy + o, x + o, L, stride, s + r0, t + r0, m + r0, sum_dy + r0, sum_dyx + r0);
       }
     }
   }
   for (int64_t r = r0; r < R; ++r) {
     if (relu) {
-      bwd_sums_row<T, true>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], sum_dy + r, sum_dyx + r);
+      bwd_sums_row<T, true, In>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], sum_dy + r, sum_dyx + r);
     } else {
-      bwd_sums_row<T, false>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], sum_dy + r, sum_dyx + r);
+      bwd_sums_row<T, false, In>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], sum_dy + r, sum_dyx + r);
     }
   }
 }
 
-template <typename T, bool RELU>
-BITFAST_INLINE void bwd_dx_row(const T* __restrict dy, const T* __restrict x, T* __restrict dx, int64_t n, T s, T t,
+template <typename T, bool RELU, typename In = T>
+BITFAST_INLINE void bwd_dx_row(const In* __restrict dy, const In* __restrict x, In* __restrict dx, int64_t n, T s, T t,
                                T a, T kx, T k0) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
-    const T g = dy[i];
-    const T d = relu_grad<T, RELU>(x[i], g, s, t);
-    dx[i] = a * d + kx * x[i] + k0;
+    const T g = T(to_math(dy[i])), xv = T(to_math(x[i]));
+    const T d = relu_grad<T, RELU>(xv, g, s, t);
+    dx[i] = math_to<In>(a * d + kx * xv + k0);
   }
 }
 
-template <typename T>
-BITFAST_INLINE void planar_bwd_dx_impl(const T* dy, const T* x, T* dx, int64_t R, int64_t L, int64_t stride,
+template <typename T, typename In = T>
+BITFAST_INLINE void planar_bwd_dx_impl(const In* dy, const In* x, In* dx, int64_t R, int64_t L, int64_t stride,
                                        const T* s, const T* t, const T* a, const T* kx, const T* k0, bool relu) {
   for (int64_t r = 0; r < R; ++r) {
     const int64_t o = r * stride;
     if (relu) {
-      bwd_dx_row<T, true>(dy + o, x + o, dx + o, L, s[r], t[r], a[r], kx[r], k0[r]);
+      bwd_dx_row<T, true, In>(dy + o, x + o, dx + o, L, s[r], t[r], a[r], kx[r], k0[r]);
     } else {
-      bwd_dx_row<T, false>(dy + o, x + o, dx + o, L, s[r], t[r], a[r], kx[r], k0[r]);
+      bwd_dx_row<T, false, In>(dy + o, x + o, dx + o, L, s[r], t[r], a[r], kx[r], k0[r]);
     }
-  }
-}
-
-// Storage element -> math type: the identity for float and double, and for bf16 (raw
-// bits, so that the loops vectorize) the exact widening. math_to<Out> rounds back.
-template <typename T>
-BITFAST_INLINE T to_math(T v) {
-  return v;
-}
-BITFAST_INLINE float to_math(uint16_t bf16) { return bf16_bits_to_float(bf16); }
-
-template <typename Out, typename T>
-BITFAST_INLINE Out math_to(T v) {
-  if constexpr (std::is_same_v<Out, uint16_t>) {
-    return float_to_bf16_bits(v);
-  } else {
-    return v;
   }
 }
 
@@ -420,6 +421,29 @@ BITFAST_TARGET_CLONES void cols_bwd_sums(const c10::BFloat16* dy, const c10::BFl
                                          float* sum_dy, float* sum_dyx) {
   relu ? cols_bwd_sums_impl<float, true, uint16_t>(bits(dy), bits(x), R, C, ld, s, t, m, sum_dy, sum_dyx)
        : cols_bwd_sums_impl<float, false, uint16_t>(bits(dy), bits(x), R, C, ld, s, t, m, sum_dy, sum_dyx);
+}
+
+BITFAST_TARGET_CLONES double sum(const c10::BFloat16* x, int64_t n) { return sum_impl<float, uint16_t>(bits(x), n); }
+
+BITFAST_TARGET_CLONES double sum_sq_dev(const c10::BFloat16* x, int64_t n, float m) {
+  return sum_sq_dev_impl<float, uint16_t>(bits(x), n, m);
+}
+
+BITFAST_TARGET_CLONES void planar_affine(const c10::BFloat16* x, c10::BFloat16* y, int64_t R, int64_t L, int64_t stride,
+                                         const float* s, const float* t, bool relu) {
+  planar_affine_impl<float, uint16_t>(bits(x), bits(y), R, L, stride, s, t, relu);
+}
+
+BITFAST_TARGET_CLONES void planar_bwd_sums(const c10::BFloat16* dy, const c10::BFloat16* x, int64_t R, int64_t L,
+                                           int64_t stride, const float* s, const float* t, const float* m, bool relu,
+                                           double* sum_dy, double* sum_dyx) {
+  planar_bwd_sums_impl<float, uint16_t>(bits(dy), bits(x), R, L, stride, s, t, m, relu, sum_dy, sum_dyx);
+}
+
+BITFAST_TARGET_CLONES void planar_bwd_dx(const c10::BFloat16* dy, const c10::BFloat16* x, c10::BFloat16* dx, int64_t R,
+                                         int64_t L, int64_t stride, const float* s, const float* t, const float* a,
+                                         const float* kx, const float* k0, bool relu) {
+  planar_bwd_dx_impl<float, uint16_t>(bits(dy), bits(x), bits(dx), R, L, stride, s, t, a, kx, k0, relu);
 }
 
 BITFAST_TARGET_CLONES void cols_bwd_dx(const c10::BFloat16* dy, const c10::BFloat16* x, c10::BFloat16* dx, int64_t R,

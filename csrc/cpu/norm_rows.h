@@ -10,9 +10,10 @@
 //  * columns (channels_last): R rows of C contiguous channels, one parameter per column,
 //    vectorized across the channels.
 //
-// Everything is computed in float32 (float64 for float64 tensors): fp16 data (and bf16 in
-// the planar loops) are widened into float buffers by the callers; the column loops also
-// read and write bf16 in place. Sums that may cover many elements come back in double,
+// Everything is computed in float32 (float64 for float64 tensors): fp16 data are widened
+// into float buffers by the callers; bf16 is read and written in place by the loops with
+// bf16 entry points (converted in registers, bitwise what the float loops give on widened
+// copies), or widened where a caller has no such loop. Sums that may cover many elements come back in double,
 // accumulated from float vector lanes a chunk at a time, so a group or channel of 10^5
 // elements sums as accurately as a few hundred; column sums cover a block of rows and are
 // combined in double by the callers. Every sum has a fixed order: results do not depend on
@@ -107,6 +108,17 @@ void cols_bwd_sums(const c10::BFloat16* dy, const c10::BFloat16* x, int64_t R, i
                    const float* t, const float* m, bool relu, float* sum_dy, float* sum_dyx);
 void cols_bwd_dx(const c10::BFloat16* dy, const c10::BFloat16* x, c10::BFloat16* dx, int64_t R, int64_t C, int64_t ld,
                  const float* s, const float* t, const float* a, const float* kx, const float* k0, bool relu);
+
+// The planar loops on bf16 storage, computing in float, as the column loops above.
+double sum(const c10::BFloat16* x, int64_t n);
+double sum_sq_dev(const c10::BFloat16* x, int64_t n, float m);
+void planar_affine(const c10::BFloat16* x, c10::BFloat16* y, int64_t R, int64_t L, int64_t stride, const float* s,
+                   const float* t, bool relu);
+void planar_bwd_sums(const c10::BFloat16* dy, const c10::BFloat16* x, int64_t R, int64_t L, int64_t stride,
+                     const float* s, const float* t, const float* m, bool relu, double* sum_dy, double* sum_dyx);
+void planar_bwd_dx(const c10::BFloat16* dy, const c10::BFloat16* x, c10::BFloat16* dx, int64_t R, int64_t L,
+                   int64_t stride, const float* s, const float* t, const float* a, const float* kx, const float* k0,
+                   bool relu);
 
 // Columns dx = a[c] * d + kx[c] * x + k0[c], d as in cols_bwd_sums.
 void cols_bwd_dx(const float* dy, const float* x, float* dx, int64_t R, int64_t C, int64_t ld, const float* s,

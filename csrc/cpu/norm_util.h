@@ -85,8 +85,7 @@ void store_rows(const at::opmath_type<scalar_t>* src, scalar_t* p, int64_t R, in
 }
 
 // Whether the column loops of cpu/norm_rows.h read and write scalar_t in place (bf16: they
-// convert in registers) instead of through float buffers (fp16; the planar loops widen
-// bf16 too: in place measured slower there).
+// convert in registers) instead of through float buffers (fp16).
 template <typename scalar_t>
 constexpr bool direct_cols = std::is_same_v<scalar_t, c10::BFloat16>;
 

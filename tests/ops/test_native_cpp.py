@@ -240,6 +240,7 @@ GN_SHAPES = [
     ((1, 512, 7, 7), 32, "bit-7x7"),
     ((2, 32, 16, 16), 2, "wide-groups-16x16"),
     ((2, 96, 4, 8), 4, "short-rows"),
+    ((1, 192, 5, 7), 8, "24-channel-groups"),
 ]
 
 # (shape, label)
@@ -630,6 +631,29 @@ def test_norms_reproducible_across_thread_counts(layout, n, c, hw):
         torch.set_num_threads(threads)
     for a, b_ in zip(many, one):
         assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_gn_group_tasks_match_single_groups(dtype):
+    """channels_last GroupNorm of a single sample with small groups takes several groups per
+    task (four 24-channel groups: whole 32-lane vectors); each group's outputs and gradients
+    are bitwise those of the same channels normalized as one group on their own."""
+    n, c, h, w_, groups = 1, 768, 14, 14, 32
+    x = make_activation((n, c, h, w_), dtype, "channels_last", DEVICE)
+    g = torch.randn(x.shape).to(dtype).contiguous(memory_format=torch.channels_last)
+    w, b = norm_params(c, DEVICE)
+    ops = torch.ops.bitfast
+    y, m, r = ops.native_group_norm_relu_fwd(x, w, b, groups, 1e-5, True)
+    dx, dw, db = ops.native_group_norm_relu_bwd(g, x, w, b, m, r, groups, True)
+    cg = c // groups
+    for k in (0, 5, groups - 1):
+        sl = slice(k * cg, (k + 1) * cg)
+        xs = x[:, sl].contiguous(memory_format=torch.channels_last)
+        gs = g[:, sl].contiguous(memory_format=torch.channels_last)
+        ys, ms, rs = ops.native_group_norm_relu_fwd(xs, w[sl], b[sl], 1, 1e-5, True)
+        assert torch.equal(ys, y[:, sl]) and torch.equal(ms[:, 0], m[:, k]) and torch.equal(rs[:, 0], r[:, k])
+        dxs, dws, dbs = ops.native_group_norm_relu_bwd(gs, xs, w[sl], b[sl], ms, rs, 1, True)
+        assert torch.equal(dxs, dx[:, sl]) and torch.equal(dws, dw[sl]) and torch.equal(dbs, db[sl])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
