@@ -9,6 +9,8 @@ from ``x`` and the saved (N, G) statistics, so autograd keeps nothing else.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -92,8 +94,32 @@ class _EagerGroupNormReLU(torch.autograd.Function):
         return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None, None, None
 
 
+def _valid_channel_vector(t, c: int, x: torch.Tensor) -> bool:
+    # What _checks.channel_vector accepts, in a few attribute reads.
+    return t is None or (
+        isinstance(t, torch.Tensor) and t.dtype in _checks.FLOAT_DTYPES and t.shape == (c,) and t.device == x.device
+    )
+
+
+def _valid_args(x, num_groups, weight, bias, eps, relu) -> bool:
+    # Whether _check_args would pass, for the usual argument types (a plain int, float and
+    # bool): a quarter of the cost of the full checks, which every layer pays on every call.
+    # Anything else (and every invalid call) takes the full checks and their messages.
+    if not (isinstance(x, torch.Tensor) and type(num_groups) is int and type(eps) is float and type(relu) is bool):
+        return False
+    shape = x.shape
+    if len(shape) != 4 or x.dtype not in _checks.FLOAT_DTYPES or num_groups < 1 or not 0.0 <= eps < math.inf:
+        return False
+    n, c, h, w = shape
+    if c % num_groups or n * c * h * w == 0 or (c // num_groups) * h * w < 2:
+        return False
+    return _valid_channel_vector(weight, c, x) and _valid_channel_vector(bias, c, x)
+
+
 def _check_args(fn, xname, x, num_groups, weight, bias, eps, relu) -> None:
     # The checks every GroupNorm+ReLU entry point makes on its input ``x`` (named xname).
+    if _valid_args(x, num_groups, weight, bias, eps, relu):
+        return
     _checks.tensor(fn, xname, x)
     _checks.floating(fn, xname, x)
     _checks.ndim(fn, xname, x, 4, "(N, C, H, W)")

@@ -115,6 +115,20 @@ BITFAST_INLINE T lanes16_total(const T* v) {
   return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
+// K elements at p in the math type T: p itself when stored as T, else (bf16) widened into
+// out. The sums below then run on T alone: a loop mixing 16-bit loads and float math was
+// vectorized 256 bits wide (and spilled its accumulators), one on floats 512.
+template <typename T, int64_t K, typename In>
+BITFAST_INLINE const T* lanes_in(const In* __restrict p, T* __restrict out) {
+  if constexpr (std::is_same_v<In, T>) {
+    return p;
+  } else {
+#pragma omp simd
+    for (int64_t l = 0; l < K; ++l) out[l] = T(to_math(p[l]));
+    return out;
+  }
+}
+
 // The backward sums of one row: kLanes-wide partial sums in two interleaved sets (four
 // independent vector chains), folded by a tree once per chunk. A row of a late BiT stage
 // is short (14 x 14 or 7 x 7 pixels), so the fold is a large part of the work: the
@@ -130,10 +144,12 @@ BITFAST_INLINE void bwd_sums_row(const In* __restrict dy, const In* __restrict x
     const In* __restrict gb = dy + b;
     T d0[W] = {}, e0[W] = {}, d1[W] = {}, e1[W] = {};
     for (int64_t i = 0; i < full; i += 2 * W) {
+      T xw[2 * W], gw[2 * W];  // bf16 widened first: see lanes_in
+      const T* __restrict xp = lanes_in<T, 2 * W>(xb + i, xw);
+      const T* __restrict gp = lanes_in<T, 2 * W>(gb + i, gw);
 #pragma omp simd
       for (int64_t l = 0; l < W; ++l) {
-        const T xa = T(to_math(xb[i + l])), xc = T(to_math(xb[i + W + l]));
-        const T ga = T(to_math(gb[i + l])), gc = T(to_math(gb[i + W + l]));
+        const T xa = xp[l], xc = xp[W + l], ga = gp[l], gc = gp[W + l];
         const T da = relu_grad<T, RELU>(xa, ga, s, t);
         const T dc = relu_grad<T, RELU>(xc, gc, s, t);
         d0[l] += da;
@@ -144,9 +160,12 @@ BITFAST_INLINE void bwd_sums_row(const In* __restrict dy, const In* __restrict x
     }
     int64_t rest = full;
     if (len - rest >= W) {  // one more vector step (a 7x7 row: 32 + 16 + 1)
+      T xw[W], gw[W];
+      const T* __restrict xp = lanes_in<T, W>(xb + rest, xw);
+      const T* __restrict gp = lanes_in<T, W>(gb + rest, gw);
 #pragma omp simd
       for (int64_t l = 0; l < W; ++l) {
-        const T xa = T(to_math(xb[rest + l])), ga = T(to_math(gb[rest + l]));
+        const T xa = xp[l], ga = gp[l];
         const T da = relu_grad<T, RELU>(xa, ga, s, t);
         d0[l] += da;
         e0[l] += da * (xa - m);

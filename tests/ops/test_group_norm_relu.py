@@ -1,5 +1,7 @@
 """Parity of GroupNorm+ReLU on every backend, over the DESIGN.md shape grid."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,3 +145,30 @@ def test_bad_input_messages():
         f(torch.randn(2, 4, 1, 1), 4)
     with pytest.raises(TypeError, match=r"relu must be a bool"):
         f(torch.randn(1, 6, 2, 2), 3, relu=1)
+
+
+def test_quick_argument_check_agrees_with_the_full_checks():
+    """The public op first tries a quick check of the usual argument types and takes the
+    full checks (and their messages) for anything it does not accept: it must accept only
+    what the full checks accept."""
+    module = importlib.import_module("bitfast.ops.group_norm_relu")  # the package exports the function
+
+    x, w = torch.randn(2, 6, 3, 3), torch.randn(6)
+    ok = [(x, 3, w, w, 1e-5, True), (x, 3, None, None, 0.0, False), (x.bfloat16(), 6, w, None, 1e-6, True)]
+    odd_but_valid = [(x, 3, w, w, 0, True), (x, torch.tensor(3).item(), w, w, 1e-5, True)]
+    invalid = [
+        (x, 4, w, w, 1e-5, True), (x, 0, w, w, 1e-5, True), (x, 3, w[:5], w, 1e-5, True),
+        (x, 3, w, w, -1.0, True), (x, 3, w, w, float("nan"), True), (x, 3, w, w, float("inf"), True),
+        (x, 3, w, w, 1e-5, 1), (x, True, w, w, 1e-5, True), (x[0], 3, w, w, 1e-5, True),
+        (x.int(), 3, w, w, 1e-5, True), (x, 3, w.int(), w, 1e-5, True), (torch.randn(2, 6, 0, 3), 3, w, w, 1e-5, True),
+        (torch.randn(2, 6, 1, 1), 6, w, w, 1e-5, True),
+    ]
+    for args in ok:
+        assert module._valid_args(*args)
+        module._check_args("group_norm_relu", "x", *args)
+    for args in odd_but_valid:
+        module._check_args("group_norm_relu", "x", *args)
+    for args in invalid:
+        assert not module._valid_args(*args)
+        with pytest.raises((TypeError, ValueError)):
+            module._check_args("group_norm_relu", "x", *args)
