@@ -467,8 +467,9 @@ at::opmath_type<scalar_t>* out_rows(scalar_t* p, int64_t R, int64_t L, int64_t s
 // that bookkeeping cost as much as the passes over the data. Rows narrower than 64
 // channels are slower this way than in the blocks of a whole sample (measured at
 // 16x1024x8x8 and 16x512x4x4), except when a single sample leaves nothing else to run in
-// parallel (1x768x14x14). The choice depends on the shape only, so results do not depend
-// on the thread count.
+// parallel (1x768x14x14); a task then takes several such groups (groups_per_task), up to
+// 128 channels, L2-resident. The choice depends on the shape only, so results do not
+// depend on the thread count.
 bool group_major(const Shape& s) {
   return s.Cg >= 16 && s.HW <= 256 && s.Cg * s.HW <= 8192 && (s.Cg >= 64 || s.N == 1);
 }
