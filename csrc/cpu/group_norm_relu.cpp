@@ -16,9 +16,10 @@
 // slice of each pixel's channels: no thread waits for another), see nhwc_passes.
 //
 // Sums never race: each block owns its partial sums and every combination has a fixed
-// order, so results are bitwise reproducible whatever the thread count. fp16 data (and bf16
-// data in NCHW) are widened into float buffers per task; the channels_last loops read and
-// write bf16 in place. Statistics are float32 (float64 for fp64 inputs).
+// order, so results are bitwise reproducible whatever the thread count. fp16 data are
+// widened into float buffers per task; bf16 is read and written in place (converted in
+// registers), except where the residual add's sum or gradient is formed in a buffer.
+// Statistics are float32 (float64 for fp64 inputs).
 #include "cpu/group_norm_relu.h"
 
 #include "common/checks.h"
@@ -554,20 +555,10 @@ void bwd_nhwc_groups(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const 
           mv[c] = mean;
         }
       }
-      if constexpr (direct_cols<scalar_t>) {
-        rows::cols_bwd_sums(DY + off, X + off, s.HW, Ck, s.C, sc.data(), sh.data(), mv.data(), relu, sdy.data(),
-                            sdyx.data());
-      }
-      int64_t ld = s.C, ld2, ld3;  // equal: rows of the same width and type
-      const acc_t* x = nullptr;
-      const acc_t* dy = nullptr;
-      if (!direct_cols<scalar_t> || GS != nullptr) {
-        x = load_rows(X + off, s.HW, Ck, s.C, xbuf, &ld);
-        dy = load_rows(DY + off, s.HW, Ck, s.C, dybuf, &ld2);
-      }
-      if constexpr (!direct_cols<scalar_t>) {
-        rows::cols_bwd_sums(dy, x, s.HW, Ck, ld, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
-      }
+      int64_t ld, ld2, ld3;  // equal: rows of the same width and type
+      const auto* xs = cols_input(X + off, s.HW, Ck, s.C, xbuf, &ld);
+      const auto* dys = cols_input(DY + off, s.HW, Ck, s.C, dybuf, &ld2);
+      rows::cols_bwd_sums(dys, xs, s.HW, Ck, ld, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
       for (int64_t j = 0; j < k; ++j) {
         const int64_t cj = j * s.Cg;
         group_bwd_coefficients(
@@ -575,12 +566,20 @@ void bwd_nhwc_groups(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const 
             double(MEAN[ng0 + j]), double(RSTD[ng0 + j]), W + c0 + cj, DWN + n * s.C + c0 + cj,
             DBN + n * s.C + c0 + cj, a.data() + cj, kx.data() + cj, k0.data() + cj);
       }
+      const acc_t* x;
+      const acc_t* dy;
       if constexpr (direct_cols<scalar_t>) {
         if (GS == nullptr) {
           rows::cols_bwd_dx(DY + off, X + off, DX + off, s.HW, Ck, s.C, sc.data(), sh.data(), a.data(), kx.data(),
                             k0.data(), relu);
           continue;
         }
+        // with grad_sum, dx is formed in a float buffer, where the gradient is added
+        x = load_rows(X + off, s.HW, Ck, s.C, xbuf, &ld);
+        dy = load_rows(DY + off, s.HW, Ck, s.C, dybuf, &ld2);
+      } else {
+        x = xs;
+        dy = dys;
       }
       acc_t* dx = out_rows(DX + off, s.HW, Ck, s.C, dxbuf, &ld3);
       rows::cols_bwd_dx(dy, x, dx, s.HW, Ck, ld, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);

@@ -13,11 +13,11 @@
 // Everything is computed in float32 (float64 for float64 tensors): fp16 data are widened
 // into float buffers by the callers; bf16 is read and written in place by the loops with
 // bf16 entry points (converted in registers, bitwise what the float loops give on widened
-// copies), or widened where a caller has no such loop. Sums that may cover many elements come back in double,
-// accumulated from float vector lanes a chunk at a time, so a group or channel of 10^5
-// elements sums as accurately as a few hundred; column sums cover a block of rows and are
-// combined in double by the callers. Every sum has a fixed order: results do not depend on
-// the number of threads.
+// copies), or widened where a caller has no such loop. Sums that may cover many elements
+// come back in double, accumulated from float vector lanes a chunk at a time, so a group or
+// channel of 10^5 elements sums as accurately as a few hundred; column sums cover a block
+// of rows and are combined in double by the callers. Every sum has a fixed order: results
+// do not depend on the number of threads.
 //
 // The ReLU mask is recomputed in the backward with exactly the forward's arithmetic,
 // (x * s + t > 0) with s = rstd * weight and t = bias - mean * s, so the two agree on
