@@ -115,121 +115,307 @@ BITFAST_INLINE T lanes16_total(const T* v) {
   return (a[0] + a[2]) + (a[1] + a[3]);
 }
 
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
+// GCC/clang vector extensions: generic vectors, lowered to each clone's instruction set.
+#define BITFAST_VECTOR_EXT 1
+typedef uint16_t u16x16 __attribute__((vector_size(32)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+typedef float f8v __attribute__((vector_size(32)));
+#if defined(__clang__) || __GNUC__ >= 12
+#define BITFAST_SHUFFLE8(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+#define BITFAST_SHUFFLE8(a, b, ...) __builtin_shuffle(a, b, i32x8{__VA_ARGS__})
+#endif
+
+// 16 bf16 values (bits) widened exactly into 16 floats, in registers, stored in one piece.
+BITFAST_INLINE void widen16(const uint16_t* __restrict p, float* __restrict out) {
+  u16x16 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  const u32x16 w = __builtin_convertvector(h, u32x16) << 16;
+  __builtin_memcpy(out, &w, sizeof(w));
+}
+typedef int32_t i8v __attribute__((vector_size(32)));
+
+// 16 float lanes as two 8-lane vectors: native in the AVX2 and AVX-512 clones (a 16-lane
+// generic vector was kept in memory by the AVX2 clone).
+struct f16v {
+  f8v lo, hi;
+};
+BITFAST_INLINE f16v operator+(f16v a, f16v b) { return {a.lo + b.lo, a.hi + b.hi}; }
+BITFAST_INLINE f16v operator*(f16v a, f16v b) { return {a.lo * b.lo, a.hi * b.hi}; }
+BITFAST_INLINE f16v operator-(f16v a, float b) { return {a.lo - b, a.hi - b}; }
+BITFAST_INLINE f16v& operator+=(f16v& a, f16v b) { return a = a + b; }
+
+// 16 consecutive elements as floats, in registers (bf16 widened exactly).
+BITFAST_INLINE f16v load16(const float* __restrict p) {
+  f16v v;
+  __builtin_memcpy(&v.lo, p, sizeof(v.lo));
+  __builtin_memcpy(&v.hi, p + 8, sizeof(v.hi));
+  return v;
+}
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+BITFAST_INLINE f8v widen8(const uint16_t* __restrict p) {
+  u16x8 h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  return (f8v)(__builtin_convertvector(h, u32x8) << 16);
+}
+BITFAST_INLINE f16v load16(const uint16_t* __restrict p) { return {widen8(p), widen8(p + 8)}; }
+BITFAST_INLINE void store16(float* __restrict p, f16v v) {
+  __builtin_memcpy(p, &v.lo, sizeof(v.lo));
+  __builtin_memcpy(p + 8, &v.hi, sizeof(v.hi));
+}
+
+// relu_grad on 16 lanes: g where x * s + t > 0, else +0 (the same arithmetic and result).
+template <bool RELU>
+BITFAST_INLINE f8v relu_grad8(f8v x, f8v g, float s, float t) {
+  if constexpr (RELU) {
+    const i8v keep = x * s + t > 0.0f;
+    return (f8v)((i8v)g & keep);
+  } else {
+    return g;
+  }
+}
+template <bool RELU>
+BITFAST_INLINE f16v relu_grad16(f16v x, f16v g, float s, float t) {
+  return {relu_grad8<RELU>(x.lo, g.lo, s, t), relu_grad8<RELU>(x.hi, g.hi, s, t)};
+}
+#endif
+
 // K elements at p in the math type T: p itself when stored as T, else (bf16) widened into
 // out. The sums below then run on T alone: a loop mixing 16-bit loads and float math was
-// vectorized 256 bits wide (and spilled its accumulators), one on floats 512.
+// vectorized 256 bits wide (and spilled its accumulators), one on floats 512. A single
+// vector is widened in registers and stored whole: written in two 256-bit halves and read
+// back 512 bits wide, it stalled the load (no store forwarding across two stores). (For
+// two vectors the compiler's own loop measured faster.)
 template <typename T, int64_t K, typename In>
 BITFAST_INLINE const T* lanes_in(const In* __restrict p, T* __restrict out) {
   if constexpr (std::is_same_v<In, T>) {
     return p;
   } else {
+#ifdef BITFAST_VECTOR_EXT
+    if constexpr (std::is_same_v<T, float> && std::is_same_v<In, uint16_t> && K == 16) {
+      widen16(p, out);
+      return out;
+    }
+#endif
 #pragma omp simd
     for (int64_t l = 0; l < K; ++l) out[l] = T(to_math(p[l]));
     return out;
   }
 }
 
-// The backward sums of one row: kLanes-wide partial sums in two interleaved sets (four
-// independent vector chains), folded by a tree once per chunk. A row of a late BiT stage
-// is short (14 x 14 or 7 x 7 pixels), so the fold is a large part of the work: the
-// compiler's own epilogue for a simd reduction added the lanes one by one.
+// The lane partial sums of the backward over one chunk of a row (at most kSumChunk
+// elements): d[l] and e[l], the sums of d and of d * (x - m) over the elements of lane l.
+// Accumulated in two interleaved sets (four independent vector chains), added lane by lane
+// at the end.
+template <typename T, bool RELU, typename In = T>
+BITFAST_INLINE void bwd_chunk_lanes(const In* __restrict gb, const In* __restrict xb, int64_t len, T s, T t, T m,
+                                    T* __restrict d, T* __restrict e) {
+  constexpr int64_t W = kLanes;
+  const int64_t full = len / (2 * W) * (2 * W);
+  T d0[W] = {}, e0[W] = {}, d1[W] = {}, e1[W] = {};
+  for (int64_t i = 0; i < full; i += 2 * W) {
+    T xw[2 * W], gw[2 * W];  // bf16 widened first: see lanes_in
+    const T* __restrict xp = lanes_in<T, 2 * W>(xb + i, xw);
+    const T* __restrict gp = lanes_in<T, 2 * W>(gb + i, gw);
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) {
+      const T xa = xp[l], xc = xp[W + l], ga = gp[l], gc = gp[W + l];
+      const T da = relu_grad<T, RELU>(xa, ga, s, t);
+      const T dc = relu_grad<T, RELU>(xc, gc, s, t);
+      d0[l] += da;
+      e0[l] += da * (xa - m);
+      d1[l] += dc;
+      e1[l] += dc * (xc - m);
+    }
+  }
+  int64_t rest = full;
+  if (len - rest >= W) {  // one more vector step (a 7x7 row: 32 + 16 + 1)
+    T xw[W], gw[W];
+    const T* __restrict xp = lanes_in<T, W>(xb + rest, xw);
+    const T* __restrict gp = lanes_in<T, W>(gb + rest, gw);
+#pragma omp simd
+    for (int64_t l = 0; l < W; ++l) {
+      const T xa = xp[l], ga = gp[l];
+      const T da = relu_grad<T, RELU>(xa, ga, s, t);
+      d0[l] += da;
+      e0[l] += da * (xa - m);
+    }
+    rest += W;
+  }
+  for (int64_t i = rest; i < len; ++i) {  // fewer than W left: one per lane
+    const T g = T(to_math(gb[i])), xv = T(to_math(xb[i]));
+    const T dv = relu_grad<T, RELU>(xv, g, s, t);
+    d1[i - rest] += dv;
+    e1[i - rest] += dv * (xv - m);
+  }
+#pragma omp simd
+  for (int64_t l = 0; l < W; ++l) {  // the two sets, lane by lane (a vector add)
+    d[l] = d0[l] + d1[l];
+    e[l] = e0[l] + e1[l];
+  }
+}
+
+#ifdef BITFAST_VECTOR_EXT
+// bwd_chunk_lanes for float math with its accumulators in vector registers: the same
+// operations on each lane in the same order, so the same bits (up to the sign of a zero
+// sum). For the AVX2 clone, in which the accumulator arrays of the version above stayed in
+// memory, each update a load waiting on a store (4x4 rows of 16 at a time: 1.3x slower than
+// before the 16-row blocks, 2x slower than this). The AVX-512 clone keeps the arrays in
+// registers and ran them faster, and the baseline clone has no 256-bit registers. So the
+// 16-row blocks pick this version on CPUs with AVX2 but not AVX-512, those whose clone is
+// the AVX2 one (regs_for_sums); rows longer than a chunk keep the arrays everywhere.
+inline bool regs_for_sums() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const bool avx2_only = __builtin_cpu_supports("avx2") && !__builtin_cpu_supports("avx512bw");
+  return avx2_only;
+#else
+  return false;
+#endif
+}
+
+template <bool RELU, typename In>
+BITFAST_INLINE void bwd_chunk_lanes_regs(const In* __restrict gb, const In* __restrict xb, int64_t len, float s,
+                                         float t, float m, float* __restrict d, float* __restrict e) {
+  constexpr int64_t W = kLanes;
+  const int64_t full = len / (2 * W) * (2 * W);
+  f16v d0 = {}, e0 = {}, d1 = {}, e1 = {};
+  for (int64_t i = 0; i < full; i += 2 * W) {
+    const f16v xa = load16(xb + i), xc = load16(xb + i + W), ga = load16(gb + i), gc = load16(gb + i + W);
+    const f16v da = relu_grad16<RELU>(xa, ga, s, t), dc = relu_grad16<RELU>(xc, gc, s, t);
+    d0 += da;
+    e0 += da * (xa - m);
+    d1 += dc;
+    e1 += dc * (xc - m);
+  }
+  int64_t rest = full;
+  if (len - rest >= W) {
+    const f16v xa = load16(xb + rest), ga = load16(gb + rest);
+    const f16v da = relu_grad16<RELU>(xa, ga, s, t);
+    d0 += da;
+    e0 += da * (xa - m);
+    rest += W;
+  }
+  if (rest < len) {  // fewer than W left: one per lane of the second set
+    alignas(64) float dt[W] = {}, et[W] = {};
+    for (int64_t i = rest; i < len; ++i) {
+      const float g = to_math(gb[i]), xv = to_math(xb[i]);
+      const float dv = relu_grad<float, RELU>(xv, g, s, t);
+      dt[i - rest] = dv;
+      et[i - rest] = dv * (xv - m);
+    }
+    d1 += load16(dt);
+    e1 += load16(et);
+  }
+  store16(d, d0 + d1);
+  store16(e, e0 + e1);
+}
+#endif
+
+// The backward sums of one row, a chunk at a time: each chunk's lanes folded by a tree
+// (lanes16_total), the chunks added in double. A row of a late BiT stage is short (14 x 14
+// or 7 x 7 pixels), so the fold is a large part of the work: the compiler's own epilogue for
+// a simd reduction added the lanes one by one. Rows of at most a chunk are summed 16 at a
+// time instead (rows_block_bwd_sums), with the same bits.
 template <typename T, bool RELU, typename In = T>
 BITFAST_INLINE void bwd_sums_row(const In* __restrict dy, const In* __restrict x, int64_t n, T s, T t, T m,
                                  double* sum_dy, double* sum_dyx) {
-  constexpr int64_t W = kLanes;
   double tot_d = 0, tot_dx = 0;
   for (int64_t b = 0; b < n; b += kSumChunk) {
-    const int64_t len = std::min(n - b, kSumChunk), full = len / (2 * W) * (2 * W);
-    const In* __restrict xb = x + b;
-    const In* __restrict gb = dy + b;
-    T d0[W] = {}, e0[W] = {}, d1[W] = {}, e1[W] = {};
-    for (int64_t i = 0; i < full; i += 2 * W) {
-      T xw[2 * W], gw[2 * W];  // bf16 widened first: see lanes_in
-      const T* __restrict xp = lanes_in<T, 2 * W>(xb + i, xw);
-      const T* __restrict gp = lanes_in<T, 2 * W>(gb + i, gw);
-#pragma omp simd
-      for (int64_t l = 0; l < W; ++l) {
-        const T xa = xp[l], xc = xp[W + l], ga = gp[l], gc = gp[W + l];
-        const T da = relu_grad<T, RELU>(xa, ga, s, t);
-        const T dc = relu_grad<T, RELU>(xc, gc, s, t);
-        d0[l] += da;
-        e0[l] += da * (xa - m);
-        d1[l] += dc;
-        e1[l] += dc * (xc - m);
-      }
-    }
-    int64_t rest = full;
-    if (len - rest >= W) {  // one more vector step (a 7x7 row: 32 + 16 + 1)
-      T xw[W], gw[W];
-      const T* __restrict xp = lanes_in<T, W>(xb + rest, xw);
-      const T* __restrict gp = lanes_in<T, W>(gb + rest, gw);
-#pragma omp simd
-      for (int64_t l = 0; l < W; ++l) {
-        const T xa = xp[l], ga = gp[l];
-        const T da = relu_grad<T, RELU>(xa, ga, s, t);
-        d0[l] += da;
-        e0[l] += da * (xa - m);
-      }
-      rest += W;
-    }
-    for (int64_t i = rest; i < len; ++i) {  // fewer than W left: one per lane
-      const T g = T(to_math(gb[i])), xv = T(to_math(xb[i]));
-      const T d = relu_grad<T, RELU>(xv, g, s, t);
-      d1[i - rest] += d;
-      e1[i - rest] += d * (xv - m);
-    }
-#pragma omp simd
-    for (int64_t l = 0; l < W; ++l) {  // the two sets, lane by lane (a vector add)
-      d0[l] += d1[l];
-      e0[l] += e1[l];
-    }
-    tot_d += double(lanes16_total(d0));
-    tot_dx += double(lanes16_total(e0));
+    alignas(64) T d[kLanes], e[kLanes];
+    bwd_chunk_lanes<T, RELU, In>(dy + b, x + b, std::min(n - b, kSumChunk), s, t, m, d, e);
+    tot_d += double(lanes16_total(d));
+    tot_dx += double(lanes16_total(e));
   }
   *sum_dy = tot_d;
   *sum_dyx = tot_dx;
 }
 
-// The backward sums of kLanes rows of at most kShortRow elements at once, one row per
-// vector lane (strided loads): no reduction across lanes at all. A row of BiT's last stage
-// in NCHW is 16 (4x4) or 49 (7x7) pixels: folding a vector per row cost more than the row.
-constexpr int64_t kShortRow = 32;
+#ifdef BITFAST_VECTOR_EXT
+// Rows of at most one chunk are summed 16 at a time and folded together: v[r] holds row
+// r's kLanes lane sums, and lanes16_totals(v, out) sets out[r] = lanes16_total(v[r]) for
+// r < 16 (the same tree, so the same bits) with vector shuffles, about 4 operations a row
+// instead of about 15 (the fold of one row's lanes was most of the work of a 4x4 or 7x7
+// row). In 8-float vectors, which the AVX2 and baseline clones handle as well.
 
-template <typename T, bool RELU, typename In = T>
-BITFAST_INLINE void bwd_sums_rows_across(const In* __restrict dy, const In* __restrict x, int64_t L, int64_t stride,
-                                         const T* __restrict s, const T* __restrict t, const T* __restrict m,
-                                         double* sum_dy, double* sum_dyx) {
-  constexpr int64_t B = kLanes;
-  T ad[B] = {}, ax[B] = {};
-  for (int64_t i = 0; i < L; ++i) {
-#pragma omp simd
-    for (int64_t r = 0; r < B; ++r) {
-      const T xv = T(to_math(x[r * stride + i])), g = T(to_math(dy[r * stride + i]));
-      const T d = relu_grad<T, RELU>(xv, g, s[r], t[r]);
-      ad[r] += d;
-      ax[r] += d * (xv - m[r]);
+BITFAST_INLINE f8v f8_load(const float* p) {
+  f8v v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// [a0..a3, b0..b3] + [a4..a7, b4..b7] -> [a0+a4, .., a3+a7, b0+b4, .., b3+b7], and so on for
+// pairs, then for single lanes.
+BITFAST_INLINE f8v fold_quads(f8v a, f8v b) {
+  return BITFAST_SHUFFLE8(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+         BITFAST_SHUFFLE8(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+}
+BITFAST_INLINE f8v fold_pairs(f8v a, f8v b) {
+  return BITFAST_SHUFFLE8(a, b, 0, 1, 4, 5, 8, 9, 12, 13) +
+         BITFAST_SHUFFLE8(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
+}
+BITFAST_INLINE f8v fold_singles(f8v a, f8v b) {
+  return BITFAST_SHUFFLE8(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
+         BITFAST_SHUFFLE8(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
+}
+
+BITFAST_INLINE void lanes16_totals(const float (*__restrict v)[kLanes], float* __restrict out) {
+  f8v h[16], q[8], p[4];
+  for (int r = 0; r < 16; ++r) h[r] = f8_load(v[r]) + f8_load(v[r] + 8);  // lanes l + l + 8
+  for (int r = 0; r < 8; ++r) q[r] = fold_quads(h[2 * r], h[2 * r + 1]);  // rows 2r, 2r+1: 4 sums each
+  for (int r = 0; r < 4; ++r) p[r] = fold_pairs(q[2 * r], q[2 * r + 1]);  // rows 4r..4r+3: 2 sums each
+  const f8v lo = fold_singles(p[0], p[1]), hi = fold_singles(p[2], p[3]);  // rows 0..7, 8..15
+  __builtin_memcpy(out, &lo, sizeof(lo));
+  __builtin_memcpy(out + 8, &hi, sizeof(hi));
+}
+
+// The backward sums of 16 rows of at most kSumChunk elements (rows `stride` apart): what
+// bwd_sums_row gives each, bit for bit (up to the sign of a zero sum).
+template <bool RELU, typename In>
+BITFAST_INLINE void rows_block_bwd_sums(const In* __restrict dy, const In* __restrict x, int64_t L, int64_t stride,
+                                        const float* __restrict s, const float* __restrict t,
+                                        const float* __restrict m, double* sum_dy, double* sum_dyx) {
+  alignas(64) float d[16][kLanes], e[16][kLanes];
+  if (regs_for_sums()) {
+    for (int64_t r = 0; r < 16; ++r) {
+      bwd_chunk_lanes_regs<RELU, In>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], d[r], e[r]);
+    }
+  } else {
+    for (int64_t r = 0; r < 16; ++r) {
+      bwd_chunk_lanes<float, RELU, In>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], d[r], e[r]);
     }
   }
-  for (int64_t r = 0; r < B; ++r) {
-    sum_dy[r] = double(ad[r]);
-    sum_dyx[r] = double(ax[r]);
+  float td[16], te[16];
+  lanes16_totals(d, td);
+  lanes16_totals(e, te);
+  for (int64_t r = 0; r < 16; ++r) {
+    sum_dy[r] = double(td[r]);
+    sum_dyx[r] = double(te[r]);
   }
 }
+#endif
 
 template <typename T, typename In = T>
 BITFAST_INLINE void planar_bwd_sums_impl(const In* dy, const In* x, int64_t R, int64_t L, int64_t stride, const T* s,
                                          const T* t, const T* m, bool relu, double* sum_dy, double* sum_dyx) {
   int64_t r0 = 0;
-  if (L <= kShortRow) {
-    for (; r0 + kLanes <= R; r0 += kLanes) {
-      const int64_t o = r0 * stride;
-      if (relu) {
-        bwd_sums_rows_across<T, true, In>(dy + o, x + o, L, stride, s + r0, t + r0, m + r0, sum_dy + r0, sum_dyx + r0);
-      } else {
-        bwd_sums_rows_across<T, false, In>(dy + o, x + o, L, stride, s + r0, t + r0, m + r0, sum_dy + r0, sum_dyx + r0);
+#ifdef BITFAST_VECTOR_EXT
+  if constexpr (std::is_same_v<T, float>) {
+    if (L <= kSumChunk) {
+      for (; r0 + 16 <= R; r0 += 16) {
+        const int64_t o = r0 * stride;
+        if (relu) {
+          rows_block_bwd_sums<true, In>(dy + o, x + o, L, stride, s + r0, t + r0, m + r0, sum_dy + r0, sum_dyx + r0);
+        } else {
+          rows_block_bwd_sums<false, In>(dy + o, x + o, L, stride, s + r0, t + r0, m + r0, sum_dy + r0,
+                                         sum_dyx + r0);
+        }
       }
     }
   }
+#endif
   for (int64_t r = r0; r < R; ++r) {
     if (relu) {
       bwd_sums_row<T, true, In>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], sum_dy + r, sum_dyx + r);

@@ -241,6 +241,7 @@ GN_SHAPES = [
     ((2, 32, 16, 16), 2, "wide-groups-16x16"),
     ((2, 96, 4, 8), 4, "short-rows"),
     ((1, 192, 5, 7), 8, "24-channel-groups"),
+    ((1, 32, 33, 33), 2, "rows-over-one-chunk"),
 ]
 
 # (shape, label)
