@@ -155,6 +155,42 @@ def test_eager_path_records_the_cpp_autograd_node():
     torch.testing.assert_close(rm, 0.5 * x.detach().mean((0, 2, 3)))
 
 
+def test_native_forward_without_a_gradient_to_record():
+    """The C++ autograd kernels run the forward directly when autograd has nothing to record
+    (grad mode off, or no input requiring grad): same outputs, bit for bit, as when the node
+    is recorded, and no grad_fn."""
+    require_backend("cpp", "group_norm_relu", "cpu", torch.float32)
+    if not _register.native_autograd("group_norm_relu_fwd"):
+        pytest.skip("bitfast._C was built without csrc/autograd.cpp")
+    ops = torch.ops.bitfast
+    x, a = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
+    w, b, cw = torch.randn(8), torch.randn(8), torch.randn(8, 4, 3, 3)
+    rm, rv = torch.randn(8), torch.rand(8) + 0.5
+    calls = {
+        "group_norm_relu": (lambda x, a, w, b, cw: ops.native_group_norm_relu_fwd(x, w, b, 4, 1e-5, True), (0, 2, 3)),
+        "group_norm_relu_add": (
+            lambda x, a, w, b, cw: ops.native_group_norm_relu_add_fwd(x, a, w, b, 4, 1e-5, True), (0, 1, 2, 3)),
+        "batch_norm_relu": (
+            lambda x, a, w, b, cw: ops.native_batch_norm_relu_fwd(x, None, None, w, b, True, 1e-5, True), (0, 2, 3)),
+        "batch_norm_relu (eval)": (
+            lambda x, a, w, b, cw: ops.native_batch_norm_relu_fwd(x, rm, rv, w, b, False, 1e-5, True), (0, 2, 3)),
+        "weight_standardize": (lambda x, a, w, b, cw: ops.native_weight_standardize_fwd(cw, 1e-6), (4,)),
+    }
+    for name, (fn, differentiable) in calls.items():
+        inputs = [x, a, w, b, cw]
+        recorded = fn(*[_leaf(t) if i in differentiable else t for i, t in enumerate(inputs)])
+        assert recorded[0].grad_fn is not None, name
+        for plain in (fn(*inputs), _no_grad(fn, [_leaf(t) for t in inputs])):
+            assert all(not t.requires_grad and t.grad_fn is None for t in plain), name
+            for got, want in zip(plain, recorded):
+                assert torch.equal(got, want.detach()), name
+
+
+def _no_grad(fn, inputs):
+    with torch.no_grad():
+        return fn(*inputs)
+
+
 @pytest.mark.parametrize("op", ["group_norm_relu", "group_norm_relu_add", "batch_norm_relu", "weight_standardize"])
 def test_eager_path_gradcheck_float64(op):
     require_backend("cpp", op if op != "group_norm_relu_add" else "group_norm_relu", "cpu", torch.float64)
