@@ -118,6 +118,12 @@ errors_step() {
         fi
     done
     if [ "$bad" = 1 ]; then
+        # what the extensions were built with and load next to
+        echo "compiler: $(c++ --version 2>&1 | head -1)"
+        env | grep -E '^(TORCH_[A-Z_]*|CC|CXX|CFLAGS|CXXFLAGS|LDFLAGS|LD_PRELOAD|LD_LIBRARY_PATH)=' | sed 's/^/env: /'
+        for so in bitfast/_C*.so; do
+            echo "$so:"; ldd "$so" | grep -E "stdc|gcc_s|gomp|c10|torch_cpu|python" | sed 's/^/  /'
+        done
         timeout 150 "$py" benchmarks/throw_probe.py
     fi
     return $bad
