@@ -8,9 +8,9 @@
 // pass for the sums of d and d * (x - mean), one for dx.
 //
 // No sum races and every combination has a fixed order, so results are reproducible
-// whatever the thread count. fp16 data (and bf16 in NCHW) are widened into float buffers
-// per task; the channels_last loops read and write bf16 in place. Statistics are float32
-// (float64 for fp64 inputs).
+// whatever the thread count. fp16 data are widened into float buffers per task; bf16 is
+// read and written in place (converted in registers, bitwise the float loops on widened
+// copies). Statistics are float32 (float64 for fp64 inputs).
 #include "cpu/batch_norm_relu.h"
 
 #include "common/checks.h"
@@ -71,6 +71,13 @@ acc_t rstd_of(acc_t var, double eps) {
 // NCHW
 // ---------------------------------------------------------------------------------------
 
+// Whether the NCHW loops read and write scalar_t in place (bf16: converted in registers,
+// bitwise what the float loops give on widened copies) instead of widening each channel
+// into float buffers (fp16). A channel of a late stage at batch 16 is 16 rows of 16 or 49
+// elements: the copies in and out cost more than the passes over them.
+template <typename scalar_t>
+constexpr bool direct_planar = std::is_same_v<scalar_t, c10::BFloat16>;
+
 template <typename scalar_t>
 void fwd_nchw(const scalar_t* X, scalar_t* Y, const Params<at::opmath_type<scalar_t>>& p, const Shape& s,
               bool training, double eps, bool relu) {
@@ -79,24 +86,28 @@ void fwd_nchw(const scalar_t* X, scalar_t* Y, const Params<at::opmath_type<scala
   at::parallel_for(0, s.C, grain(s.count), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf, ybuf, sc(s.N), sh(s.N);
     for (int64_t c = begin; c < end; ++c) {
-      int64_t st = 0;
-      const acc_t* x = load_rows(X + c * s.HW, s.N, s.HW, stride, xbuf, &st);
-      if (training) {
-        double t = 0;
-        for (int64_t n = 0; n < s.N; ++n) t += rows::sum(x + n * st, s.HW);
-        const acc_t mean = acc_t(t / double(s.count));
-        double q = 0;
-        for (int64_t n = 0; n < s.N; ++n) q += rows::sum_sq_dev(x + n * st, s.HW, mean);
-        p.MEAN[c] = mean;
-        p.VAR[c] = acc_t(q / double(s.count));
+      // the statistics and the output of channel c, from x to y (rows st apart in both)
+      const auto channel = [&](const auto* x, int64_t st, auto* y) {
+        if (training) {
+          const acc_t mean = acc_t(rows::sum_rows(x, s.N, s.HW, st) / double(s.count));
+          p.MEAN[c] = mean;
+          p.VAR[c] = acc_t(rows::sum_sq_dev_rows(x, s.N, s.HW, st, mean) / double(s.count));
+        }
+        const acc_t rstd = rstd_of(p.VAR[c], eps);
+        std::fill(sc.begin(), sc.end(), rstd * p.W[c]);
+        std::fill(sh.begin(), sh.end(), p.B[c] - p.MEAN[c] * (rstd * p.W[c]));
+        rows::planar_affine(x, y, s.N, s.HW, st, sc.data(), sh.data(), relu);
+      };
+      if constexpr (direct_planar<scalar_t>) {
+        channel(X + c * s.HW, stride, Y + c * s.HW);
+      } else {
+        int64_t st = 0;
+        const acc_t* x = load_rows(X + c * s.HW, s.N, s.HW, stride, xbuf, &st);
+        // fp32/fp64 write y in place (rows `stride` apart), fp16 into contiguous rows
+        acc_t* y = out_buffer(Y + c * s.HW, s.N * s.HW, ybuf);
+        channel(x, st, y);
+        store_rows(y, Y + c * s.HW, s.N, s.HW, stride);
       }
-      const acc_t rstd = rstd_of(p.VAR[c], eps);
-      std::fill(sc.begin(), sc.end(), rstd * p.W[c]);
-      std::fill(sh.begin(), sh.end(), p.B[c] - p.MEAN[c] * (rstd * p.W[c]));
-      // fp32/fp64 write y in place (rows `stride` apart), fp16/bf16 into contiguous rows
-      acc_t* y = out_buffer(Y + c * s.HW, s.N * s.HW, ybuf);
-      rows::planar_affine(x, y, s.N, s.HW, st, sc.data(), sh.data(), relu);
-      store_rows(y, Y + c * s.HW, s.N, s.HW, stride);
     }
   });
 }
@@ -111,14 +122,23 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const Params<
     std::vector<acc_t> xbuf, dybuf, dxbuf, sc(s.N), sh(s.N), mv(s.N), a(s.N), kx(s.N), k0(s.N);
     std::vector<double> sdy(s.N), sdyx(s.N);
     for (int64_t c = begin; c < end; ++c) {
-      int64_t st = 0;
-      const acc_t* x = load_rows(X + c * s.HW, s.N, s.HW, stride, xbuf, &st);
-      const acc_t* dy = load_rows(DY + c * s.HW, s.N, s.HW, stride, dybuf, &st);
+      int64_t st = stride;
+      const scalar_t *x = X + c * s.HW, *dy = DY + c * s.HW;  // bf16: read in place
+      const acc_t *xw = nullptr, *dyw = nullptr;              // else: widened (or fp32/fp64 in place)
+      if constexpr (!direct_planar<scalar_t>) {
+        xw = load_rows(x, s.N, s.HW, stride, xbuf, &st);
+        dyw = load_rows(dy, s.N, s.HW, stride, dybuf, &st);
+      }
       const acc_t mean = p.MEAN[c], rstd = rstd_of(p.VAR[c], eps), w = p.W[c];
       std::fill(sc.begin(), sc.end(), rstd * w);
       std::fill(sh.begin(), sh.end(), p.B[c] - mean * (rstd * w));
       std::fill(mv.begin(), mv.end(), mean);
-      rows::planar_bwd_sums(dy, x, s.N, s.HW, st, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
+      if constexpr (direct_planar<scalar_t>) {
+        rows::planar_bwd_sums(dy, x, s.N, s.HW, st, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
+      } else {
+        rows::planar_bwd_sums(dyw, xw, s.N, s.HW, st, sc.data(), sh.data(), mv.data(), relu, sdy.data(),
+                              sdyx.data());
+      }
       double db = 0, dwx = 0;
       for (int64_t n = 0; n < s.N; ++n) {
         db += sdy[n];
@@ -134,9 +154,14 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const Params<
       std::fill(a.begin(), a.end(), acc_t(r * double(w)));
       std::fill(kx.begin(), kx.end(), acc_t(-r * r * mgx));
       std::fill(k0.begin(), k0.end(), acc_t(r * r * mgx * double(mean) - r * mg));
-      acc_t* dx = out_buffer(DX + c * s.HW, s.N * s.HW, dxbuf);
-      rows::planar_bwd_dx(dy, x, dx, s.N, s.HW, st, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
-      store_rows(dx, DX + c * s.HW, s.N, s.HW, stride);
+      if constexpr (direct_planar<scalar_t>) {
+        rows::planar_bwd_dx(dy, x, DX + c * s.HW, s.N, s.HW, st, sc.data(), sh.data(), a.data(), kx.data(),
+                            k0.data(), relu);
+      } else {
+        acc_t* dx = out_buffer(DX + c * s.HW, s.N * s.HW, dxbuf);
+        rows::planar_bwd_dx(dyw, xw, dx, s.N, s.HW, st, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
+        store_rows(dx, DX + c * s.HW, s.N, s.HW, stride);
+      }
     }
   });
 }

@@ -38,6 +38,13 @@ double sum(const double* x, int64_t n);
 double sum_sq_dev(const float* x, int64_t n, float m);
 double sum_sq_dev(const double* x, int64_t n, double m);
 
+// sum of x, and of (x - m)^2, over R rows of L elements, rows `stride` apart (the N rows of
+// a BatchNorm channel in NCHW)
+double sum_rows(const float* x, int64_t R, int64_t L, int64_t stride);
+double sum_rows(const double* x, int64_t R, int64_t L, int64_t stride);
+double sum_sq_dev_rows(const float* x, int64_t R, int64_t L, int64_t stride, float m);
+double sum_sq_dev_rows(const double* x, int64_t R, int64_t L, int64_t stride, double m);
+
 // Planar: y = x * s[r] + t[r], then max(y, 0) when relu, for the R rows of L elements.
 void planar_affine(const float* x,   // R rows of L, `stride` apart
                    float* y,         // same layout as x
@@ -110,6 +117,8 @@ void cols_bwd_dx(const c10::BFloat16* dy, const c10::BFloat16* x, c10::BFloat16*
                  const float* s, const float* t, const float* a, const float* kx, const float* k0, bool relu);
 
 // The planar loops on bf16 storage, computing in float, as the column loops above.
+double sum_rows(const c10::BFloat16* x, int64_t R, int64_t L, int64_t stride);
+double sum_sq_dev_rows(const c10::BFloat16* x, int64_t R, int64_t L, int64_t stride, float m);
 double sum(const c10::BFloat16* x, int64_t n);
 double sum_sq_dev(const c10::BFloat16* x, int64_t n, float m);
 void planar_affine(const c10::BFloat16* x, c10::BFloat16* y, int64_t R, int64_t L, int64_t stride, const float* s,
