@@ -251,6 +251,7 @@ BN_SHAPES = [
     ((4, 64, 14, 14), "bit-C64"),
     ((2, 512, 7, 7), "bit-late"),
     ((17, 8, 4, 4), "many-samples-4x4"),
+    ((80, 3, 4, 4), "rows-over-one-chunk-4x4"),
 ]
 
 NORM_LAYOUTS = ["nchw", "channels_last", "non_contiguous"]
