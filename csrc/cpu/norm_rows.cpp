@@ -154,6 +154,12 @@ BITFAST_INLINE double rows_lane_sum(const In* __restrict x, int64_t R, int64_t L
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
 // GCC/clang vector extensions: generic vectors, lowered to each clone's instruction set.
 #define BITFAST_VECTOR_EXT 1
+#if !defined(__clang__)
+// The helpers below return 32-byte vectors by value; GCC warns that their calling convention
+// differs with and without AVX. They are always inlined inside this file: no such call
+// crosses a boundary.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
 typedef uint16_t u16x16 __attribute__((vector_size(32)));
 typedef uint32_t u32x16 __attribute__((vector_size(64)));
 typedef float f8v __attribute__((vector_size(32)));
@@ -178,10 +184,10 @@ typedef int32_t i8v __attribute__((vector_size(32)));
 struct f16v {
   f8v lo, hi;
 };
-BITFAST_INLINE f16v operator+(f16v a, f16v b) { return {a.lo + b.lo, a.hi + b.hi}; }
-BITFAST_INLINE f16v operator*(f16v a, f16v b) { return {a.lo * b.lo, a.hi * b.hi}; }
-BITFAST_INLINE f16v operator-(f16v a, float b) { return {a.lo - b, a.hi - b}; }
-BITFAST_INLINE f16v& operator+=(f16v& a, f16v b) { return a = a + b; }
+BITFAST_INLINE f16v operator+(const f16v& a, const f16v& b) { return {a.lo + b.lo, a.hi + b.hi}; }
+BITFAST_INLINE f16v operator*(const f16v& a, const f16v& b) { return {a.lo * b.lo, a.hi * b.hi}; }
+BITFAST_INLINE f16v operator-(const f16v& a, float b) { return {a.lo - b, a.hi - b}; }
+BITFAST_INLINE f16v& operator+=(f16v& a, const f16v& b) { return a = a + b; }
 
 // 16 consecutive elements as floats, in registers (bf16 widened exactly).
 BITFAST_INLINE f16v load16(const float* __restrict p) {
@@ -198,14 +204,14 @@ BITFAST_INLINE f8v widen8(const uint16_t* __restrict p) {
   return (f8v)(__builtin_convertvector(h, u32x8) << 16);
 }
 BITFAST_INLINE f16v load16(const uint16_t* __restrict p) { return {widen8(p), widen8(p + 8)}; }
-BITFAST_INLINE void store16(float* __restrict p, f16v v) {
+BITFAST_INLINE void store16(float* __restrict p, const f16v& v) {
   __builtin_memcpy(p, &v.lo, sizeof(v.lo));
   __builtin_memcpy(p + 8, &v.hi, sizeof(v.hi));
 }
 
 // relu_grad on 16 lanes: g where x * s + t > 0, else +0 (the same arithmetic and result).
 template <bool RELU>
-BITFAST_INLINE f8v relu_grad8(f8v x, f8v g, float s, float t) {
+BITFAST_INLINE f8v relu_grad8(const f8v& x, const f8v& g, float s, float t) {
   if constexpr (RELU) {
     const i8v keep = x * s + t > 0.0f;
     return (f8v)((i8v)g & keep);
@@ -214,7 +220,7 @@ BITFAST_INLINE f8v relu_grad8(f8v x, f8v g, float s, float t) {
   }
 }
 template <bool RELU>
-BITFAST_INLINE f16v relu_grad16(f16v x, f16v g, float s, float t) {
+BITFAST_INLINE f16v relu_grad16(const f16v& x, const f16v& g, float s, float t) {
   return {relu_grad8<RELU>(x.lo, g.lo, s, t), relu_grad8<RELU>(x.hi, g.hi, s, t)};
 }
 #endif
@@ -304,7 +310,9 @@ BITFAST_INLINE void bwd_chunk_lanes(const In* __restrict gb, const In* __restric
 // 16-row blocks pick this version on CPUs with AVX2 but not AVX-512, those whose clone is
 // the AVX2 one (regs_for_sums); rows longer than a chunk keep the arrays everywhere.
 inline bool regs_for_sums() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(BITFAST_FORCE_REGS_FOR_SUMS)  // (benchmarks/rows_bench.cpp: one clone's code on another CPU)
+  return BITFAST_FORCE_REGS_FOR_SUMS;
+#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
   static const bool avx2_only = __builtin_cpu_supports("avx2") && !__builtin_cpu_supports("avx512bw");
   return avx2_only;
 #else
@@ -384,15 +392,15 @@ BITFAST_INLINE f8v f8_load(const float* p) {
 
 // [a0..a3, b0..b3] + [a4..a7, b4..b7] -> [a0+a4, .., a3+a7, b0+b4, .., b3+b7], and so on for
 // pairs, then for single lanes.
-BITFAST_INLINE f8v fold_quads(f8v a, f8v b) {
+BITFAST_INLINE f8v fold_quads(const f8v& a, const f8v& b) {
   return BITFAST_SHUFFLE8(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
          BITFAST_SHUFFLE8(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
 }
-BITFAST_INLINE f8v fold_pairs(f8v a, f8v b) {
+BITFAST_INLINE f8v fold_pairs(const f8v& a, const f8v& b) {
   return BITFAST_SHUFFLE8(a, b, 0, 1, 4, 5, 8, 9, 12, 13) +
          BITFAST_SHUFFLE8(a, b, 2, 3, 6, 7, 10, 11, 14, 15);
 }
-BITFAST_INLINE f8v fold_singles(f8v a, f8v b) {
+BITFAST_INLINE f8v fold_singles(const f8v& a, const f8v& b) {
   return BITFAST_SHUFFLE8(a, b, 0, 2, 4, 6, 8, 10, 12, 14) +
          BITFAST_SHUFFLE8(a, b, 1, 3, 5, 7, 9, 11, 13, 15);
 }
