@@ -9,6 +9,7 @@
 #include "cpu/simd.h"
 
 #include <algorithm>
+#include <cstdlib>
 #include <type_traits>
 
 namespace bitfast::cpu::rows {
@@ -309,14 +310,22 @@ BITFAST_INLINE void bwd_chunk_lanes(const In* __restrict gb, const In* __restric
 // registers and ran them faster, and the baseline clone has no 256-bit registers. So the
 // 16-row blocks pick this version on CPUs with AVX2 but not AVX-512, those whose clone is
 // the AVX2 one (regs_for_sums); rows longer than a chunk keep the arrays everywhere.
+// $BITFAST_CPU_SUMS_IN_REGISTERS=1 or 0 (read once) overrides the choice, so that the tests
+// can run both versions on any CPU.
 inline bool regs_for_sums() {
 #if defined(BITFAST_FORCE_REGS_FOR_SUMS)  // (benchmarks/rows_bench.cpp: one clone's code on another CPU)
   return BITFAST_FORCE_REGS_FOR_SUMS;
-#elif defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool avx2_only = __builtin_cpu_supports("avx2") && !__builtin_cpu_supports("avx512bw");
-  return avx2_only;
 #else
-  return false;
+  static const bool regs = [] {
+    const char* env = std::getenv("BITFAST_CPU_SUMS_IN_REGISTERS");
+    if (env != nullptr && (env[0] == '0' || env[0] == '1') && env[1] == '\0') return env[0] == '1';
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    return __builtin_cpu_supports("avx2") && !__builtin_cpu_supports("avx512bw");
+#else
+    return false;
+#endif
+  }();
+  return regs;
 #endif
 }
 

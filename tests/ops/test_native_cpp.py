@@ -543,6 +543,20 @@ def test_gn_native_options(layout, relu, affine):
     check_gn_native(x, *norm_params(24, DEVICE, affine=affine), 6, relu)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_norms_native_short_row_blocks(dtype, relu):
+    """The NCHW backward sums of short rows, 16 rows at a time (two GroupNorm groups of 32
+    rows of 4x4; a BatchNorm channel of 17 rows: one block and one row), with and without
+    the ReLU."""
+    x = make_activation((2, 64, 4, 4), dtype, "nchw", DEVICE)
+    weight, bias = norm_params(64, DEVICE)
+    check_gn_native(x, weight.to(dtype), bias.to(dtype), 2, relu)
+    x = make_activation((17, 8, 4, 4), dtype, "nchw", DEVICE)
+    weight, bias = norm_params(8, DEVICE)
+    check_bn_native(x, None, None, weight.to(dtype), bias.to(dtype), True, relu)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_gn_native_float32_params(dtype, layout):
@@ -888,3 +902,44 @@ def test_opcheck_norms(layout, dtype):
 
 def test_norm_errors():
     check_norm_errors(DEVICE)
+
+
+def short_row_backward_outputs(path: str) -> None:
+    """Save the backward outputs of GroupNorm and BatchNorm at short NCHW rows (fp32 and
+    bf16, with and without the ReLU) to ``path``: run in child processes by
+    test_sums_in_registers_match_the_arrays."""
+    torch.manual_seed(0)
+    out = {}
+    for dtype, relu in itertools.product((torch.float32, torch.bfloat16), (True, False)):
+        for name, shape, c in (("gn", (2, 64, 7, 7), 64), ("bn", (17, 8, 4, 4), 8)):
+            x = torch.randn(shape).to(dtype)
+            w, b = torch.randn(c), torch.randn(c)
+            if name == "gn":
+                y, mean, rstd = torch.ops.bitfast.native_group_norm_relu_fwd(x, w, b, 2, 1e-5, relu)
+                grads = torch.ops.bitfast.native_group_norm_relu_bwd(torch.randn_like(y), x, w, b, mean, rstd, 2, relu)
+            else:
+                y, mean, var = torch.ops.bitfast.native_batch_norm_relu_fwd(x, None, None, w, b, True, 1e-5, relu)
+                grads = torch.ops.bitfast.native_batch_norm_relu_bwd(torch.randn_like(y), x, w, b, mean, var, True,
+                                                                    1e-5, relu)
+            out[f"{name} {dtype} {relu}"] = grads
+    torch.save(out, path)
+
+
+def test_sums_in_registers_match_the_arrays(tmp_path):
+    """The backward sums of short rows have two versions, picked by the CPU (accumulators
+    in vector registers for AVX2-only CPUs, in arrays otherwise); both give the same
+    gradients. $BITFAST_CPU_SUMS_IN_REGISTERS forces either, in a child process each."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    results = []
+    for regs in ("0", "1"):
+        path = str(tmp_path / f"regs{regs}.pt")
+        code = f"import tests.ops.test_native_cpp as m; m.short_row_backward_outputs({path!r})"
+        env = dict(os.environ, BITFAST_CPU_SUMS_IN_REGISTERS=regs)
+        child = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                               timeout=600)
+        assert child.returncode == 0, child.stderr[-4000:]
+        results.append(torch.load(path))
+    assert results[0].keys() == results[1].keys()
+    for key in results[0]:
+        for a, b in zip(results[0][key], results[1][key]):
+            assert torch.equal(a, b), key
