@@ -71,13 +71,9 @@ acc_t rstd_of(acc_t var, double eps) {
 // NCHW
 // ---------------------------------------------------------------------------------------
 
-// Whether the NCHW loops read and write scalar_t in place (bf16: converted in registers,
-// bitwise what the float loops give on widened copies) instead of widening each channel
-// into float buffers (fp16). A channel of a late stage at batch 16 is 16 rows of 16 or 49
-// elements: the copies in and out cost more than the passes over them.
-template <typename scalar_t>
-constexpr bool direct_planar = std::is_same_v<scalar_t, c10::BFloat16>;
-
+// A channel is read through rows_input: bf16 in place (a channel of a late stage at batch
+// 16 is 16 rows of 16 or 49 elements, whose copies in and out cost more than the passes
+// over them), fp32/fp64 in place, fp16 widened into a float buffer.
 template <typename scalar_t>
 void fwd_nchw(const scalar_t* X, scalar_t* Y, const Params<at::opmath_type<scalar_t>>& p, const Shape& s,
               bool training, double eps, bool relu) {
@@ -86,26 +82,22 @@ void fwd_nchw(const scalar_t* X, scalar_t* Y, const Params<at::opmath_type<scala
   at::parallel_for(0, s.C, grain(s.count), [&](int64_t begin, int64_t end) {
     std::vector<acc_t> xbuf, ybuf, sc(s.N), sh(s.N);
     for (int64_t c = begin; c < end; ++c) {
-      // the statistics and the output of channel c, from x to y (rows st apart in both)
-      const auto channel = [&](const auto* x, int64_t st, auto* y) {
-        if (training) {
-          const acc_t mean = acc_t(rows::sum_rows(x, s.N, s.HW, st) / double(s.count));
-          p.MEAN[c] = mean;
-          p.VAR[c] = acc_t(rows::sum_sq_dev_rows(x, s.N, s.HW, st, mean) / double(s.count));
-        }
-        const acc_t rstd = rstd_of(p.VAR[c], eps);
-        std::fill(sc.begin(), sc.end(), rstd * p.W[c]);
-        std::fill(sh.begin(), sh.end(), p.B[c] - p.MEAN[c] * (rstd * p.W[c]));
-        rows::planar_affine(x, y, s.N, s.HW, st, sc.data(), sh.data(), relu);
-      };
-      if constexpr (direct_planar<scalar_t>) {
-        channel(X + c * s.HW, stride, Y + c * s.HW);
+      int64_t st = 0;
+      const auto* x = rows_input(X + c * s.HW, s.N, s.HW, stride, xbuf, &st);
+      if (training) {
+        const acc_t mean = acc_t(rows::sum_rows(x, s.N, s.HW, st) / double(s.count));
+        p.MEAN[c] = mean;
+        p.VAR[c] = acc_t(rows::sum_sq_dev_rows(x, s.N, s.HW, st, mean) / double(s.count));
+      }
+      const acc_t rstd = rstd_of(p.VAR[c], eps);
+      std::fill(sc.begin(), sc.end(), rstd * p.W[c]);
+      std::fill(sh.begin(), sh.end(), p.B[c] - p.MEAN[c] * (rstd * p.W[c]));
+      if constexpr (direct_rows<scalar_t>) {
+        rows::planar_affine(x, Y + c * s.HW, s.N, s.HW, st, sc.data(), sh.data(), relu);
       } else {
-        int64_t st = 0;
-        const acc_t* x = load_rows(X + c * s.HW, s.N, s.HW, stride, xbuf, &st);
         // fp32/fp64 write y in place (rows `stride` apart), fp16 into contiguous rows
         acc_t* y = out_buffer(Y + c * s.HW, s.N * s.HW, ybuf);
-        channel(x, st, y);
+        rows::planar_affine(x, y, s.N, s.HW, st, sc.data(), sh.data(), relu);
         store_rows(y, Y + c * s.HW, s.N, s.HW, stride);
       }
     }
@@ -122,23 +114,14 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const Params<
     std::vector<acc_t> xbuf, dybuf, dxbuf, sc(s.N), sh(s.N), mv(s.N), a(s.N), kx(s.N), k0(s.N);
     std::vector<double> sdy(s.N), sdyx(s.N);
     for (int64_t c = begin; c < end; ++c) {
-      int64_t st = stride;
-      const scalar_t *x = X + c * s.HW, *dy = DY + c * s.HW;  // bf16: read in place
-      const acc_t *xw = nullptr, *dyw = nullptr;              // else: widened (or fp32/fp64 in place)
-      if constexpr (!direct_planar<scalar_t>) {
-        xw = load_rows(x, s.N, s.HW, stride, xbuf, &st);
-        dyw = load_rows(dy, s.N, s.HW, stride, dybuf, &st);
-      }
+      int64_t st = 0, st2 = 0;  // equal: rows of the same width and type
+      const auto* x = rows_input(X + c * s.HW, s.N, s.HW, stride, xbuf, &st);
+      const auto* dy = rows_input(DY + c * s.HW, s.N, s.HW, stride, dybuf, &st2);
       const acc_t mean = p.MEAN[c], rstd = rstd_of(p.VAR[c], eps), w = p.W[c];
       std::fill(sc.begin(), sc.end(), rstd * w);
       std::fill(sh.begin(), sh.end(), p.B[c] - mean * (rstd * w));
       std::fill(mv.begin(), mv.end(), mean);
-      if constexpr (direct_planar<scalar_t>) {
-        rows::planar_bwd_sums(dy, x, s.N, s.HW, st, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
-      } else {
-        rows::planar_bwd_sums(dyw, xw, s.N, s.HW, st, sc.data(), sh.data(), mv.data(), relu, sdy.data(),
-                              sdyx.data());
-      }
+      rows::planar_bwd_sums(dy, x, s.N, s.HW, st, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
       double db = 0, dwx = 0;
       for (int64_t n = 0; n < s.N; ++n) {
         db += sdy[n];
@@ -154,12 +137,12 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const Params<
       std::fill(a.begin(), a.end(), acc_t(r * double(w)));
       std::fill(kx.begin(), kx.end(), acc_t(-r * r * mgx));
       std::fill(k0.begin(), k0.end(), acc_t(r * r * mgx * double(mean) - r * mg));
-      if constexpr (direct_planar<scalar_t>) {
+      if constexpr (direct_rows<scalar_t>) {
         rows::planar_bwd_dx(dy, x, DX + c * s.HW, s.N, s.HW, st, sc.data(), sh.data(), a.data(), kx.data(),
                             k0.data(), relu);
       } else {
         acc_t* dx = out_buffer(DX + c * s.HW, s.N * s.HW, dxbuf);
-        rows::planar_bwd_dx(dyw, xw, dx, s.N, s.HW, st, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
+        rows::planar_bwd_dx(dy, x, dx, s.N, s.HW, st, sc.data(), sh.data(), a.data(), kx.data(), k0.data(), relu);
         store_rows(dx, DX + c * s.HW, s.N, s.HW, stride);
       }
     }
@@ -218,7 +201,7 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, const Params<at::opmath_type<scala
   }
   for_blocks(s, [&](int64_t, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, ybuf;
-    if constexpr (direct_cols<scalar_t>) {
+    if constexpr (direct_rows<scalar_t>) {
       rows::cols_affine(X + off, Y + off, np, s.C, s.C, sc.data(), sh.data(), relu);
       return;
     }
@@ -259,7 +242,7 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const Params<
   }
   for_blocks(s, [&](int64_t, int64_t np, int64_t off) {
     thread_local std::vector<acc_t> xbuf, dybuf, dxbuf;
-    if constexpr (direct_cols<scalar_t>) {
+    if constexpr (direct_rows<scalar_t>) {
       rows::cols_bwd_dx(DY + off, X + off, DX + off, np, s.C, s.C, sc.data(), sh.data(), a.data(), kx.data(),
                         k0.data(), relu);
       return;

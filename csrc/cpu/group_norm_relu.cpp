@@ -181,11 +181,6 @@ BITFAST_INLINE void group_bwd_coefficients(Sums&& sums, int64_t Cg, int64_t M, d
 // NCHW
 // ---------------------------------------------------------------------------------------
 
-// Whether the NCHW loops read and write scalar_t in place (bf16: they convert in registers)
-// instead of widening each group into float buffers (fp16, and the residual paths).
-template <typename scalar_t>
-constexpr bool direct_planar = std::is_same_v<scalar_t, c10::BFloat16>;
-
 template <typename scalar_t>
 void fwd_nchw(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, at::opmath_type<scalar_t>* RSTD,
               const at::opmath_type<scalar_t>* W, const at::opmath_type<scalar_t>* B, const Shape& s, double eps,
@@ -209,7 +204,7 @@ void fwd_nchw(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
           sh[c] = B[c0 + c] - mean * sc[c];
         }
       };
-      if constexpr (direct_planar<scalar_t>) {
+      if constexpr (direct_rows<scalar_t>) {
         if (res.a == nullptr) {  // bf16 read and written in place
           stats(X + ng * s.M);
           rows::planar_affine(X + ng * s.M, Y + ng * s.M, s.Cg, s.HW, s.HW, sc.data(), sh.data(), relu);
@@ -253,7 +248,7 @@ void bwd_nchw(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
                                double(mean), double(rstd), W + c0, DWN + n * s.C + c0, DBN + n * s.C + c0, a.data(),
                                kx.data(), k0.data());
       };
-      if constexpr (direct_planar<scalar_t>) {
+      if constexpr (direct_rows<scalar_t>) {
         if (GS == nullptr) {  // bf16 read and written in place
           const scalar_t* x = X + ng * s.M;
           const scalar_t* dy = DY + ng * s.M;
@@ -503,7 +498,7 @@ void fwd_nhwc_groups(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* 
       }
       // bf16 is read in place by the column loops; fp16 is widened into xbuf
       int64_t ld;
-      const auto* x = cols_input(XS + off, s.HW, Ck, s.C, xbuf, &ld);
+      const auto* x = rows_input(XS + off, s.HW, Ck, s.C, xbuf, &ld);
       rows::cols_sum(x, s.HW, Ck, ld, colsum.data());
       for (int64_t j = 0; j < k; ++j) {
         double total = 0;
@@ -524,7 +519,7 @@ void fwd_nhwc_groups(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* 
           sh[c] = B[c0 + c] - mean * sc[c];
         }
       }
-      if constexpr (direct_cols<scalar_t>) {
+      if constexpr (direct_rows<scalar_t>) {
         rows::cols_affine(x, Y + off, s.HW, Ck, ld, sc.data(), sh.data(), relu);
       } else {
         int64_t ldy;
@@ -556,8 +551,8 @@ void bwd_nhwc_groups(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const 
         }
       }
       int64_t ld, ld2, ld3;  // equal: rows of the same width and type
-      const auto* xs = cols_input(X + off, s.HW, Ck, s.C, xbuf, &ld);
-      const auto* dys = cols_input(DY + off, s.HW, Ck, s.C, dybuf, &ld2);
+      const auto* xs = rows_input(X + off, s.HW, Ck, s.C, xbuf, &ld);
+      const auto* dys = rows_input(DY + off, s.HW, Ck, s.C, dybuf, &ld2);
       rows::cols_bwd_sums(dys, xs, s.HW, Ck, ld, sc.data(), sh.data(), mv.data(), relu, sdy.data(), sdyx.data());
       for (int64_t j = 0; j < k; ++j) {
         const int64_t cj = j * s.Cg;
@@ -568,7 +563,7 @@ void bwd_nhwc_groups(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const 
       }
       const acc_t* x;
       const acc_t* dy;
-      if constexpr (direct_cols<scalar_t>) {
+      if constexpr (direct_rows<scalar_t>) {
         if (GS == nullptr) {
           rows::cols_bwd_dx(DY + off, X + off, DX + off, s.HW, Ck, s.C, sc.data(), sh.data(), a.data(), kx.data(),
                             k0.data(), relu);
@@ -608,7 +603,7 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
       for (int64_t r = 0; r < k.rows; ++r) load_input(X, res, k.off + r * s.C + k.c0, k.nc, xbuf, tbuf);
     }
     int64_t ld;
-    const auto* x = cols_input(XS + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
+    const auto* x = rows_input(XS + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
     acc_t* bs = sum.data() + k.task * s.C + k.c0;
     rows::cols_sum(x, k.rows, k.nc, ld, bs);
     bmean.resize(k.nc);
@@ -635,7 +630,7 @@ void fwd_nhwc(const scalar_t* X, scalar_t* Y, at::opmath_type<scalar_t>* MEAN, a
   auto write = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, ybuf;
     const int64_t step = stream_rows<scalar_t>(k.nc, k.rows), pc = k.n * s.C + k.c0;
-    if constexpr (direct_cols<scalar_t>) {
+    if constexpr (direct_rows<scalar_t>) {
       const int64_t o = k.off + k.c0;
       rows::cols_affine(XS + o, Y + o, k.rows, k.nc, s.C, sc.data() + pc, sh.data() + pc, relu);
       return;
@@ -674,8 +669,8 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
   auto sums = [&](const Block& k) {
     thread_local std::vector<acc_t> xbuf, dybuf;
     int64_t ld, ld2;  // equal: rows of the same width and type
-    const auto* x = cols_input(X + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
-    const auto* dy = cols_input(DY + k.off + k.c0, k.rows, k.nc, s.C, dybuf, &ld2);
+    const auto* x = rows_input(X + k.off + k.c0, k.rows, k.nc, s.C, xbuf, &ld);
+    const auto* dy = rows_input(DY + k.off + k.c0, k.rows, k.nc, s.C, dybuf, &ld2);
     const int64_t pc = k.n * s.C + k.c0;
     rows::cols_bwd_sums(dy, x, k.rows, k.nc, ld, sc.data() + pc, sh.data() + pc, meanc.data() + pc, relu,
                         pdy.data() + k.task * s.C + k.c0, pdyx.data() + k.task * s.C + k.c0);
@@ -699,7 +694,7 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
     // with grad_sum (the residual add's backward) dx goes through a buffer, where it is added
     thread_local std::vector<acc_t> xbuf, dybuf, dxbuf, gsbuf;
     const int64_t pc = k.n * s.C + k.c0, step = stream_rows<scalar_t>(k.nc, k.rows);
-    if constexpr (direct_cols<scalar_t>) {
+    if constexpr (direct_rows<scalar_t>) {
       if (GS == nullptr) {
         const int64_t e = k.off + k.c0;
         rows::cols_bwd_dx(DY + e, X + e, DX + e, k.rows, k.nc, s.C, sc.data() + pc, sh.data() + pc, a.data() + pc,

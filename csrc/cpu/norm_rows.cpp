@@ -152,6 +152,16 @@ BITFAST_INLINE double rows_lane_sum(const In* __restrict x, int64_t R, int64_t L
   return total + double(lanes16_total(acc));
 }
 
+template <typename T, typename In = T>
+BITFAST_INLINE double sum_rows_impl(const In* __restrict x, int64_t R, int64_t L, int64_t stride) {
+  return rows_lane_sum<T>(x, R, L, stride, [](T v) { return v; });
+}
+
+template <typename T, typename In = T>
+BITFAST_INLINE double sum_sq_dev_rows_impl(const In* __restrict x, int64_t R, int64_t L, int64_t stride, T m) {
+  return rows_lane_sum<T>(x, R, L, stride, [m](T v) { return (v - m) * (v - m); });
+}
+
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
 // GCC/clang vector extensions: generic vectors, lowered to each clone's instruction set.
 #define BITFAST_VECTOR_EXT 1
@@ -615,10 +625,10 @@ BITFAST_INLINE void cols_bwd_dx_impl(const In* __restrict dy, const In* __restri
   BITFAST_TARGET_CLONES double sum(const T* x, int64_t n) { return sum_impl<T>(x, n); }                              \
   BITFAST_TARGET_CLONES double sum_sq_dev(const T* x, int64_t n, T m) { return sum_sq_dev_impl<T>(x, n, m); }        \
   BITFAST_TARGET_CLONES double sum_rows(const T* x, int64_t R, int64_t L, int64_t stride) {                          \
-    return rows_lane_sum<T>(x, R, L, stride, [](T v) { return v; });                                                 \
+    return sum_rows_impl<T>(x, R, L, stride);                                                                        \
   }                                                                                                                  \
   BITFAST_TARGET_CLONES double sum_sq_dev_rows(const T* x, int64_t R, int64_t L, int64_t stride, T m) {              \
-    return rows_lane_sum<T>(x, R, L, stride, [m](T v) { return (v - m) * (v - m); });                                \
+    return sum_sq_dev_rows_impl<T>(x, R, L, stride, m);                                                              \
   }                                                                                                                  \
   BITFAST_TARGET_CLONES void planar_affine(const T* x, T* y, int64_t R, int64_t L, int64_t stride, const T* s,       \
                                            const T* t, bool relu) {                                                  \
@@ -688,10 +698,10 @@ BITFAST_TARGET_CLONES void cols_bwd_sums(const c10::BFloat16* dy, const c10::BFl
 }
 
 BITFAST_TARGET_CLONES double sum_rows(const c10::BFloat16* x, int64_t R, int64_t L, int64_t stride) {
-  return rows_lane_sum<float, uint16_t>(bits(x), R, L, stride, [](float v) { return v; });
+  return sum_rows_impl<float, uint16_t>(bits(x), R, L, stride);
 }
 BITFAST_TARGET_CLONES double sum_sq_dev_rows(const c10::BFloat16* x, int64_t R, int64_t L, int64_t stride, float m) {
-  return rows_lane_sum<float, uint16_t>(bits(x), R, L, stride, [m](float v) { return (v - m) * (v - m); });
+  return sum_sq_dev_rows_impl<float, uint16_t>(bits(x), R, L, stride, m);
 }
 BITFAST_TARGET_CLONES double sum(const c10::BFloat16* x, int64_t n) { return sum_impl<float, uint16_t>(bits(x), n); }
 

@@ -84,28 +84,29 @@ void store_rows(const at::opmath_type<scalar_t>* src, scalar_t* p, int64_t R, in
   }
 }
 
-// Whether the column loops of cpu/norm_rows.h read and write scalar_t in place (bf16: they
-// convert in registers) instead of through float buffers (fp16).
+// Whether the loops of cpu/norm_rows.h, planar and column, read and write scalar_t in place
+// (bf16: they convert in registers, bitwise the float loops on widened copies) instead of
+// through float buffers (fp16).
 template <typename scalar_t>
-constexpr bool direct_cols = std::is_same_v<scalar_t, c10::BFloat16>;
+constexpr bool direct_rows = std::is_same_v<scalar_t, c10::BFloat16>;
 
-// n contiguous elements at p as the column loops take them: in place for direct_cols
+// n contiguous elements at p as the column loops take them: in place for direct_rows
 // types, else widened into buf.
 template <typename scalar_t>
 auto cols_load(const scalar_t* p, int64_t n, std::vector<at::opmath_type<scalar_t>>& buf) {
-  if constexpr (direct_cols<scalar_t>) {
+  if constexpr (direct_rows<scalar_t>) {
     return p;
   } else {
     return load(p, n, buf);
   }
 }
 
-// R rows of L elements, `stride` apart, as the column loops take them: in place for
-// direct_cols types (*ld = stride), else widened into buf (*ld = L).
+// R rows of L elements, `stride` apart, as the loops of cpu/norm_rows.h take them: in place
+// for direct_rows types and fp32/fp64 (*ld = stride), else widened into buf (*ld = L).
 template <typename scalar_t>
-auto cols_input(const scalar_t* p, int64_t R, int64_t L, int64_t stride,
+auto rows_input(const scalar_t* p, int64_t R, int64_t L, int64_t stride,
                 std::vector<at::opmath_type<scalar_t>>& buf, int64_t* ld) {
-  if constexpr (direct_cols<scalar_t>) {
+  if constexpr (direct_rows<scalar_t>) {
     *ld = stride;
     return p;
   } else {
