@@ -93,18 +93,6 @@ BITFAST_INLINE void affine_row(const In* __restrict x, In* __restrict y, int64_t
   }
 }
 
-template <typename T, typename In = T>
-BITFAST_INLINE void planar_affine_impl(const In* x, In* y, int64_t R, int64_t L, int64_t stride, const T* s, const T* t,
-                                       bool relu) {
-  for (int64_t r = 0; r < R; ++r) {
-    if (relu) {
-      affine_row<T, true, In>(x + r * stride, y + r * stride, L, s[r], t[r]);
-    } else {
-      affine_row<T, false, In>(x + r * stride, y + r * stride, L, s[r], t[r]);
-    }
-  }
-}
-
 // Pairwise total of the kLanes partial sums of an array (a tree: its additions overlap).
 constexpr int kLanes = 16;  // one AVX-512 vector of float
 
@@ -121,7 +109,8 @@ constexpr int64_t kShortRowSum = 256;
 
 // sum of f(x) over R rows of L elements, rows `stride` apart. Long rows: each row's
 // lane_sum, the rows added in double. Short rows (a BatchNorm channel in NCHW at 4x4 or
-// 7x7: N rows of 16 or 49 elements): all rows go into one set of kLanes float lanes,
+// 7x7: N rows of 16 or 49 elements; on CPUs with AVX2, rows of at least kLanes take
+// short_rows_lane_sum instead): all rows go into one set of kLanes float lanes,
 // element i of a row into lane i % kLanes, folded into double (lanes16_total) once at least
 // kSumChunk elements have gone in. Summed row by row, each 16-element row cost a fold of
 // four reductions, most of the work (BatchNorm's forward ran at a third of eager's speed).
@@ -150,16 +139,6 @@ BITFAST_INLINE double rows_lane_sum(const In* __restrict x, int64_t R, int64_t L
     }
   }
   return total + double(lanes16_total(acc));
-}
-
-template <typename T, typename In = T>
-BITFAST_INLINE double sum_rows_impl(const In* __restrict x, int64_t R, int64_t L, int64_t stride) {
-  return rows_lane_sum<T>(x, R, L, stride, [](T v) { return v; });
-}
-
-template <typename T, typename In = T>
-BITFAST_INLINE double sum_sq_dev_rows_impl(const In* __restrict x, int64_t R, int64_t L, int64_t stride, T m) {
-  return rows_lane_sum<T>(x, R, L, stride, [m](T v) { return (v - m) * (v - m); });
 }
 
 #if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 9)
@@ -234,7 +213,240 @@ template <bool RELU>
 BITFAST_INLINE f16v relu_grad16(const f16v& x, const f16v& g, float s, float t) {
   return {relu_grad8<RELU>(x.lo, g.lo, s, t), relu_grad8<RELU>(x.hi, g.hi, s, t)};
 }
+
+// float -> bf16 bits for 8 lanes, in the low 16 bits of each 32-bit lane:
+// float_to_bf16_bits's arithmetic on each (round to nearest even, any NaN the canonical
+// quiet NaN).
+BITFAST_INLINE u32x8 bf16_bits8(const f8v& f) {
+  const u32x8 u = (u32x8)f;
+  const u32x8 nan = (u32x8)((i8v)(u & 0x7fffffffu) > int32_t(0x7f800000));
+  const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (nan & 0x7fc0u) | (~nan & rounded);
+}
+
+// 16 consecutive elements of a row as two 8-float vectors, and back. float: elements 0..7
+// and 8..15. bf16: the even elements and the odd ones, from one 32-byte load read as eight
+// 32-bit words (the even element is a word's low half, the odd one its high half), so that
+// widening and narrowing are a shift and a mask per vector, without moving data across
+// lanes (the compiler's widening of 8 bf16 into 8 floats took 6 instructions). pos_lo and
+// pos_hi: the element each lane holds.
+template <typename In>
+struct Row16;
+template <>
+struct Row16<float> {
+  static BITFAST_INLINE f16v load(const float* p) { return load16(p); }
+  static BITFAST_INLINE void store(float* p, const f16v& v) {
+    __builtin_memcpy(p, &v.lo, sizeof(v.lo));
+    __builtin_memcpy(p + 8, &v.hi, sizeof(v.hi));
+  }
+  // the lanes in element order
+  static BITFAST_INLINE f16v in_order(const f16v& v) { return v; }
+  static constexpr i8v pos_lo = {0, 1, 2, 3, 4, 5, 6, 7}, pos_hi = {8, 9, 10, 11, 12, 13, 14, 15};
+};
+template <>
+struct Row16<uint16_t> {
+  static BITFAST_INLINE f16v load(const uint16_t* p) {
+    u32x8 w;
+    __builtin_memcpy(&w, p, sizeof(w));
+    return {(f8v)(w << 16), (f8v)(w & 0xffff0000u)};
+  }
+  static BITFAST_INLINE void store(uint16_t* p, const f16v& v) {
+    const u32x8 w = bf16_bits8(v.lo) | (bf16_bits8(v.hi) << 16);
+    __builtin_memcpy(p, &w, sizeof(w));
+  }
+  static BITFAST_INLINE f16v in_order(const f16v& v) {
+    return {BITFAST_SHUFFLE8(v.lo, v.hi, 0, 8, 1, 9, 2, 10, 3, 11), BITFAST_SHUFFLE8(v.lo, v.hi, 4, 12, 5, 13, 6, 14, 7, 15)};
+  }
+  static constexpr i8v pos_lo = {0, 2, 4, 6, 8, 10, 12, 14}, pos_hi = {1, 3, 5, 7, 9, 11, 13, 15};
+};
+
+// ---------------------------------------------------------------------------------------
+// Short rows, float math: a late stage's 4x4 or 7x7 maps, N rows of a BatchNorm channel or
+// Cg rows of a GroupNorm group. A row is taken in whole vectors of kLanes, and when L is
+// not a multiple of kLanes, one more vector that ends where the row ends and overlaps the
+// last whole one (7x7: 0..15, 16..31, 32..47, then 33..48). Used by a BatchNorm channel's
+// statistics (16 <= L < kShortRowSum, float and bf16), whose lanes rows_lane_sum kept in
+// memory, each update waiting on the last one's store (most of a BatchNorm forward at 4x4
+// and 7x7), and by the elementwise passes of bf16 rows (16 <= L < kShortRowElementwise),
+// where the compiler's loops spent most of a row in their prologue and scalar epilogue.
+// BatchNorm NCHW forward: 1.4-2.2x faster at 16x512x7x7 and 16x2048x4x4 (fp32 and bf16).
+// ---------------------------------------------------------------------------------------
+
+// Whether the short-row loops below run: on x86 CPUs with AVX2. The baseline clone (CPUs
+// without AVX2) would emulate their 256-bit vectors, 2-8x slower than the plain loops, and
+// other architectures keep the plain loops, the ones measured there.
+// $BITFAST_CPU_SHORT_ROWS_IN_VECTORS=1 or 0 (read once) overrides the choice, so that the
+// tests can run both versions on any CPU.
+inline bool short_rows_in_vectors() {
+#if defined(BITFAST_FORCE_SHORT_ROWS_IN_VECTORS)  // (benchmarks/rows_bench.cpp builds without clones)
+  return BITFAST_FORCE_SHORT_ROWS_IN_VECTORS;
+#else
+  static const bool vectors = [] {
+    const char* env = std::getenv("BITFAST_CPU_SHORT_ROWS_IN_VECTORS");
+    if (env != nullptr && (env[0] == '0' || env[0] == '1') && env[1] == '\0') return env[0] == '1';
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+    return bool(__builtin_cpu_supports("avx2"));
+#else
+    return false;
 #endif
+  }();
+  return vectors;
+#endif
+}
+
+// v (as Row16<In> loaded it) with the lanes of elements below kLanes - rem set to +0: of the
+// overlapping last vector of a row, those the whole vectors already counted.
+template <typename In>
+BITFAST_INLINE f16v last_lanes(const f16v& v, int64_t rem) {
+  const int32_t first = int32_t(kLanes - rem);
+  return {(f8v)((i8v)v.lo & (Row16<In>::pos_lo >= first)), (f8v)((i8v)v.hi & (Row16<In>::pos_hi >= first))};
+}
+
+// rows_lane_sum for short rows in registers: element i < L - L % kLanes of a row goes into
+// lane i % kLanes; the overlapping last vector's new elements into the lanes they sit in
+// there (lane 1 for element 48 of a 7x7 row). Two sets of lanes, the rows' roles
+// alternating, so that consecutive additions do not wait on each other; both are folded
+// (lanes16_total of their sum, in element order) into double once at least kSumChunk
+// elements have gone in. The same additions in the same order for float and bf16 data.
+template <typename In, typename F>
+BITFAST_INLINE double short_rows_lane_sum(const In* x, int64_t R, int64_t L, int64_t stride, F f) {
+  const int64_t full = L / kLanes * kLanes, rem = L - full;
+  double total = 0;
+  f16v a = {}, b = {};
+  int64_t pending = 0;
+  const auto row_into = [&](const In* row, f16v& p, f16v& q) {
+    int64_t i = 0;
+    for (; i + 2 * kLanes <= full; i += 2 * kLanes) {
+      p += f(Row16<In>::load(row + i));
+      q += f(Row16<In>::load(row + i + kLanes));
+    }
+    if (i < full) p += f(Row16<In>::load(row + i));
+    if (rem != 0) q += last_lanes<In>(f(Row16<In>::load(row + L - kLanes)), rem);
+  };
+  const auto fold = [&] {
+    alignas(64) float lanes[kLanes];
+    Row16<float>::store(lanes, Row16<In>::in_order(a + b));
+    total += double(lanes16_total(lanes));
+    a = b = f16v{};
+    pending = 0;
+  };
+  for (int64_t r = 0; r < R; ++r) {
+    if (r % 2 == 0) {
+      row_into(x + r * stride, a, b);
+    } else {
+      row_into(x + r * stride, b, a);
+    }
+    pending += L;
+    if (pending >= kSumChunk) fold();
+  }
+  if (pending != 0) fold();
+  return total;
+}
+
+// y = x * s + t (then the ReLU: max(y, 0), NaN kept) for 16 lanes, as affine_row computes
+// each element.
+template <bool RELU>
+BITFAST_INLINE f8v affine8(const f8v& x, float s, float t) {
+  const f8v v = x * s + t;
+  if constexpr (RELU) {
+    return (f8v)((i8v)v & ~(v < 0.0f));
+  } else {
+    return v;
+  }
+}
+template <bool RELU>
+BITFAST_INLINE f16v affine16(const f16v& x, float s, float t) {
+  return {affine8<RELU>(x.lo, s, t), affine8<RELU>(x.hi, s, t)};
+}
+
+// The elementwise passes (y, dx) take the short-row loops for bf16 rows of fewer elements
+// than this: 1.3-1.5x faster at 4x4 and 7x7 (benchmarks/rows_bench.cpp, AVX-512 clone). The
+// compiler's loops run 512 bits wide where these run 256, and measured faster on float rows
+// and on bf16 rows from 64 elements (8x8) on (0.75-0.9x at 64 and 196 elements).
+constexpr int64_t kShortRowElementwise = 64;
+
+// affine_row for a short row. The overlapping last vector is read before anything is
+// stored and stored last, so x may be y.
+template <bool RELU, typename In>
+BITFAST_INLINE void short_affine_row(const In* x, In* y, int64_t L, float s, float t) {
+  const int64_t full = L / kLanes * kLanes;
+  f16v last = {};
+  if (full < L) last = affine16<RELU>(Row16<In>::load(x + L - kLanes), s, t);
+  for (int64_t i = 0; i < full; i += kLanes) Row16<In>::store(y + i, affine16<RELU>(Row16<In>::load(x + i), s, t));
+  if (full < L) Row16<In>::store(y + L - kLanes, last);
+}
+
+// bwd_dx_row for a short row: dx = a * d + kx * x + k0 for 16 lanes, d the output gradient
+// masked by the forward's ReLU; the overlapping last vector as in short_affine_row.
+template <bool RELU>
+BITFAST_INLINE f16v dx16(const f16v& g, const f16v& x, float s, float t, float a, float kx, float k0) {
+  const f16v d = relu_grad16<RELU>(x, g, s, t);
+  return {a * d.lo + kx * x.lo + k0, a * d.hi + kx * x.hi + k0};
+}
+template <bool RELU, typename In>
+BITFAST_INLINE void short_dx_row(const In* dy, const In* x, In* dx, int64_t L, float s, float t, float a, float kx,
+                                 float k0) {
+  using V = Row16<In>;
+  const int64_t full = L / kLanes * kLanes, o = L - kLanes;
+  f16v last = {};
+  if (full < L) last = dx16<RELU>(V::load(dy + o), V::load(x + o), s, t, a, kx, k0);
+  for (int64_t i = 0; i < full; i += kLanes) V::store(dx + i, dx16<RELU>(V::load(dy + i), V::load(x + i), s, t, a, kx, k0));
+  if (full < L) V::store(dx + o, last);
+}
+#endif
+
+template <typename T, typename In = T>
+BITFAST_INLINE double sum_rows_impl(const In* __restrict x, int64_t R, int64_t L, int64_t stride) {
+#ifdef BITFAST_VECTOR_EXT
+  if constexpr (std::is_same_v<T, float>) {
+    if (L >= kLanes && L < kShortRowSum && short_rows_in_vectors()) {
+      return short_rows_lane_sum(x, R, L, stride, [](const f16v& v) { return v; });
+    }
+  }
+#endif
+  return rows_lane_sum<T>(x, R, L, stride, [](T v) { return v; });
+}
+
+template <typename T, typename In = T>
+BITFAST_INLINE double sum_sq_dev_rows_impl(const In* __restrict x, int64_t R, int64_t L, int64_t stride, T m) {
+#ifdef BITFAST_VECTOR_EXT
+  if constexpr (std::is_same_v<T, float>) {
+    if (L >= kLanes && L < kShortRowSum && short_rows_in_vectors()) {
+      return short_rows_lane_sum(x, R, L, stride, [m](const f16v& v) {
+        const f16v d = v - m;
+        return d * d;
+      });
+    }
+  }
+#endif
+  return rows_lane_sum<T>(x, R, L, stride, [m](T v) { return (v - m) * (v - m); });
+}
+
+template <typename T, typename In = T>
+BITFAST_INLINE void planar_affine_impl(const In* x, In* y, int64_t R, int64_t L, int64_t stride, const T* s, const T* t,
+                                       bool relu) {
+#ifdef BITFAST_VECTOR_EXT
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<In, uint16_t>) {  // see kShortRowElementwise
+    if (L >= kLanes && L < kShortRowElementwise && short_rows_in_vectors()) {
+      for (int64_t r = 0; r < R; ++r) {
+        if (relu) {
+          short_affine_row<true, In>(x + r * stride, y + r * stride, L, s[r], t[r]);
+        } else {
+          short_affine_row<false, In>(x + r * stride, y + r * stride, L, s[r], t[r]);
+        }
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t r = 0; r < R; ++r) {
+    if (relu) {
+      affine_row<T, true, In>(x + r * stride, y + r * stride, L, s[r], t[r]);
+    } else {
+      affine_row<T, false, In>(x + r * stride, y + r * stride, L, s[r], t[r]);
+    }
+  }
+}
 
 // K elements at p in the math type T: p itself when stored as T, else (bf16) widened into
 // out. The sums below then run on T alone: a loop mixing 16-bit loads and float math was
@@ -502,6 +714,21 @@ BITFAST_INLINE void bwd_dx_row(const In* __restrict dy, const In* __restrict x, 
 template <typename T, typename In = T>
 BITFAST_INLINE void planar_bwd_dx_impl(const In* dy, const In* x, In* dx, int64_t R, int64_t L, int64_t stride,
                                        const T* s, const T* t, const T* a, const T* kx, const T* k0, bool relu) {
+#ifdef BITFAST_VECTOR_EXT
+  if constexpr (std::is_same_v<T, float> && std::is_same_v<In, uint16_t>) {  // see kShortRowElementwise
+    if (L >= kLanes && L < kShortRowElementwise && short_rows_in_vectors()) {
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t o = r * stride;
+        if (relu) {
+          short_dx_row<true, In>(dy + o, x + o, dx + o, L, s[r], t[r], a[r], kx[r], k0[r]);
+        } else {
+          short_dx_row<false, In>(dy + o, x + o, dx + o, L, s[r], t[r], a[r], kx[r], k0[r]);
+        }
+      }
+      return;
+    }
+  }
+#endif
   for (int64_t r = 0; r < R; ++r) {
     const int64_t o = r * stride;
     if (relu) {

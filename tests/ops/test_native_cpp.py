@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import subprocess
 import sys
 
@@ -555,6 +556,50 @@ def test_norms_native_short_row_blocks(dtype, relu):
     x = make_activation((17, 8, 4, 4), dtype, "nchw", DEVICE)
     weight, bias = norm_params(8, DEVICE)
     check_bn_native(x, None, None, weight.to(dtype), bias.to(dtype), True, relu)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("hw", [(3, 5), (4, 4), (1, 17), (3, 11), (7, 7), (3, 21), (8, 8), (5, 51), (16, 16)],
+                         ids=lambda hw: f"L{hw[0] * hw[1]}")
+def test_norms_native_short_row_lengths(dtype, relu, hw):
+    """NCHW rows of 16 to 255 elements (BatchNorm's statistics) and bf16 rows of 16 to 63
+    (the affine pass and the backward's dx of both norms) are taken a whole vector of 16 at
+    a time, with one more vector that overlaps the last whole one when the length is not a
+    multiple of 16; shorter and longer rows take the loops of other shapes. Each length
+    against the reference, and bf16 bitwise the float32 kernels on the widened values."""
+    shape = (5, 8, *hw)  # BatchNorm: 5 rows per channel; GroupNorm: groups of 4 rows
+    x = make_activation(shape, dtype, "nchw", DEVICE)
+    weight, bias = norm_params(8, DEVICE)
+    check_gn_native(x, weight.to(dtype), bias.to(dtype), 2, relu)
+    check_bn_native(x, None, None, weight.to(dtype), bias.to(dtype), True, relu)
+    if dtype == torch.bfloat16:
+        ops = torch.ops.bitfast
+        g = torch.randn(shape).to(dtype)
+        gn, gnf = (ops.native_group_norm_relu_fwd(v, weight, bias, 2, 1e-5, relu) for v in (x, x.float()))
+        bn, bnf = (ops.native_batch_norm_relu_fwd(v, None, None, weight, bias, True, 1e-5, relu) for v in (x, x.float()))
+        for half, full in (
+            (gn, gnf),
+            (bn, bnf),
+            (ops.native_group_norm_relu_bwd(g, x, weight, bias, gn[1], gn[2], 2, relu),
+             ops.native_group_norm_relu_bwd(g.float(), x.float(), weight, bias, gnf[1], gnf[2], 2, relu)),
+            (ops.native_batch_norm_relu_bwd(g, x, weight, bias, bn[1], bn[2], True, 1e-5, relu),
+             ops.native_batch_norm_relu_bwd(g.float(), x.float(), weight, bias, bnf[1], bnf[2], True, 1e-5, relu)),
+        ):
+            for h, f in zip(half, full):
+                assert torch.equal(h, f.to(h.dtype))
+
+
+def test_short_row_lengths_without_the_vector_loops():
+    """The short-row loops run on CPUs with AVX2; the others (and other architectures) keep
+    the plain loops. $BITFAST_CPU_SHORT_ROWS_IN_VECTORS=0 forces those, here in a child
+    process that runs test_norms_native_short_row_lengths."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, BITFAST_CPU_SHORT_ROWS_IN_VECTORS="0")
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"{__file__}::test_norms_native_short_row_lengths"]
+    child = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert child.returncode == 0, child.stdout[-4000:] + child.stderr[-4000:]
+    assert re.search(r"\b36 passed", child.stdout), child.stdout[-2000:]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
