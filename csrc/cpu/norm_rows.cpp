@@ -272,6 +272,14 @@ struct Row16<uint16_t> {
 // BatchNorm NCHW forward: 1.4-2.2x faster at 16x512x7x7 and 16x2048x4x4 (fp32 and bf16).
 // ---------------------------------------------------------------------------------------
 
+// A choice between two versions of a loop: $name = "1" or "0" when set so, else `otherwise`
+// (the tests force each version in a child process).
+inline bool env_choice(const char* name, bool otherwise) {
+  const char* env = std::getenv(name);
+  if (env != nullptr && (env[0] == '0' || env[0] == '1') && env[1] == '\0') return env[0] == '1';
+  return otherwise;
+}
+
 // Whether the short-row loops below run: on x86 CPUs with AVX2. The baseline clone (CPUs
 // without AVX2) would emulate their 256-bit vectors, 2-8x slower than the plain loops, and
 // other architectures keep the plain loops, the ones measured there.
@@ -281,15 +289,11 @@ inline bool short_rows_in_vectors() {
 #if defined(BITFAST_FORCE_SHORT_ROWS_IN_VECTORS)  // (benchmarks/rows_bench.cpp builds without clones)
   return BITFAST_FORCE_SHORT_ROWS_IN_VECTORS;
 #else
-  static const bool vectors = [] {
-    const char* env = std::getenv("BITFAST_CPU_SHORT_ROWS_IN_VECTORS");
-    if (env != nullptr && (env[0] == '0' || env[0] == '1') && env[1] == '\0') return env[0] == '1';
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    return bool(__builtin_cpu_supports("avx2"));
+  static const bool vectors = env_choice("BITFAST_CPU_SHORT_ROWS_IN_VECTORS", __builtin_cpu_supports("avx2"));
 #else
-    return false;
+  static const bool vectors = env_choice("BITFAST_CPU_SHORT_ROWS_IN_VECTORS", false);
 #endif
-  }();
   return vectors;
 #endif
 }
@@ -538,15 +542,12 @@ inline bool regs_for_sums() {
 #if defined(BITFAST_FORCE_REGS_FOR_SUMS)  // (benchmarks/rows_bench.cpp: one clone's code on another CPU)
   return BITFAST_FORCE_REGS_FOR_SUMS;
 #else
-  static const bool regs = [] {
-    const char* env = std::getenv("BITFAST_CPU_SUMS_IN_REGISTERS");
-    if (env != nullptr && (env[0] == '0' || env[0] == '1') && env[1] == '\0') return env[0] == '1';
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-    return __builtin_cpu_supports("avx2") && !__builtin_cpu_supports("avx512bw");
+  static const bool regs = env_choice("BITFAST_CPU_SUMS_IN_REGISTERS",
+                                      __builtin_cpu_supports("avx2") && !__builtin_cpu_supports("avx512bw"));
 #else
-    return false;
+  static const bool regs = env_choice("BITFAST_CPU_SUMS_IN_REGISTERS", false);
 #endif
-  }();
   return regs;
 #endif
 }
