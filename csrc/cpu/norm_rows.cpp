@@ -654,7 +654,22 @@ BITFAST_INLINE void rows_block_bwd_sums(const In* __restrict dy, const In* __res
                                         const float* __restrict s, const float* __restrict t,
                                         const float* __restrict m, double* sum_dy, double* sum_dyx) {
   alignas(64) float d[16][kLanes], e[16][kLanes];
-  if (regs_for_sums()) {
+  if (L == kLanes && !regs_for_sums()) {
+    // 4x4 maps: one vector per row, whose lanes are the row's lane sums (what the chunk
+    // loop gives, adding them to zeros), without its set-up
+    for (int64_t r = 0; r < 16; ++r) {
+      alignas(64) float xw[kLanes], gw[kLanes];
+      const float* __restrict xp = lanes_in<float, kLanes>(x + r * stride, xw);
+      const float* __restrict gp = lanes_in<float, kLanes>(dy + r * stride, gw);
+      const float sr = s[r], tr = t[r], mr = m[r];
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const float da = relu_grad<float, RELU>(xp[l], gp[l], sr, tr);
+        d[r][l] = da;
+        e[r][l] = da * (xp[l] - mr);
+      }
+    }
+  } else if (regs_for_sums()) {
     for (int64_t r = 0; r < 16; ++r) {
       bwd_chunk_lanes_regs<RELU, In>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], d[r], e[r]);
     }
