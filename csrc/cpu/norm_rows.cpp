@@ -364,7 +364,7 @@ BITFAST_INLINE f16v affine16(const f16v& x, float s, float t) {
 }
 
 // The elementwise passes (y, dx) take the short-row loops for bf16 rows of fewer elements
-// than this: 1.3-1.5x faster at 4x4 and 7x7 (benchmarks/rows_bench.cpp, AVX-512 clone). The
+// than this: 1.1-1.5x faster at 4x4 and 7x7 (benchmarks/rows_bench.cpp, AVX-512 clone). The
 // compiler's loops run 512 bits wide where these run 256, and measured faster on float rows
 // and on bf16 rows from 64 elements (8x8) on (0.75-0.9x at 64 and 196 elements).
 constexpr int64_t kShortRowElementwise = 64;
