@@ -66,16 +66,6 @@ BITFAST_INLINE double lane_sum(const In* __restrict x, int64_t n, F f) {
   return total;
 }
 
-template <typename T, typename In = T>
-BITFAST_INLINE double sum_impl(const In* __restrict x, int64_t n) {
-  return lane_sum<T>(x, n, [](T v) { return v; });
-}
-
-template <typename T, typename In = T>
-BITFAST_INLINE double sum_sq_dev_impl(const In* __restrict x, int64_t n, T m) {
-  return lane_sum<T>(x, n, [m](T v) { return (v - m) * (v - m); });
-}
-
 // The output gradient masked by the forward's ReLU, the mask recomputed with exactly the
 // forward's arithmetic (x * s + t > 0) so the two agree on every element. The callers read
 // g unconditionally: a select, not a masked load.
@@ -267,9 +257,11 @@ struct Row16<uint16_t> {
 // last whole one (7x7: 0..15, 16..31, 32..47, then 33..48). Used by a BatchNorm channel's
 // statistics (16 <= L < kShortRowSum, float and bf16), whose lanes rows_lane_sum kept in
 // memory, each update waiting on the last one's store (most of a BatchNorm forward at 4x4
-// and 7x7), and by the elementwise passes of bf16 rows (16 <= L < kShortRowElementwise),
-// where the compiler's loops spent most of a row in their prologue and scalar epilogue.
-// BatchNorm NCHW forward: 1.4-2.2x faster at 16x512x7x7 and 16x2048x4x4 (fp32 and bf16).
+// and 7x7), by a GroupNorm group's statistics (one row of 16 to kSumChunk elements), and by
+// the elementwise passes of bf16 rows (16 <= L < kShortRowElementwise), where the
+// compiler's loops spent most of a row in their prologue and scalar epilogue. BatchNorm
+// NCHW forward: 1.4-2.2x faster at 16x512x7x7 and 16x2048x4x4 (fp32 and bf16); GroupNorm
+// NCHW forward 1.1-1.2x (fp32) at 4x4 and 7x7.
 // ---------------------------------------------------------------------------------------
 
 // A choice between two versions of a loop: $name = "1" or "0" when set so, else `otherwise`
@@ -398,6 +390,36 @@ BITFAST_INLINE void short_dx_row(const In* dy, const In* x, In* dx, int64_t L, f
   if (full < L) V::store(dx + o, last);
 }
 #endif
+
+// Sums over one contiguous run (a GroupNorm group in NCHW): runs of at most kSumChunk
+// elements as one short row in registers (one fold at the end instead of lane_sum's four
+// reductions, each with its own fold: most of the work of a 16-channel group of 4x4).
+template <typename T, typename In = T>
+BITFAST_INLINE double sum_impl(const In* __restrict x, int64_t n) {
+#ifdef BITFAST_VECTOR_EXT
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= kLanes && n <= kSumChunk && short_rows_in_vectors()) {
+      return short_rows_lane_sum(x, 1, n, n, [](const f16v& v) { return v; });
+    }
+  }
+#endif
+  return lane_sum<T>(x, n, [](T v) { return v; });
+}
+
+template <typename T, typename In = T>
+BITFAST_INLINE double sum_sq_dev_impl(const In* __restrict x, int64_t n, T m) {
+#ifdef BITFAST_VECTOR_EXT
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= kLanes && n <= kSumChunk && short_rows_in_vectors()) {
+      return short_rows_lane_sum(x, 1, n, n, [m](const f16v& v) {
+        const f16v d = v - m;
+        return d * d;
+      });
+    }
+  }
+#endif
+  return lane_sum<T>(x, n, [m](T v) { return (v - m) * (v - m); });
+}
 
 template <typename T, typename In = T>
 BITFAST_INLINE double sum_rows_impl(const In* __restrict x, int64_t R, int64_t L, int64_t stride) {

@@ -563,9 +563,9 @@ def test_norms_native_short_row_blocks(dtype, relu):
 @pytest.mark.parametrize("hw", [(3, 5), (4, 4), (1, 17), (3, 11), (7, 7), (3, 21), (8, 8), (5, 51), (16, 16)],
                          ids=lambda hw: f"L{hw[0] * hw[1]}")
 def test_norms_native_short_row_lengths(dtype, relu, hw):
-    """NCHW rows of 16 to 255 elements (BatchNorm's statistics) and bf16 rows of 16 to 63
-    (the affine pass and the backward's dx of both norms) are taken a whole vector of 16 at
-    a time, with one more vector that overlaps the last whole one when the length is not a
+    """NCHW rows of 16 to 255 elements (BatchNorm's statistics), GroupNorm groups of 16 to
+    1024 elements (their statistics) and bf16 rows of 16 to 63 (the affine pass and the
+    backward's dx of both norms) are taken a whole vector of 16 at a time, with one more vector that overlaps the last whole one when the length is not a
     multiple of 16; shorter and longer rows take the loops of other shapes. Each length
     against the reference, and bf16 bitwise the float32 kernels on the widened values."""
     shape = (5, 8, *hw)  # BatchNorm: 5 rows per channel; GroupNorm: groups of 4 rows
