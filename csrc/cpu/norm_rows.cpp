@@ -225,10 +225,7 @@ struct Row16;
 template <>
 struct Row16<float> {
   static BITFAST_INLINE f16v load(const float* p) { return load16(p); }
-  static BITFAST_INLINE void store(float* p, const f16v& v) {
-    __builtin_memcpy(p, &v.lo, sizeof(v.lo));
-    __builtin_memcpy(p + 8, &v.hi, sizeof(v.hi));
-  }
+  static BITFAST_INLINE void store(float* p, const f16v& v) { store16(p, v); }
   // the lanes in element order
   static BITFAST_INLINE f16v in_order(const f16v& v) { return v; }
   static constexpr i8v pos_lo = {0, 1, 2, 3, 4, 5, 6, 7}, pos_hi = {8, 9, 10, 11, 12, 13, 14, 15};
@@ -361,19 +358,27 @@ BITFAST_INLINE f16v affine16(const f16v& x, float s, float t) {
 // and on bf16 rows from 64 elements (8x8) on (0.75-0.9x at 64 and 196 elements).
 constexpr int64_t kShortRowElementwise = 64;
 
-// affine_row for a short row. The overlapping last vector is read before anything is
-// stored and stored last, so x may be y.
+// out[i] = value(i) for a short row of L >= kLanes elements, a vector of kLanes at a time
+// (value(i): the elements i..i + kLanes - 1, as Row16<In> holds them). The overlapping
+// last vector is computed before anything is stored and stored last, so the row's inputs
+// may be out.
+template <typename In, typename F>
+BITFAST_INLINE void short_row_map(In* out, int64_t L, F value) {
+  const int64_t full = L / kLanes * kLanes, o = L - kLanes;
+  f16v last = {};
+  if (full < L) last = value(o);
+  for (int64_t i = 0; i < full; i += kLanes) Row16<In>::store(out + i, value(i));
+  if (full < L) Row16<In>::store(out + o, last);
+}
+
+// affine_row for a short row.
 template <bool RELU, typename In>
 BITFAST_INLINE void short_affine_row(const In* x, In* y, int64_t L, float s, float t) {
-  const int64_t full = L / kLanes * kLanes;
-  f16v last = {};
-  if (full < L) last = affine16<RELU>(Row16<In>::load(x + L - kLanes), s, t);
-  for (int64_t i = 0; i < full; i += kLanes) Row16<In>::store(y + i, affine16<RELU>(Row16<In>::load(x + i), s, t));
-  if (full < L) Row16<In>::store(y + L - kLanes, last);
+  short_row_map(y, L, [&](int64_t i) { return affine16<RELU>(Row16<In>::load(x + i), s, t); });
 }
 
 // bwd_dx_row for a short row: dx = a * d + kx * x + k0 for 16 lanes, d the output gradient
-// masked by the forward's ReLU; the overlapping last vector as in short_affine_row.
+// masked by the forward's ReLU.
 template <bool RELU>
 BITFAST_INLINE f16v dx16(const f16v& g, const f16v& x, float s, float t, float a, float kx, float k0) {
   const f16v d = relu_grad16<RELU>(x, g, s, t);
@@ -382,70 +387,68 @@ BITFAST_INLINE f16v dx16(const f16v& g, const f16v& x, float s, float t, float a
 template <bool RELU, typename In>
 BITFAST_INLINE void short_dx_row(const In* dy, const In* x, In* dx, int64_t L, float s, float t, float a, float kx,
                                  float k0) {
-  using V = Row16<In>;
-  const int64_t full = L / kLanes * kLanes, o = L - kLanes;
-  f16v last = {};
-  if (full < L) last = dx16<RELU>(V::load(dy + o), V::load(x + o), s, t, a, kx, k0);
-  for (int64_t i = 0; i < full; i += kLanes) V::store(dx + i, dx16<RELU>(V::load(dy + i), V::load(x + i), s, t, a, kx, k0));
-  if (full < L) V::store(dx + o, last);
+  short_row_map(dx, L, [&](int64_t i) {
+    return dx16<RELU>(Row16<In>::load(dy + i), Row16<In>::load(x + i), s, t, a, kx, k0);
+  });
 }
 #endif
 
-// Sums over one contiguous run (a GroupNorm group in NCHW): runs of at most kSumChunk
+// The two sums of the norms' statistics, as generic functors: each serves the scalar loops
+// (T) and the short-row ones (f16v).
+BITFAST_INLINE auto identity_of() {
+  return [](const auto& v) { return v; };
+}
+template <typename T>
+BITFAST_INLINE auto sq_dev_of(T m) {
+  return [m](const auto& v) {
+    const auto d = v - m;
+    return d * d;
+  };
+}
+
+// sum of f(x) over one contiguous run (a GroupNorm group in NCHW): runs of at most kSumChunk
 // elements as one short row in registers (one fold at the end instead of lane_sum's four
 // reductions, each with its own fold: most of the work of a 16-channel group of 4x4).
-template <typename T, typename In = T>
-BITFAST_INLINE double sum_impl(const In* __restrict x, int64_t n) {
+template <typename T, typename In, typename F>
+BITFAST_INLINE double run_sum(const In* __restrict x, int64_t n, F f) {
 #ifdef BITFAST_VECTOR_EXT
   if constexpr (std::is_same_v<T, float>) {
-    if (n >= kLanes && n <= kSumChunk && short_rows_in_vectors()) {
-      return short_rows_lane_sum(x, 1, n, n, [](const f16v& v) { return v; });
-    }
+    if (n >= kLanes && n <= kSumChunk && short_rows_in_vectors()) return short_rows_lane_sum(x, 1, n, n, f);
   }
 #endif
-  return lane_sum<T>(x, n, [](T v) { return v; });
+  return lane_sum<T>(x, n, f);
+}
+
+// sum of f(x) over R rows of L elements, `stride` apart (a BatchNorm channel in NCHW): rows
+// of kLanes to kShortRowSum elements in registers.
+template <typename T, typename In, typename F>
+BITFAST_INLINE double rows_sum(const In* __restrict x, int64_t R, int64_t L, int64_t stride, F f) {
+#ifdef BITFAST_VECTOR_EXT
+  if constexpr (std::is_same_v<T, float>) {
+    if (L >= kLanes && L < kShortRowSum && short_rows_in_vectors()) return short_rows_lane_sum(x, R, L, stride, f);
+  }
+#endif
+  return rows_lane_sum<T>(x, R, L, stride, f);
+}
+
+template <typename T, typename In = T>
+BITFAST_INLINE double sum_impl(const In* __restrict x, int64_t n) {
+  return run_sum<T>(x, n, identity_of());
 }
 
 template <typename T, typename In = T>
 BITFAST_INLINE double sum_sq_dev_impl(const In* __restrict x, int64_t n, T m) {
-#ifdef BITFAST_VECTOR_EXT
-  if constexpr (std::is_same_v<T, float>) {
-    if (n >= kLanes && n <= kSumChunk && short_rows_in_vectors()) {
-      return short_rows_lane_sum(x, 1, n, n, [m](const f16v& v) {
-        const f16v d = v - m;
-        return d * d;
-      });
-    }
-  }
-#endif
-  return lane_sum<T>(x, n, [m](T v) { return (v - m) * (v - m); });
+  return run_sum<T>(x, n, sq_dev_of(m));
 }
 
 template <typename T, typename In = T>
 BITFAST_INLINE double sum_rows_impl(const In* __restrict x, int64_t R, int64_t L, int64_t stride) {
-#ifdef BITFAST_VECTOR_EXT
-  if constexpr (std::is_same_v<T, float>) {
-    if (L >= kLanes && L < kShortRowSum && short_rows_in_vectors()) {
-      return short_rows_lane_sum(x, R, L, stride, [](const f16v& v) { return v; });
-    }
-  }
-#endif
-  return rows_lane_sum<T>(x, R, L, stride, [](T v) { return v; });
+  return rows_sum<T>(x, R, L, stride, identity_of());
 }
 
 template <typename T, typename In = T>
 BITFAST_INLINE double sum_sq_dev_rows_impl(const In* __restrict x, int64_t R, int64_t L, int64_t stride, T m) {
-#ifdef BITFAST_VECTOR_EXT
-  if constexpr (std::is_same_v<T, float>) {
-    if (L >= kLanes && L < kShortRowSum && short_rows_in_vectors()) {
-      return short_rows_lane_sum(x, R, L, stride, [m](const f16v& v) {
-        const f16v d = v - m;
-        return d * d;
-      });
-    }
-  }
-#endif
-  return rows_lane_sum<T>(x, R, L, stride, [m](T v) { return (v - m) * (v - m); });
+  return rows_sum<T>(x, R, L, stride, sq_dev_of(m));
 }
 
 template <typename T, typename In = T>
@@ -676,7 +679,8 @@ BITFAST_INLINE void rows_block_bwd_sums(const In* __restrict dy, const In* __res
                                         const float* __restrict s, const float* __restrict t,
                                         const float* __restrict m, double* sum_dy, double* sum_dyx) {
   alignas(64) float d[16][kLanes], e[16][kLanes];
-  if (L == kLanes && !regs_for_sums()) {
+  const bool regs = regs_for_sums();
+  if (L == kLanes && !regs) {
     // 4x4 maps: one vector per row, whose lanes are the row's lane sums (what the chunk
     // loop gives, adding them to zeros), without its set-up
     for (int64_t r = 0; r < 16; ++r) {
@@ -691,7 +695,7 @@ BITFAST_INLINE void rows_block_bwd_sums(const In* __restrict dy, const In* __res
         e[r][l] = da * (xp[l] - mr);
       }
     }
-  } else if (regs_for_sums()) {
+  } else if (regs) {
     for (int64_t r = 0; r < 16; ++r) {
       bwd_chunk_lanes_regs<RELU, In>(dy + r * stride, x + r * stride, L, s[r], t[r], m[r], d[r], e[r]);
     }
