@@ -14,6 +14,8 @@
 //
 // The schemas are defined in Python (bitfast/ops/_library.py); an Autograd kernel may be
 // registered before its schema is, so loading this library first is fine.
+#include "common/layout.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -40,12 +42,6 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
 
 Tensor value_or_undefined(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
-
-// The memory format the kernels use for x (the rule of bitfast.ops.reference.memory_format).
-at::MemoryFormat format_of(const Tensor& x) {
-  const bool cl = x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-  return cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
 
 // Whether autograd records a call with these inputs: grad mode on and an input that
 // requires grad. When it does not, the forward kernel runs directly below autograd, as the
@@ -224,7 +220,7 @@ struct WeightStandardize : public torch::autograd::Function<WeightStandardize> {
         "bitfast::native_weight_standardize_bwd");
     if (!grads[0].defined()) return variable_list(2);
     const auto saved = ctx->get_saved_variables();
-    return {bwd.call(grads[0].contiguous(), saved[0], saved[1], saved[2]), Tensor()};
+    return {bwd.call(grads[0], saved[0], saved[1], saved[2]), Tensor()};
   }
 };
 

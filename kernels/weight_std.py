@@ -17,7 +17,7 @@ import triton.language as tl
 
 @triton.jit
 def _ws_fwd_kernel(
-    W,  # raw weight, (O, K) contiguous
+    W,  # raw weight, (O, K) dense rows (see _rows)
     OUT,  # standardized weight, (O, K), W's dtype
     MEAN,  # per-channel mean, (O,) float32
     RSTD,  # per-channel 1/sqrt(var + eps), (O,) float32
@@ -59,8 +59,8 @@ def _ws_fwd_kernel(
 
 @triton.jit
 def _ws_bwd_kernel(
-    G,  # gradient w.r.t. the standardized weight, (O, K) contiguous
-    W,  # raw weight, (O, K) contiguous
+    G,  # gradient w.r.t. the standardized weight, (O, K) dense rows
+    W,  # raw weight, (O, K) dense rows (see _rows)
     MEAN,  # saved per-channel mean, (O,) float32
     RSTD,  # saved per-channel rstd, (O,) float32
     DW,  # gradient w.r.t. the raw weight, (O, K), W's dtype
@@ -106,28 +106,47 @@ def _block_o(o: int, block: int, device: torch.device) -> int:
     return max(1, min(triton.next_power_of_2(o), tile // block))
 
 
+def _rows(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """The (O, K) view of a dense weight-shaped tensor in memory order: each output
+    channel's K elements are one run, in (Cin, kh, kw) order or, channels_last, (kh, kw, Cin)."""
+    if channels_last:
+        t = t.permute(0, 2, 3, 1)
+    return t.view(t.shape[0], -1)
+
+
+def _channels_last(w: torch.Tensor) -> bool:
+    # bitfast's layout rule (bitfast.ops.reference.memory_format)
+    return w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
+
+
 def weight_standardize_fwd(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Standardized weight (``w``'s dtype) plus per-channel float32 ``mean`` and ``rstd``."""
-    w2 = w.contiguous().reshape(w.shape[0], -1)
+    """Standardized weight (``w``'s dtype; channels_last when ``w`` is, else contiguous)
+    plus per-channel float32 ``mean`` and ``rstd``."""
+    cl = _channels_last(w)
+    wc = w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    out = torch.empty_like(wc)
+    w2, out2 = _rows(wc, cl), _rows(out, cl)
     o, k = w2.shape
-    out = torch.empty_like(w2)
     mean = torch.empty(o, device=w.device, dtype=torch.float32)
     rstd = torch.empty(o, device=w.device, dtype=torch.float32)
     block = _block(k)
     block_o = _block_o(o, block, w.device)
-    _ws_fwd_kernel[(triton.cdiv(o, block_o),)](w2, out, mean, rstd, o, k, eps, BLOCK_O=block_o, BLOCK=block)
-    return out.reshape(w.shape), mean, rstd
+    _ws_fwd_kernel[(triton.cdiv(o, block_o),)](w2, out2, mean, rstd, o, k, eps, BLOCK_O=block_o, BLOCK=block)
+    return out, mean, rstd
 
 
 def weight_standardize_bwd(
     grad_out: torch.Tensor, w: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor
 ) -> torch.Tensor:
-    """Gradient w.r.t. the raw weight, given the saved ``mean`` and ``rstd``."""
-    g2 = grad_out.contiguous().reshape(w.shape[0], -1)
-    w2 = w.contiguous().reshape(w.shape[0], -1)
+    """Gradient w.r.t. the raw weight, given the saved ``mean`` and ``rstd``, in ``w``'s
+    memory format."""
+    cl = _channels_last(w)
+    fmt = torch.channels_last if cl else torch.contiguous_format
+    wc, gc = w.contiguous(memory_format=fmt), grad_out.contiguous(memory_format=fmt)
+    dw = torch.empty_like(wc)
+    w2, g2, dw2 = _rows(wc, cl), _rows(gc, cl), _rows(dw, cl)
     o, k = w2.shape
-    dw = torch.empty_like(w2)
     block = _block(k)
     block_o = _block_o(o, block, w.device)
-    _ws_bwd_kernel[(triton.cdiv(o, block_o),)](g2, w2, mean, rstd, dw, o, k, BLOCK_O=block_o, BLOCK=block)
-    return dw.reshape(w.shape)
+    _ws_bwd_kernel[(triton.cdiv(o, block_o),)](g2, w2, mean, rstd, dw2, o, k, BLOCK_O=block_o, BLOCK=block)
+    return dw

@@ -68,11 +68,13 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 
     Written with ``var_mean`` rather than ``F.batch_norm`` so that a channel of a single
     element (K = 1) standardizes to zero instead of raising. Computed in float32 (eps 1e-8
-    and 1e-10 round to zero in half precision), returned in ``w``'s dtype.
+    and 1e-10 round to zero in half precision), returned in ``w``'s dtype and memory format
+    (``memory_format``), as every backend returns it.
     """
     wf = w.to(stat_dtype(w.dtype)).reshape(w.shape[0], -1)
     var, mean = torch.var_mean(wf, dim=1, correction=0, keepdim=True)
-    return ((wf - mean) * torch.rsqrt(var + eps)).reshape(w.shape).to(w.dtype)
+    out = ((wf - mean) * torch.rsqrt(var + eps)).reshape(w.shape).to(w.dtype)
+    return out.contiguous(memory_format=memory_format(w))
 
 
 def weight_standardize_forward(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -82,7 +84,7 @@ def weight_standardize_forward(w: torch.Tensor, eps: float) -> tuple[torch.Tenso
     var = (wf - mean[:, None]).square().mean(dim=1)
     rstd = torch.rsqrt(var + eps)
     out = ((wf - mean[:, None]) * rstd[:, None]).reshape(w.shape).to(w.dtype)
-    return out.contiguous(), mean, rstd
+    return out.contiguous(memory_format=memory_format(w)), mean, rstd
 
 
 def weight_standardize_backward(
@@ -97,7 +99,7 @@ def weight_standardize_backward(
     g = grad_out.to(sd).reshape(w.shape[0], -1)
     w_hat = (w.to(sd).reshape(w.shape[0], -1) - mean[:, None]) * rstd[:, None]
     dw = rstd[:, None] * (g - g.mean(dim=1, keepdim=True) - w_hat * (g * w_hat).mean(dim=1, keepdim=True))
-    return dw.reshape(w.shape).to(w.dtype).contiguous()
+    return dw.reshape(w.shape).to(w.dtype).contiguous(memory_format=memory_format(w))
 
 
 def std_conv2d(

@@ -27,12 +27,13 @@ def _fwd_fake(w, eps):
     torch._check(w.dim() >= 2, lambda: f"weight_standardize: w has {w.dim()} dims; expected (O, ...)")
     sd = reference.stat_dtype(w.dtype)
     o = w.shape[0]
-    return torch.empty_like(w, memory_format=torch.contiguous_format), w.new_empty(o, dtype=sd), w.new_empty(o, dtype=sd)
+    fmt = reference.memory_format(w)
+    return torch.empty_like(w, memory_format=fmt), w.new_empty(o, dtype=sd), w.new_empty(o, dtype=sd)
 
 
 def _bwd_fake(grad_out, w, mean, rstd):
     torch._check(grad_out.shape == w.shape, lambda: "weight_standardize_bwd: grad_out and w shapes differ")
-    return torch.empty_like(w, memory_format=torch.contiguous_format)
+    return torch.empty_like(w, memory_format=reference.memory_format(w))
 
 
 _register.register("weight_standardize_fwd", _fwd_fake)
@@ -49,7 +50,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
     w, mean, rstd = ctx.saved_tensors
-    grad_w = torch.ops.bitfast.weight_standardize_bwd(grad_out.contiguous(), w, mean, rstd, ctx.backend)
+    grad_w = torch.ops.bitfast.weight_standardize_bwd(grad_out, w, mean, rstd, ctx.backend)
     return grad_w, None, None
 
 
@@ -74,7 +75,7 @@ class _EagerWeightStandardize(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out, _grad_mean, _grad_rstd):
         w, mean, rstd = ctx.saved_tensors
-        return _register.kernel_of("weight_standardize_bwd", ctx.backend)(grad_out.contiguous(), w, mean, rstd), None, None
+        return _register.kernel_of("weight_standardize_bwd", ctx.backend)(grad_out, w, mean, rstd), None, None
 
 
 def _standardize(w: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
@@ -106,7 +107,10 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8, *, backend: str | Non
         backend: force a backend (see ``bitfast.backends``); default: auto.
 
     Returns:
-        The standardized weight, contiguous, in ``w``'s dtype. Differentiable.
+        The standardized weight in ``w``'s dtype and memory format: channels_last when
+        ``w`` is (a model moved to channels_last has such weights; the convolution then
+        takes them without a copy), else contiguous. Differentiable; the gradient comes
+        back in the same format.
     """
     _check_weight("weight_standardize", w, eps)
     name = backends.resolve(FAMILY, w.device.type, w.dtype, backend)

@@ -1,8 +1,9 @@
-// Helpers shared by bitfast's GroupNorm+ReLU and BatchNorm+ReLU CPU kernels: memory-format
-// handling, per-channel parameters in the math type, and widening of fp16/bf16 blocks into
-// float buffers around the loops of cpu/norm_rows.h.
+// Helpers shared by bitfast's GroupNorm+ReLU and BatchNorm+ReLU CPU kernels: per-channel
+// parameters in the math type, and widening of fp16/bf16 blocks into float buffers around
+// the loops of cpu/norm_rows.h. (Memory formats: common/layout.h.)
 #pragma once
 
+#include "common/layout.h"
 #include "cpu/convert.h"
 
 #include <ATen/OpMathType.h>
@@ -16,16 +17,6 @@
 #include <vector>
 
 namespace bitfast::cpu {
-
-// Whether x is taken as channels_last: laid out so and not also plainly contiguous (the
-// rule of bitfast.ops.group_norm_relu.memory_format, so outputs match the fake kernels).
-inline bool is_channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-inline at::MemoryFormat format_of(bool channels_last) {
-  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
 
 // A per-channel parameter as a contiguous (C,) tensor of dtype `acc`, `fill` when absent.
 inline at::Tensor channel_param(const std::optional<at::Tensor>& t, int64_t c, at::ScalarType acc, double fill) {

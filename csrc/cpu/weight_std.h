@@ -12,13 +12,14 @@
 
 namespace bitfast::cpu {
 
-// Returns (out, mean, rstd): out is w_hat in w's dtype, contiguous, shaped like w; mean and
-// rstd have shape (O,) and dtype float32 (float64 for float64 w). Accepts any layout of w.
+// Returns (out, mean, rstd): out is w_hat in w's dtype, shaped like w, channels_last when w
+// is (common/layout.h), else contiguous; mean and rstd have shape (O,) and dtype float32
+// (float64 for float64 w). Accepts any layout of w.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_standardize_fwd(
     const at::Tensor& w,  // (O, ...) with >= 2 dims; fp16, bf16, fp32 or fp64
     double eps);          // added to the biased variance inside the square root
 
-// Gradient w.r.t. w, in w's dtype, contiguous:
+// Gradient w.r.t. w, in w's dtype and memory format (as out above):
 // dw = rstd * (g - mean(g) - w_hat * mean(g * w_hat)) per output channel.
 at::Tensor weight_standardize_bwd(
     const at::Tensor& grad_out,  // like w: same shape and dtype

@@ -22,22 +22,14 @@
 // 3.5e-6 in the mean and 2.6e-6 in rstd against 1e-7 from PyTorch (H100, 2026-11-26).
 #pragma once
 
+#include "common/layout.h"
+
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
 #include <optional>
 
 namespace bitfast::cuda {
-
-// Whether x is taken as channels_last: laid out so and not also plainly contiguous (the
-// rule of bitfast.ops.reference.memory_format, so outputs match the fake kernels).
-inline bool is_channels_last(const at::Tensor& x) {
-  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-inline at::MemoryFormat format_of(bool channels_last) {
-  return channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-}
 
 struct NormShape {
   int64_t N, C, HW;     // samples, channels, pixels per sample

@@ -8,6 +8,7 @@
 #include "cuda/weight_std.h"
 
 #include "common/checks.h"
+#include "common/layout.h"
 #include "cuda/reduce.cuh"
 
 #include <ATen/Dispatch.h>
@@ -99,9 +100,12 @@ int64_t row_size(const at::Tensor& w) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_standardize_fwd(const at::Tensor& w, double eps) {
   const c10::cuda::CUDAGuard guard(w.device());
-  const at::Tensor wc = w.contiguous();
+  // Each output channel's K elements are one dense run in either format: the rows below
+  // are those runs, in memory order.
+  const auto fmt = format_of(w);
+  const at::Tensor wc = w.contiguous(fmt);
   const int64_t O = w.size(0), K = row_size(w);
-  at::Tensor out = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor out = at::empty(w.sizes(), w.options().memory_format(fmt));
   const auto stat = w.options().dtype(stat_dtype(w.scalar_type()));
   at::Tensor mean = at::empty({O}, stat), rstd = at::empty({O}, stat);
   if (O == 0) return {out, mean, rstd};
@@ -119,10 +123,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_standardize_fwd(const at::
 at::Tensor weight_standardize_bwd(const at::Tensor& grad_out, const at::Tensor& w, const at::Tensor& mean,
                                   const at::Tensor& rstd) {
   const c10::cuda::CUDAGuard guard(w.device());
-  const at::Tensor gc = grad_out.contiguous(), wc = w.contiguous();
+  const auto fmt = format_of(w);
+  const at::Tensor gc = grad_out.contiguous(fmt), wc = w.contiguous(fmt);
   const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
   const int64_t O = w.size(0), K = row_size(w);
-  at::Tensor dw = at::empty(w.sizes(), w.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dw = at::empty(w.sizes(), w.options().memory_format(fmt));
   if (O == 0) return dw;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, w.scalar_type(), "native_weight_standardize_bwd", [&] {

@@ -90,8 +90,9 @@ def check_ws_native(w: torch.Tensor, grad: torch.Tensor, eps: float = EPS) -> No
     reference, with the reference in ``w``'s dtype as the error baseline."""
     dtype = w.dtype
     sd = stat_dtype(dtype)
+    fmt = reference.memory_format(w)
     out, mean, rstd = torch.ops.bitfast.native_weight_standardize_fwd(w, eps)
-    assert out.dtype == dtype and out.shape == w.shape and out.is_contiguous()
+    assert out.dtype == dtype and out.shape == w.shape and out.is_contiguous(memory_format=fmt)
     assert mean.dtype == sd and rstd.dtype == sd and mean.shape == rstd.shape == (w.shape[0],)
     assert out.device == mean.device == w.device
     out64, mean64, rstd64 = reference.weight_standardize_forward(w.double(), eps)
@@ -101,7 +102,7 @@ def check_ws_native(w: torch.Tensor, grad: torch.Tensor, eps: float = EPS) -> No
     assert_parity(rstd, rstd64, rstd_b, sd, "forward rstd")
 
     dw = torch.ops.bitfast.native_weight_standardize_bwd(grad, w, mean, rstd)
-    assert dw.dtype == dtype and dw.shape == w.shape and dw.is_contiguous()
+    assert dw.dtype == dtype and dw.shape == w.shape and dw.is_contiguous(memory_format=fmt)
     dw64 = reference.weight_standardize_backward(grad.double(), w.double(), mean64, rstd64)
     dw_b = reference.weight_standardize_backward(grad, w, mean_b, rstd_b)
     assert_parity(dw, dw64, dw_b, dtype, "backward")
@@ -112,10 +113,13 @@ def check_ws_autograd(w: torch.Tensor, backend: str, eps: float = EPS) -> None:
     autograd through ``reference.weight_standardize``."""
     dtype = w.dtype
     w = w.detach().requires_grad_()
+    fmt = reference.memory_format(w)
     y = bitfast.ops.weight_standardize(w, eps, backend=backend)
-    assert y.dtype == dtype and y.is_contiguous()
+    assert y.dtype == dtype and y.is_contiguous(memory_format=fmt)
     g = torch.randn(y.shape, device=w.device).to(dtype)
     (gw,) = torch.autograd.grad(y, w, g)
+    # in w's format, so that AccumulateGrad keeps it as the parameter's .grad without a copy
+    assert gw.is_contiguous(memory_format=fmt)
     w64 = w.detach().double().requires_grad_()
     y64 = reference.weight_standardize(w64, eps)
     (gw64,) = torch.autograd.grad(y64, w64, g.double())
@@ -398,6 +402,19 @@ def test_ws_native_non_contiguous(dtype, layout):
     g = layouts(torch.randn(32, 16, 3, 3).to(dtype))[layout]
     assert not w.is_contiguous()
     check_ws_native(w, g)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("w_layout,g_layout", [("channels_last", "contiguous"), ("contiguous", "channels_last")])
+def test_ws_native_gradient_in_another_layout(dtype, w_layout, g_layout):
+    # the gradient comes in w's layout whatever the incoming gradient's
+    w = layouts(random_weight((32, 16, 3, 3), dtype, DEVICE))[w_layout]
+    g = layouts(torch.randn(32, 16, 3, 3).to(dtype))[g_layout]
+    check_ws_native(w, g)
+
+
+def test_ws_autograd_channels_last():
+    check_ws_autograd(random_weight((64, 32, 3, 3), torch.float32, DEVICE).contiguous(memory_format=torch.channels_last), BACKEND)
 
 
 @pytest.mark.parametrize("eps", [1e-10, 1e-5, 0.5])
@@ -775,11 +792,11 @@ def test_gn_gradcheck_float64_native():
 # ----------------------------------------------------------------------------------------
 
 
-def opcheck_ws(device: str, non_contiguous: bool, dtype: torch.dtype = torch.float32) -> None:
-    w = layouts(random_weight((8, 4, 3, 3), dtype, device))["transposed" if non_contiguous else "contiguous"]
+def opcheck_ws(device: str, layout: str, dtype: torch.dtype = torch.float32) -> None:
+    w = layouts(random_weight((8, 4, 3, 3), dtype, device))[layout]
     torch.library.opcheck(torch.ops.bitfast.native_weight_standardize_fwd.default, (w, EPS))
     _, mean, rstd = torch.ops.bitfast.native_weight_standardize_fwd(w, EPS)
-    g = layouts(torch.randn(8, 4, 3, 3, device=device).to(dtype))["transposed" if non_contiguous else "contiguous"]
+    g = layouts(torch.randn(8, 4, 3, 3, device=device).to(dtype))[layout]
     torch.library.opcheck(torch.ops.bitfast.native_weight_standardize_bwd.default, (g, w, mean, rstd))
 
 
@@ -798,10 +815,10 @@ def opcheck_sgd(device: str, non_contiguous: bool, momentum: float, lr_tensor_an
     )
 
 
-@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_ws(non_contiguous, dtype):
-    opcheck_ws(DEVICE, non_contiguous, dtype)
+def test_opcheck_ws(layout, dtype):
+    opcheck_ws(DEVICE, layout, dtype)
 
 
 @pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])

@@ -85,6 +85,19 @@ def test_ws_native_non_contiguous(dtype, layout):
     check_ws_native(w, g)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("w_layout,g_layout", [("channels_last", "contiguous"), ("contiguous", "channels_last")])
+def test_ws_native_gradient_in_another_layout(dtype, w_layout, g_layout):
+    w = layouts(random_weight((32, 16, 3, 3), dtype, DEVICE))[w_layout]
+    g = layouts(torch.randn(32, 16, 3, 3, device=DEVICE).to(dtype))[g_layout]
+    check_ws_native(w, g)
+
+
+def test_ws_autograd_channels_last():
+    w = random_weight((64, 32, 3, 3), torch.float32, DEVICE).contiguous(memory_format=torch.channels_last)
+    check_ws_autograd(w, BACKEND)
+
+
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
 def test_ws_matches_cpu_kernel(dtype):
     """The CUDA and CPU kernels agree on the same BiT weight (when both are built)."""
@@ -255,10 +268,10 @@ def test_runs_on_the_current_stream():
     torch.testing.assert_close(p, p64.float(), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_ws(non_contiguous, dtype):
-    opcheck_ws(DEVICE, non_contiguous, dtype)
+def test_opcheck_ws(layout, dtype):
+    opcheck_ws(DEVICE, layout, dtype)
 
 
 @pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])

@@ -68,6 +68,47 @@ def test_weight_standardize_non_contiguous(device, backend):
     assert_parity(gw, gw64, None, torch.float32, "backward")
 
 
+CL_SHAPES = [s for s in SHAPES if s[0][2:] != (1, 1)]  # 1x1 kernels: both layouts are one
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape,label", CL_SHAPES, ids=[s[1] for s in CL_SHAPES])
+def test_weight_standardize_channels_last(device, backend, dtype, shape, label):
+    """A channels_last weight (a model moved to channels_last) is standardized in place of
+    its layout: the output and the gradient come back channels_last, with the values of the
+    reference, and a gradient arriving in another layout is taken as well."""
+    require_backend(backend, FAMILY, device, dtype)
+    cl = torch.channels_last
+    w = (torch.randn(shape, device=device) * 0.05 + 0.01).to(dtype).contiguous(memory_format=cl).requires_grad_()
+    y = U.weight_standardize(backend)(w, 1e-8)
+    assert y.dtype == dtype and y.shape == w.shape and y.is_contiguous(memory_format=cl)
+    for g in (torch.randn_like(y), torch.randn_like(y, memory_format=torch.contiguous_format)):
+        (gw,) = torch.autograd.grad(y, w, g, retain_graph=True)
+        # (the reference composite's gradient takes whatever layout autograd's ops give it)
+        assert backend == "reference" or gw.is_contiguous(memory_format=cl)
+        y64, gw64 = _ref64(w, g, 1e-8)
+        yb, gwb = _baseline(w, g, 1e-8)
+        assert_parity(y, y64, yb, dtype, f"{backend} channels_last forward {label}")
+        assert_parity(gw, gw64, gwb, dtype, f"{backend} channels_last backward {label}")
+
+
+@pytest.mark.parametrize("device,backend", device_backends())
+def test_channels_last_model_gets_channels_last_weight_grads(device, backend):
+    """std_conv2d in a channels_last model: each weight's .grad comes back in the weight's own
+    layout (so that autograd keeps it as .grad without a copy), on every backend but the
+    reference composite, whose gradient takes the layout autograd's ops give it."""
+    require_backend(backend, FAMILY, device, torch.float32)
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 6, 6, device=device).contiguous(memory_format=cl)
+    w = torch.randn(16, 8, 3, 3, device=device).contiguous(memory_format=cl).requires_grad_()
+    U.std_conv2d(backend)(x, w, None, padding=1).square().sum().backward()
+    assert backend == "reference" or w.grad.is_contiguous(memory_format=cl)
+    w64 = w.detach().double().requires_grad_()
+    F.conv2d(x.double(), reference.weight_standardize(w64, 1e-8), None, 1, 1).square().sum().backward()
+    assert_parity(w.grad, w64.grad, None, torch.float32, f"{backend} std_conv2d weight grad, channels_last")
+
+
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("eps", [1e-8, 1e-10])
 def test_constant_and_zero_filters_give_no_nan(device, backend, eps):

@@ -1,7 +1,9 @@
 // C++ unit test of bitfast::cpu::weight_standardize_fwd/bwd against straightforward loops
 // in float64 (the math of bitfast/ops/reference.py), for fp32 and fp64 weights of BiT
-// shapes, edge shapes and non-contiguous layouts.
+// shapes, edge shapes and non-contiguous layouts (results in the weight's memory format).
 #include "cpu/weight_std.h"
+
+#include "common/layout.h"
 
 #include "check.h"
 
@@ -57,7 +59,9 @@ void check_case(const std::string& name, const at::Tensor& w, double eps) {
   const Expected e = naive(w, grad, eps);
   auto [out, mean, rstd] = bitfast::cpu::weight_standardize_fwd(w, eps);
   const at::ScalarType sd = f64 ? at::kDouble : at::kFloat;
-  if (!out.is_contiguous() || out.scalar_type() != w.scalar_type() || mean.scalar_type() != sd ||
+  // results in w's memory format: channels_last for a channels_last w, else contiguous
+  const at::MemoryFormat fmt = bitfast::format_of(w);
+  if (!out.is_contiguous(fmt) || out.scalar_type() != w.scalar_type() || mean.scalar_type() != sd ||
       rstd.scalar_type() != sd) {
     std::printf("FAIL %s: wrong layout or dtype of the results\n", name.c_str());
     ++bitfast::test::failures();
@@ -69,7 +73,7 @@ void check_case(const std::string& name, const at::Tensor& w, double eps) {
   expect_close(name + " mean", mean, e.mean, tol, tol);
   expect_close(name + " rstd", rstd, e.rstd, tol, tol);
   const at::Tensor dw = bitfast::cpu::weight_standardize_bwd(grad, w, mean, rstd);
-  if (!dw.is_contiguous() || dw.scalar_type() != w.scalar_type()) {
+  if (!dw.is_contiguous(fmt) || dw.scalar_type() != w.scalar_type()) {
     std::printf("FAIL %s: wrong layout or dtype of dw\n", name.c_str());
     ++bitfast::test::failures();
   }
