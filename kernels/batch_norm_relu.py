@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import channels_last, memory_format
+
 _TILE = 4096  # elements per (rows x channels) tile
 
 
@@ -330,11 +332,6 @@ def _bn_update_stats_kernel(
     tl.store(RUNNING_VAR + ch, rv.to(RUNNING_VAR.dtype.element_ty), mask=mask)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    # The op layer's rule (bitfast.ops.group_norm_relu.memory_format).
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _plan(x: torch.Tensor, cl: bool) -> tuple[int, int, int, int, int]:
     """(BLOCK_R, BLOCK_C, rows per chunk, channel blocks, row chunks) for x's shape."""
     n, c, h, w = x.shape
@@ -356,7 +353,7 @@ def _plan(x: torch.Tensor, cl: bool) -> tuple[int, int, int, int, int]:
 
 
 def _layout(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
-    cl = _channels_last(x)
+    cl = channels_last(x)
     if not cl and not x.is_contiguous():
         x = x.contiguous()  # the op layer never passes this; kept for direct callers
     return x, cl
@@ -393,7 +390,7 @@ def batch_norm_relu_fwd(
     else:
         mean = running_mean.to(torch.float32).clone()
         var = running_var.to(torch.float32).clone()
-    y = torch.empty_like(x, memory_format=torch.channels_last if cl else torch.contiguous_format)
+    y = torch.empty_like(x, memory_format=memory_format(cl))
     _bn_relu_apply_kernel[(c_blocks, chunks)](
         x, y, mean, var,
         weight if weight is not None else x,
@@ -424,7 +421,7 @@ def batch_norm_relu_bwd(
     """Gradients w.r.t. ``x`` (x's dtype and memory format), ``weight`` and ``bias``
     (weight's dtype, float32 when weight is None)."""
     x, cl = _layout(x)
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    fmt = memory_format(cl)
     grad_y = grad_y.contiguous(memory_format=fmt)
     mean, var = mean.to(torch.float32).contiguous(), var.to(torch.float32).contiguous()
     n, c, h, w = x.shape

@@ -35,6 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import channels_last, memory_format
+
 # Elements per (spatial x channel) tile. Large tiles also keep the interpreter's
 # per-iteration cost down (CI runs these kernels on CPU).
 _TILE = 4096
@@ -263,12 +265,6 @@ def _gn_relu_bwd_kernel(
             tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    # The op layer's rule (bitfast.ops.group_norm_relu.memory_format): NHWC only when x is
-    # laid out so and not also plainly contiguous.
-    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-
-
 def _blocks(cg: int, hw: int) -> tuple[int, int]:
     block_c = min(triton.next_power_of_2(cg), 256)
     block_s = min(triton.next_power_of_2(hw), max(_TILE // block_c, 1))
@@ -279,7 +275,7 @@ def _layout(x: torch.Tensor, fn: str) -> tuple[torch.Tensor, bool]:
     n, c, h, w = x.shape
     if c * h * w >= 2**31:
         raise ValueError(f"{fn}: a sample of x has {c * h * w} elements; the Triton kernel supports < 2**31")
-    cl = _channels_last(x)
+    cl = channels_last(x)
     if not cl and not x.is_contiguous():
         x = x.contiguous()  # the op layer never passes this; kept for direct callers
     return x, cl
@@ -287,7 +283,7 @@ def _layout(x: torch.Tensor, fn: str) -> tuple[torch.Tensor, bool]:
 
 def _launch_fwd(x, b, weight, bias, num_groups, eps, relu, cl, residual):
     # x is the norm's input, or the first operand of the sum when residual (b the second).
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    fmt = memory_format(cl)
     n, c, h, w = x.shape
     hw, cg = h * w, c // num_groups
     y = torch.empty_like(x, memory_format=fmt)
@@ -314,7 +310,7 @@ def _launch_fwd(x, b, weight, bias, num_groups, eps, relu, cl, residual):
 
 
 def _launch_bwd(grad_y, grad_sum, x, weight, bias, mean, rstd, num_groups, relu, cl):
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    fmt = memory_format(cl)
     grad_y = grad_y.contiguous(memory_format=fmt)
     if grad_sum is not None:
         grad_sum = grad_sum.contiguous(memory_format=fmt)
@@ -386,7 +382,7 @@ def group_norm_relu_add_fwd(
     """The sum ``a + b`` and its GroupNorm(+ReLU), in ``a``'s memory format (NCHW or
     channels_last; ``b`` is brought to it), plus (N, G) float32 mean and rstd."""
     a, cl = _layout(a, "group_norm_relu_add_fwd")
-    b = b.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    b = b.contiguous(memory_format=memory_format(cl))
     return _launch_fwd(a, b, weight, bias, num_groups, eps, relu, cl, residual=True)
 
 

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._layout import channels_last, memory_format
+
 
 @triton.jit
 def _ws_fwd_kernel(
@@ -106,24 +108,20 @@ def _block_o(o: int, block: int, device: torch.device) -> int:
     return max(1, min(triton.next_power_of_2(o), tile // block))
 
 
-def _rows(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
+def _rows(t: torch.Tensor, cl: bool) -> torch.Tensor:
     """The (O, K) view of a dense weight-shaped tensor in memory order: each output
-    channel's K elements are one run, in (Cin, kh, kw) order or, channels_last, (kh, kw, Cin)."""
-    if channels_last:
+    channel's K elements are one run, in (Cin, kh, kw) order or, channels_last (cl), in
+    (kh, kw, Cin) order."""
+    if cl:
         t = t.permute(0, 2, 3, 1)
     return t.view(t.shape[0], -1)
-
-
-def _channels_last(w: torch.Tensor) -> bool:
-    # bitfast's layout rule (bitfast.ops.reference.memory_format)
-    return w.dim() == 4 and not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last)
 
 
 def weight_standardize_fwd(w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standardized weight (``w``'s dtype; channels_last when ``w`` is, else contiguous)
     plus per-channel float32 ``mean`` and ``rstd``."""
-    cl = _channels_last(w)
-    wc = w.contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+    cl = channels_last(w)
+    wc = w.contiguous(memory_format=memory_format(cl))
     out = torch.empty_like(wc)
     w2, out2 = _rows(wc, cl), _rows(out, cl)
     o, k = w2.shape
@@ -140,8 +138,8 @@ def weight_standardize_bwd(
 ) -> torch.Tensor:
     """Gradient w.r.t. the raw weight, given the saved ``mean`` and ``rstd``, in ``w``'s
     memory format."""
-    cl = _channels_last(w)
-    fmt = torch.channels_last if cl else torch.contiguous_format
+    cl = channels_last(w)
+    fmt = memory_format(cl)
     wc, gc = w.contiguous(memory_format=fmt), grad_out.contiguous(memory_format=fmt)
     dw = torch.empty_like(wc)
     w2, g2, dw2 = _rows(wc, cl), _rows(gc, cl), _rows(dw, cl)
