@@ -13,7 +13,8 @@
 # exit status is non-zero if any step failed. On an H100: build about 1.5 min, tests about
 # 1.5 min, benches 3-4 min. BITFAST_GPU_STEPS picks and orders the steps after the build
 # (default "errors,tests,norms,ops,train"; errors: the native ops' argument errors on CPU
-# and CUDA in child processes; on a crash a cuda-gdb backtrace and benchmarks/throw_probe.py);
+# and CUDA in child processes; on a crash a cuda-gdb backtrace, the CPU checks again
+# under candidate workarounds, and benchmarks/throw_probe.py);
 # BITFAST_GPU_NORMS_ARGS passes arguments to benchmarks/cuda_norms.py.
 #
 # Without a GPU (a dry run on a developer machine) it says so, skips the build, the CUDA
@@ -124,6 +125,18 @@ errors_step() {
         for so in bitfast/_C*.so; do
             echo "$so:"; ldd "$so" | grep -E "stdc|gcc_s|gomp|c10|torch_cpu|python" | sed 's/^/  /'
         done
+        # Candidate workarounds, each the CPU checks again in a child: no C++ backtrace
+        # symbolization; the compiler's own C++ runtime and unwinder loaded first; one
+        # OpenMP thread. A variant that passes names the cause and the fix.
+        code="import tests.ops.test_native_cpp as t; t.check_errors('cpu'); t.check_norm_errors('cpu')"
+        local cxx_rt gcc_rt
+        cxx_rt=$(c++ -print-file-name=libstdc++.so.6 2>/dev/null)
+        gcc_rt=$(c++ -print-file-name=libgcc_s.so.1 2>/dev/null)
+        echo "workaround TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1: exit $(
+            TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1 timeout 60 "$py" -c "$code" >/dev/null 2>&1; echo $?)"
+        echo "workaround LD_PRELOAD=$cxx_rt:$gcc_rt: exit $(
+            LD_PRELOAD="$cxx_rt:$gcc_rt" timeout 60 "$py" -c "$code" >/dev/null 2>&1; echo $?)"
+        echo "workaround OMP_NUM_THREADS=1: exit $(OMP_NUM_THREADS=1 timeout 60 "$py" -c "$code" >/dev/null 2>&1; echo $?)"
         timeout 150 "$py" benchmarks/throw_probe.py
     fi
     return $bad
