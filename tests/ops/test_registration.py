@@ -157,6 +157,25 @@ def test_compile_fullgraph_matches_eager(backend, compiler):
         torch.testing.assert_close(q, buf, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_channels_last_block_matches_eager(compiler):
+    """A channels_last block compiles whole and matches eager: the fake kernels give the
+    weights' standardized copies and gradients the channels_last strides the kernels do."""
+    torch._dynamo.reset()
+    cl = torch.channels_last
+    model, twin = _block(None).to(memory_format=cl), _block(None).to(memory_format=cl)
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(4, 8, 9, 9).contiguous(memory_format=cl)
+    compiled = torch.compile(twin, fullgraph=True, backend=compiler)
+    y_eager, y_comp = model(x), compiled(x)
+    torch.testing.assert_close(y_comp, y_eager, rtol=1e-4, atol=1e-4)
+    y_eager.square().sum().backward()
+    y_comp.square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-3, atol=1e-4, msg=name)
+        assert q.grad.stride() == p.grad.stride() == p.stride(), name
+
+
 def test_compile_sgd_step_fullgraph():
     params = [torch.randn(5, 3), torch.randn(7)]
     grads = [torch.randn(5, 3), torch.randn(7)]
