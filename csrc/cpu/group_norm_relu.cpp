@@ -170,10 +170,12 @@ BITFAST_INLINE void group_bwd_coefficients(Sums&& sums, int64_t Cg, int64_t M, d
     sum_gx += double(W[c]) * dw;
   }
   const double mg = sum_g / double(M), mgx = sum_gx / double(M);
+  // kx and k0 are the group's: the same for each of its channels
+  const acc_t kxg = acc_t(-r * r * mgx), k0g = acc_t(r * r * mgx * mean - r * mg);
   for (int64_t c = 0; c < Cg; ++c) {
     a[c] = acc_t(r * double(W[c]));
-    kx[c] = acc_t(-r * r * mgx);
-    k0[c] = acc_t(r * r * mgx * mean - r * mg);
+    kx[c] = kxg;
+    k0[c] = k0g;
   }
 }
 
@@ -657,13 +659,17 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
   const int64_t NC = s.N * s.C;
   Scratch<acc_t> pdy(s.N * s.nblk * s.C), pdyx(s.N * s.nblk * s.C);
   Scratch<acc_t> sc(NC), sh(NC), meanc(NC), a(NC), kx(NC), k0(NC);
-  auto prepare = [&](int64_t n, int64_t c0, int64_t nc) {
-    for (int64_t c = c0; c < c0 + nc; ++c) {
-      const int64_t g = c / s.Cg;
+  auto prepare = [&](int64_t n, int64_t c0, int64_t nc) {  // c0 and nc: whole groups
+    for (int64_t g = c0 / s.Cg; g < (c0 + nc) / s.Cg; ++g) {
       const acc_t mean = MEAN[n * s.G + g], rstd = RSTD[n * s.G + g];
-      sc[n * s.C + c] = rstd * W[c];
-      sh[n * s.C + c] = B[c] - mean * sc[n * s.C + c];
-      meanc[n * s.C + c] = mean;
+      acc_t* __restrict scn = sc.data() + n * s.C;
+      acc_t* __restrict shn = sh.data() + n * s.C;
+      acc_t* __restrict mn = meanc.data() + n * s.C;
+      for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
+        scn[c] = rstd * W[c];
+        shn[c] = B[c] - mean * scn[c];
+        mn[c] = mean;
+      }
     }
   };
   auto sums = [&](const Block& k) {
@@ -676,18 +682,27 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
                         pdy.data() + k.task * s.C + k.c0, pdyx.data() + k.task * s.C + k.c0);
   };
   auto combine = [&](int64_t n, int64_t g0, int64_t g1) {
+    // each channel's partial sums over the sample's blocks, added in block order (from
+    // +0, as a running sum), block by block across the channels
+    thread_local std::vector<double> tdy, tdyx;
+    const int64_t c0 = g0 * s.Cg, nc = (g1 - g0) * s.Cg;
+    tdy.assign(nc, 0.0);
+    tdyx.assign(nc, 0.0);
+    for (int64_t b = 0; b < s.nblk; ++b) {
+      const acc_t* __restrict py = pdy.data() + (n * s.nblk + b) * s.C + c0;
+      const acc_t* __restrict pyx = pdyx.data() + (n * s.nblk + b) * s.C + c0;
+      double* __restrict ty = tdy.data();
+      double* __restrict tyx = tdyx.data();
+      for (int64_t c = 0; c < nc; ++c) {
+        ty[c] += double(py[c]);
+        tyx[c] += double(pyx[c]);
+      }
+    }
     for (int64_t g = g0; g < g1; ++g) {
-      const int64_t c0 = g * s.Cg, o = n * s.C + c0;
-      auto sums = [&](int64_t c) {  // the blocks' partial sums of channel c0 + c, in order
-        double db = 0, dwx = 0;
-        for (int64_t b = 0; b < s.nblk; ++b) {
-          db += double(pdy[(n * s.nblk + b) * s.C + c0 + c]);
-          dwx += double(pdyx[(n * s.nblk + b) * s.C + c0 + c]);
-        }
-        return std::pair<double, double>(db, dwx);
-      };
-      group_bwd_coefficients(sums, s.Cg, s.M, double(MEAN[n * s.G + g]), double(RSTD[n * s.G + g]), W + c0, DWN + o,
-                             DBN + o, a.data() + o, kx.data() + o, k0.data() + o);
+      const int64_t cg = (g - g0) * s.Cg, o = n * s.C + g * s.Cg;
+      auto sums = [&](int64_t c) { return std::pair<double, double>(tdy[cg + c], tdyx[cg + c]); };
+      group_bwd_coefficients(sums, s.Cg, s.M, double(MEAN[n * s.G + g]), double(RSTD[n * s.G + g]), W + g * s.Cg,
+                             DWN + o, DBN + o, a.data() + o, kx.data() + o, k0.data() + o);
     }
   };
   auto write = [&](const Block& k) {
