@@ -129,14 +129,12 @@ errors_step() {
         # symbolization; the compiler's own C++ runtime and unwinder loaded first; one
         # OpenMP thread. A variant that passes names the cause and the fix.
         code="import tests.ops.test_native_cpp as t; t.check_errors('cpu'); t.check_norm_errors('cpu')"
-        local cxx_rt gcc_rt
-        cxx_rt=$(c++ -print-file-name=libstdc++.so.6 2>/dev/null)
-        gcc_rt=$(c++ -print-file-name=libgcc_s.so.1 2>/dev/null)
-        echo "workaround TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1: exit $(
-            TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1 timeout 60 "$py" -c "$code" >/dev/null 2>&1; echo $?)"
-        echo "workaround LD_PRELOAD=$cxx_rt:$gcc_rt: exit $(
-            LD_PRELOAD="$cxx_rt:$gcc_rt" timeout 60 "$py" -c "$code" >/dev/null 2>&1; echo $?)"
-        echo "workaround OMP_NUM_THREADS=1: exit $(OMP_NUM_THREADS=1 timeout 60 "$py" -c "$code" >/dev/null 2>&1; echo $?)"
+        workaround() {  # workaround VAR=VALUE...: the exit status of the CPU checks under them
+            echo "workaround $*: exit $(env "$@" timeout 60 "$py" -c "$code" >/dev/null 2>&1; echo $?)"
+        }
+        workaround TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1
+        workaround LD_PRELOAD="$(c++ -print-file-name=libstdc++.so.6):$(c++ -print-file-name=libgcc_s.so.1)"
+        workaround OMP_NUM_THREADS=1
         timeout 150 "$py" benchmarks/throw_probe.py
     fi
     return $bad
