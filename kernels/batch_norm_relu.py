@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import channels_last, memory_format
+from ._formats import channels_last, memory_format
 
 _TILE = 4096  # elements per (rows x channels) tile
 

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._layout import channels_last, memory_format
+from ._formats import channels_last, memory_format
 
 # Elements per (spatial x channel) tile. Large tiles also keep the interpreter's
 # per-iteration cost down (CI runs these kernels on CPU).

@@ -660,11 +660,11 @@ void bwd_nhwc(const scalar_t* DY, const scalar_t* X, scalar_t* DX, const at::opm
   Scratch<acc_t> pdy(s.N * s.nblk * s.C), pdyx(s.N * s.nblk * s.C);
   Scratch<acc_t> sc(NC), sh(NC), meanc(NC), a(NC), kx(NC), k0(NC);
   auto prepare = [&](int64_t n, int64_t c0, int64_t nc) {  // c0 and nc: whole groups
+    acc_t* __restrict scn = sc.data() + n * s.C;
+    acc_t* __restrict shn = sh.data() + n * s.C;
+    acc_t* __restrict mn = meanc.data() + n * s.C;
     for (int64_t g = c0 / s.Cg; g < (c0 + nc) / s.Cg; ++g) {
       const acc_t mean = MEAN[n * s.G + g], rstd = RSTD[n * s.G + g];
-      acc_t* __restrict scn = sc.data() + n * s.C;
-      acc_t* __restrict shn = sh.data() + n * s.C;
-      acc_t* __restrict mn = meanc.data() + n * s.C;
       for (int64_t c = g * s.Cg; c < (g + 1) * s.Cg; ++c) {
         scn[c] = rstd * W[c];
         shn[c] = B[c] - mean * scn[c];
