@@ -14,7 +14,8 @@
 # 1.5 min, benches 3-4 min. BITFAST_GPU_STEPS picks and orders the steps after the build
 # (default "errors,tests,norms,ops,train"; errors: the native ops' argument errors on CPU
 # and CUDA in child processes; on a crash a cuda-gdb backtrace, the CPU checks again
-# under candidate workarounds, and benchmarks/throw_probe.py);
+# under candidate workarounds, torch's own C++ errors as controls, and
+# benchmarks/throw_probe.py);
 # BITFAST_GPU_NORMS_ARGS passes arguments to benchmarks/cuda_norms.py.
 #
 # Without a GPU (a dry run on a developer machine) it says so, skips the build, the CUDA
@@ -135,7 +136,18 @@ errors_step() {
         workaround TORCH_SHOW_CPP_STACKTRACES=0 TORCH_DISABLE_ADDR2LINE=1
         workaround LD_PRELOAD="$(c++ -print-file-name=libstdc++.so.6):$(c++ -print-file-name=libgcc_s.so.1)"
         workaround OMP_NUM_THREADS=1
-        timeout 150 "$py" benchmarks/throw_probe.py
+        # Controls: an error raised by torch's own C++ code, without bitfast, with bitfast
+        # imported, and on a CUDA tensor. If these crash too, any C++ error crashes this
+        # machine's torch and bitfast's code is not the cause.
+        local setup r
+        for setup in "import torch; dev = 'cpu'" "import torch, bitfast; dev = 'cpu'" \
+                     "import torch, bitfast; dev = 'cuda'"; do
+            printf '%s\n' "$setup" "try:" "    torch.ones(2, device=dev) + torch.ones(3, device=dev)" \
+                "except RuntimeError:" "    print('raised RuntimeError')" > "$out/control.py"
+            r=$(timeout 60 "$py" "$out/control.py" 2>&1)
+            echo "control [$setup]: exit $?: $(echo "$r" | tail -1)"
+        done
+        timeout 170 "$py" benchmarks/throw_probe.py
     fi
     return $bad
 }
@@ -162,7 +174,7 @@ for s in $(echo "${BITFAST_GPU_STEPS:-errors,tests,norms,ops,train}" | tr ',' ' 
     errors)
         step "argument errors of the native ops (CPU, CUDA)"
         if [ "$gpu" = 1 ]; then
-            timed "argument errors" 280 20 bash -c errors_step 2>&1 | tee "$out/errors.log"
+            timed "argument errors" 330 20 bash -c errors_step 2>&1 | tee "$out/errors.log"
             grep -q "argument errors on cuda: RuntimeErrors as expected" "$out/errors.log" || failed+=("argument errors")
         else
             echo "skipped (no GPU)"

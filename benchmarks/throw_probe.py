@@ -3,16 +3,18 @@ machine, or does it crash the process? A diagnostic for benchmarks/gpu_check.sh:
 lent H100 (torch 2.11, CUDA 13) bitfast's native ops crashed with a segmentation fault at
 their first argument error, in the CPU extension and the CUDA one alike, while the same
 code raises RuntimeErrors under torch 2.13 on CPU. This builds minimal extensions with the
-machine's own compiler and torch (``torch.utils.cpp_extension.load_inline``), one per set
-of flags, each raising a ``TORCH_CHECK`` error through a registered op, and runs each in a
+machine's own compiler and torch (``torch.utils.cpp_extension.load_inline``), one per
+variant, each raising a ``TORCH_CHECK`` error through a registered op, and runs each in a
 child process, so a crash is reported rather than suffered.
 
     python benchmarks/throw_probe.py [--build-dir DIR]
 
 Three ways of raising (TORCH_CHECK, which captures a C++ backtrace as the c10::Error is
 made; a c10::Error made without one; a plain std::runtime_error), each in its own child
-process, for torch's default flags and for bitfast's. Prints one line per case ("raised
-RuntimeError" or "crashed: signal N") and exits 1 if any crashed.
+process, for torch's default flags and for bitfast's, and with bitfast's flags for an
+extension that, like bitfast, attaches only kernels in C++ to op schemas defined from
+Python. Prints one line per case ("raised RuntimeError" or "crashed: signal N") and exits 1
+if any crashed.
 """
 
 import argparse
@@ -46,11 +48,13 @@ at::Tensor std_runtime_error(const at::Tensor& x) {
 }
 }  // namespace
 
+// SCHEMAS BEGIN
 TORCH_LIBRARY(NAMESPACE, m) {
   m.def("torch_check(Tensor x) -> Tensor");
   m.def("c10_error_no_backtrace(Tensor x) -> Tensor");
   m.def("std_runtime_error(Tensor x) -> Tensor");
 }
+// SCHEMAS END
 TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
   m.impl("torch_check", &torch_check);
   m.impl("c10_error_no_backtrace", &c10_error_no_backtrace);
@@ -61,17 +65,26 @@ TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
 # How the error is raised: each kind in its own child process, so one crash hides nothing.
 KINDS = ("torch_check", "c10_error_no_backtrace", "std_runtime_error")
 
-# name -> extra compiler flags: torch's defaults, then bitfast's (setup.py)
+# name -> (extra compiler flags, where the op schemas are defined): torch's default flags,
+# then bitfast's (setup.py); the schemas in the extension's C++ (TORCH_LIBRARY), or in
+# Python with only the kernels attached from C++, as bitfast does (bitfast/ops/_library.py).
 VARIANTS = {
-    "defaults": [],
-    "bitfast_flags": ["-O3", "-fopenmp"],
+    "defaults": ([], "cpp"),
+    "bitfast_flags": (["-O3", "-fopenmp"], "cpp"),
+    "python_schema": (["-O3", "-fopenmp"], "python"),
 }
 
 CHILD = r"""
 import sys, torch
 from torch.utils.cpp_extension import load_inline
-name, flags, build, kind = sys.argv[1], sys.argv[2].split() if sys.argv[2] else [], sys.argv[3], sys.argv[4]
+name, flags, build, kind, schema = sys.argv[1], sys.argv[2].split() if sys.argv[2] else [], *sys.argv[3:6]
 src = {src!r}.replace("NAMESPACE", name)
+if schema == "python":
+    head, _, rest = src.partition("// SCHEMAS BEGIN")
+    src = head + rest.partition("// SCHEMAS END")[2]
+    lib = torch.library.Library(name, "DEF")
+    for k in {kinds!r}:
+        lib.define(k + "(Tensor x) -> Tensor")
 load_inline(name, cpp_sources=src, extra_cflags=flags, extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
             is_python_module=False, build_directory=build, verbose=False)
 if kind == "build":
@@ -95,14 +108,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     root = args.build_dir or tempfile.mkdtemp(prefix="bitfast_throw_probe_")
     crashed = False
-    for variant, flags in VARIANTS.items():
+    for variant, (flags, schema) in VARIANTS.items():
         build = os.path.join(root, variant)
         os.makedirs(build, exist_ok=True)
         name = f"bitfast_probe_{variant}"
         for kind in ("build",) + KINDS:
             child = subprocess.run(
-                [sys.executable, "-X", "faulthandler", "-c", CHILD.format(src=SOURCE), name, " ".join(flags), build,
-                 kind],
+                [sys.executable, "-X", "faulthandler", "-c", CHILD.format(src=SOURCE, kinds=KINDS), name,
+                 " ".join(flags), build, kind, schema],
                 capture_output=True, text=True, timeout=300,
             )
             if child.returncode < 0:
@@ -112,7 +125,8 @@ def main(argv=None) -> int:
                 verdict = "built" if kind == "build" else child.stdout.strip().splitlines()[-1]
             else:
                 verdict = f"exit {child.returncode}: " + (child.stdout + child.stderr).strip()[-400:]
-            print(f"throw_probe {variant} (flags: {' '.join(flags) or 'torch defaults'}) {kind}: {verdict}")
+            print(f"throw_probe {variant} (flags: {' '.join(flags) or 'torch defaults'}; schemas in {schema}) {kind}: "
+                  f"{verdict}")
             if kind == "build" and child.returncode != 0:
                 break
     return 1 if crashed else 0
