@@ -142,9 +142,11 @@ errors_step() {
         local setup r
         for setup in "import torch; dev = 'cpu'" "import torch, bitfast; dev = 'cpu'" \
                      "import torch, bitfast; dev = 'cuda'"; do
-            printf '%s\n' "$setup" "try:" "    torch.ones(2, device=dev) + torch.ones(3, device=dev)" \
-                "except RuntimeError:" "    print('raised RuntimeError')" > "$out/control.py"
-            r=$(timeout 60 "$py" "$out/control.py" 2>&1)
+            r=$(timeout 60 "$py" -c "$setup
+try:
+    torch.ones(2, device=dev) + torch.ones(3, device=dev)
+except RuntimeError:
+    print('raised RuntimeError')" 2>&1)
             echo "control [$setup]: exit $?: $(echo "$r" | tail -1)"
         done
         timeout 170 "$py" benchmarks/throw_probe.py

@@ -48,13 +48,6 @@ at::Tensor std_runtime_error(const at::Tensor& x) {
 }
 }  // namespace
 
-// SCHEMAS BEGIN
-TORCH_LIBRARY(NAMESPACE, m) {
-  m.def("torch_check(Tensor x) -> Tensor");
-  m.def("c10_error_no_backtrace(Tensor x) -> Tensor");
-  m.def("std_runtime_error(Tensor x) -> Tensor");
-}
-// SCHEMAS END
 TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
   m.impl("torch_check", &torch_check);
   m.impl("c10_error_no_backtrace", &c10_error_no_backtrace);
@@ -64,6 +57,10 @@ TORCH_LIBRARY_IMPL(NAMESPACE, CPU, m) {
 
 # How the error is raised: each kind in its own child process, so one crash hides nothing.
 KINDS = ("torch_check", "c10_error_no_backtrace", "std_runtime_error")
+SCHEMA = "(Tensor x) -> Tensor"  # every kind's op
+
+# The op schemas defined in the extension's C++, appended to SOURCE for the "cpp" variants.
+CPP_SCHEMAS = "TORCH_LIBRARY(NAMESPACE, m) {\n" + "".join(f'  m.def("{k}{SCHEMA}");\n' for k in KINDS) + "}\n"
 
 # name -> (extra compiler flags, where the op schemas are defined): torch's default flags,
 # then bitfast's (setup.py); the schemas in the extension's C++ (TORCH_LIBRARY), or in
@@ -79,12 +76,10 @@ import sys, torch
 from torch.utils.cpp_extension import load_inline
 name, flags, build, kind, schema = sys.argv[1], sys.argv[2].split() if sys.argv[2] else [], *sys.argv[3:6]
 src = {src!r}.replace("NAMESPACE", name)
-if schema == "python":
-    head, _, rest = src.partition("// SCHEMAS BEGIN")
-    src = head + rest.partition("// SCHEMAS END")[2]
+if schema == "python":  # the source has only the kernels: define their schemas here first
     lib = torch.library.Library(name, "DEF")
     for k in {kinds!r}:
-        lib.define(k + "(Tensor x) -> Tensor")
+        lib.define(k + {op_schema!r})
 load_inline(name, cpp_sources=src, extra_cflags=flags, extra_ldflags=["-fopenmp"] if "-fopenmp" in flags else [],
             is_python_module=False, build_directory=build, verbose=False)
 if kind == "build":
@@ -101,6 +96,12 @@ sys.exit(3)
 """
 
 
+def child_code(schema: str) -> str:
+    """The child's program, with the extension source for schemas defined in ``schema``."""
+    src = SOURCE + (CPP_SCHEMAS if schema == "cpp" else "")
+    return CHILD.format(src=src, kinds=KINDS, op_schema=SCHEMA)
+
+
 def main(argv=None) -> int:
     """Build and run each variant in a child process; return 1 if any crashed."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -114,7 +115,7 @@ def main(argv=None) -> int:
         name = f"bitfast_probe_{variant}"
         for kind in ("build",) + KINDS:
             child = subprocess.run(
-                [sys.executable, "-X", "faulthandler", "-c", CHILD.format(src=SOURCE, kinds=KINDS), name,
+                [sys.executable, "-X", "faulthandler", "-c", child_code(schema), name,
                  " ".join(flags), build, kind, schema],
                 capture_output=True, text=True, timeout=300,
             )
