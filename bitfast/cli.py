@@ -25,6 +25,13 @@
     bitfast eval --checkpoint A [B ...]
                                   top-1/top-5, ECE, reliability diagram, confusion matrix;
                                   a logit ensemble of several checkpoints, EMA weights
+    bitfast convert-checkpoint CKPT [--output NEW]
+                                  rewrite a trusted training checkpoint of an earlier
+                                  bitfast version in the current format (plain data only,
+                                  read without running code)
+
+Training checkpoints are read with torch.load(weights_only=True): a file that would need
+Python objects (an earlier format, or a crafted file) is refused unless --trust-checkpoint.
 
 The training commands run unchanged under torchrun (DDP; NCCL on GPUs, gloo on CPU):
     torchrun --nproc_per_node 8 -m bitfast.cli finetune --data DIR ...
@@ -287,6 +294,12 @@ def _add_train_args(p: argparse.ArgumentParser, defaults, recipe: str) -> None:
     r.add_argument("--stop-at-step", type=int, default=None, help="stop after this step, as if interrupted (resume later)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     r.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG plots")
+    r.add_argument("--trust-checkpoint", action="store_true", default=defaults.trust_checkpoint, help=TRUST_HELP)
+
+
+TRUST_HELP = ("read training checkpoints (--resume, --pretrained, --teacher, --checkpoint) of the format of earlier "
+              "bitfast versions, which unpickles them and so runs any code they carry: only for files you made or "
+              "trust (once: `bitfast convert-checkpoint FILE`)")
 
 
 def _config_from_args(cls, args):
@@ -333,7 +346,7 @@ def cmd_eval(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models, states = [], []
     for path in args.checkpoint:
-        model, state = model_from_checkpoint(path, use_ema=not args.no_ema, device=device)
+        model, state = model_from_checkpoint(path, use_ema=not args.no_ema, device=device, trusted=args.trust_checkpoint)
         models.append(model)
         states.append(state)
     first = states[0]
@@ -410,7 +423,8 @@ def cmd_export(args) -> int:
     if args.structured and args.prune is None:
         raise ValueError("--structured applies to pruning: pass --prune AMOUNT too")
     device = torch.device(args.device or "cpu")
-    model, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device)
+    model, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device,
+                                         trusted=args.trust_checkpoint)
     exported = for_inference(model)
     if not hasattr(exported, "config_json"):
         raise ValueError(f"{args.checkpoint}: its model ({type(exported).__name__}) does not export to a PlainResNetV2")
@@ -479,8 +493,23 @@ def cmd_export(args) -> int:
     for n in notes:
         print(n)
     print("load without bitfast: bitfast_plain_model.PlainResNetV2(**json.load(open('config.json'))), then "
-          "load_state_dict(torch.load('model.pt'))" + (" or load_int8_state_dict(model, torch.load('model_int8.pt'))"
-                                                         if args.int8 else ""))
+          "load_state_dict(torch.load('model.pt', weights_only=True))"
+          + (" or load_int8_state_dict(model, torch.load('model_int8.pt', weights_only=True))" if args.int8 else ""))
+    return 0
+
+
+def cmd_convert_checkpoint(args) -> int:
+    from bitfast.train.checkpoint import FORMAT, convert_checkpoint, load_checkpoint
+
+    try:
+        load_checkpoint(args.checkpoint)
+        already = True
+    except ValueError:  # not readable safely (an earlier format), or not a checkpoint: convert says which
+        already = False
+    out = convert_checkpoint(args.checkpoint, args.output)
+    what = "was already in" if already else "converted to"
+    print(f"bitfast convert-checkpoint: {args.checkpoint} {what} format {FORMAT}; wrote {out} (reads without "
+          "--trust-checkpoint)")
     return 0
 
 
@@ -650,6 +679,7 @@ def _add_training_commands(sub) -> None:
     ex.add_argument("--no-eval", action="store_true", help="export only, no accuracy")
     ex.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
     ex.add_argument("--device", default=None, help="cpu or cuda (default: cpu)")
+    ex.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ex.set_defaults(func=cmd_export)
 
     ev = sub.add_parser("eval", formatter_class=fmt, help="evaluate checkpoints: accuracy, ECE, reliability, confusion",
@@ -666,7 +696,21 @@ def _add_training_commands(sub) -> None:
     ev.add_argument("--batch-size", type=int, default=256, help="evaluation batch")
     ev.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ev.add_argument("--output", default="runs/eval", help="directory for eval.json, reliability.png, confusion.png")
+    ev.add_argument("--trust-checkpoint", action="store_true", help=TRUST_HELP)
     ev.set_defaults(func=cmd_eval)
+
+    cv = sub.add_parser("convert-checkpoint", formatter_class=fmt,
+                        help="rewrite a trusted checkpoint of an earlier bitfast version in the current safe format",
+                        description="Read a bitfast training checkpoint of an earlier format (bitfast-train-v1, which "
+                                    "holds pickled Python objects) by unpickling it, which runs any code it carries: "
+                                    "convert only files you made or trust. Write it in the current format "
+                                    "(plain data only), which every bitfast command reads without running code and "
+                                    "without --trust-checkpoint. Same weights, optimizer, RNG states and config: a "
+                                    "converted checkpoint resumes bit for bit.")
+    cv.add_argument("checkpoint", help="the checkpoint to convert (e.g. RUN/last.pt)")
+    cv.add_argument("--output", default=None, help="where to write the converted file (default: replace CHECKPOINT "
+                                                   "atomically)")
+    cv.set_defaults(func=cmd_convert_checkpoint)
 
 
 def main(argv: list[str] | None = None) -> int:

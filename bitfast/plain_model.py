@@ -7,7 +7,7 @@ next to your code (``bitfast.export.write_plain_module(path)`` writes it), then
     import json, torch
     from bitfast_plain_model import PlainResNetV2
     model = PlainResNetV2(**json.loads(config_json))          # exported.config_json
-    model.load_state_dict(torch.load("model.pt"))
+    model.load_state_dict(torch.load("model.pt", weights_only=True))
 
 Every module here runs under ``torch.jit.script`` and ``torch.compile(fullgraph=True)``.
 

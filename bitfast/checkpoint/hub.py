@@ -5,11 +5,13 @@ overridable with ``$BITFAST_WEIGHTS_URL``): ``BiT-S-R{50x1,50x3,101x1,101x3,152x
 (ImageNet-1k upstream), ``BiT-M-R{50x1,50x3,101x1,101x3,152x2,152x4}`` (ImageNet-21k) and
 ``BiT-M-R*-ILSVRC2012`` (ImageNet-21k, then fine-tuned on ImageNet-1k). BiT-L was never
 released. Files land in ``torch.hub.get_dir()/checkpoints/`` (``$TORCH_HOME``), are
-downloaded to a temporary file in that folder and renamed into place only when complete.
+downloaded to a temporary file in that folder and renamed into place only when complete (a
+partial file is never used), and are made read-only there: bitfast's loaders only read them.
 """
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import logging
 import os
@@ -119,7 +121,8 @@ def cache_dir() -> str:
 def download(url: str, dest: str, timeout: float = 60.0) -> str:
     """Download ``url`` to ``dest`` atomically (temporary file in the same folder, then
     rename); a short read against the announced Content-Length is an error, and nothing
-    is left behind on failure. Returns ``dest``."""
+    is left behind on failure. The file is made read-only (mode 0444) before the rename.
+    Returns ``dest``."""
     folder = os.path.dirname(os.path.abspath(dest))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(dest)}.", suffix=".part", dir=folder)
@@ -131,6 +134,7 @@ def download(url: str, dest: str, timeout: float = 60.0) -> str:
             written = f.tell()
         if expected is not None and written != int(expected):
             raise OSError(f"bitfast.checkpoint: download of {url} stopped after {written} of {expected} bytes")
+        os.chmod(tmp, 0o444)
         os.replace(tmp, dest)
     except urllib.error.HTTPError as err:
         _remove(tmp)
@@ -162,7 +166,8 @@ def resolve_source(source: str | os.PathLike) -> str:
     """The local file a checkpoint source refers to, downloading it when needed.
 
     ``source`` is a local path, a ``file://`` URL, an ``http(s)://`` URL (cached under its
-    file name) or a released name such as ``"BiT-M-R50x1"`` (cached as
+    file name prefixed with a hash of the whole URL, so that two URLs never share a cached
+    file) or a released name such as ``"BiT-M-R50x1"`` (cached as
     ``<cache_dir>/BiT-M-R50x1.npz``; an existing file is reused).
     """
     if isinstance(source, os.PathLike):
@@ -174,7 +179,8 @@ def resolve_source(source: str | os.PathLike) -> str:
         return urllib.request.url2pathname(parts.path)
     if parts.scheme in ("http", "https"):
         name = os.path.basename(parts.path) or "checkpoint"
-        dest = os.path.join(cache_dir(), name)
+        digest = hashlib.sha256(source.encode()).hexdigest()[:12]
+        dest = os.path.join(cache_dir(), f"{digest}-{name}")
         return dest if os.path.exists(dest) else download(source, dest)
     if os.path.exists(source):
         return source

@@ -6,18 +6,32 @@ and ``torch.save`` files, the JSON header of safetensors, the pickle opcode of l
 ``torch.save`` files), the extension serving only as a fallback. Every failure to read
 raises ``ValueError`` naming the file, so that a truncated download or a foreign file
 never surfaces as a low-level zip or pickle error.
+
+Nothing read here can run code: ``torch.save`` files go through ``torch.load(...,
+weights_only=True)`` (tensors and plain containers only; a file that needs any other Python
+object is refused with ``UnsafeFileError`` before that object is built), ``.npz`` files through
+``np.load(..., allow_pickle=False)`` (object arrays refused) and safetensors hold only tensors.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["CONTAINERS", "read_checkpoint", "sniff_container", "unwrap_state_dict"]
+__all__ = [
+    "CONTAINERS",
+    "UnsafeFileError",
+    "read_checkpoint",
+    "safe_torch_load",
+    "sniff_container",
+    "unwrap_state_dict",
+]
 
 CONTAINERS: tuple[str, ...] = ("npz", "torch", "safetensors")
 
@@ -77,18 +91,57 @@ def _starts_with(path: str, magic: bytes) -> bool:
         return f.read(len(magic)) == magic
 
 
+class UnsafeFileError(ValueError):
+    """A file that only a full unpickling could read: it holds Python objects other than
+    tensors and plain containers, and building them can run arbitrary code. Nothing of the
+    file was executed; ``str(err)`` names the file and what it asked for."""
+
+
+def safe_torch_load(path: str | os.PathLike, *, map_location="cpu", mmap: bool = False) -> object:
+    """``torch.load(path, weights_only=True)``: tensors, numbers, strings and plain containers
+    only. A file that asks for any other Python object raises ``UnsafeFileError`` (nothing of
+    it is built or run); every other failure (truncated, corrupt, not a torch file, pickle
+    opcodes the safe loader does not run) propagates as torch raised it, for the caller to
+    word."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        if found is None:
+            raise
+        raise UnsafeFileError(
+            f"{os.fspath(path)} was refused: it asks for the Python object {found.group(1)}; a file that needs "
+            "Python objects is never unpickled, because unpickling can run arbitrary code"
+        ) from err
+
+
 def _read_npz(path: str) -> dict:
     try:
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    except Exception as err:  # zip CRC errors, short reads, pickled object arrays ...
+    except ValueError as err:
+        if "allow_pickle" not in str(err):
+            raise _corrupt(path, "not a readable .npz file (truncated or corrupt?)", err) from err
+        raise UnsafeFileError(
+            f"bitfast.checkpoint: {path} holds object arrays (pickled Python objects), which bitfast never loads: "
+            "unpickling can run arbitrary code. Released BiT .npz files hold only numeric arrays; save the weights "
+            "as numeric arrays (np.savez with float arrays) to load them"
+        ) from err
+    except Exception as err:  # zip CRC errors, short reads ...
         raise _corrupt(path, "not a readable .npz file (truncated or corrupt?)", err) from err
 
 
 def _read_torch(path: str, zip_format: bool) -> object:
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
-    except Exception as err:  # corrupt zip, truncated pickle, globals refused by weights_only
+        return safe_torch_load(path, mmap=zip_format)
+    except UnsafeFileError as err:
+        raise UnsafeFileError(
+            f"bitfast.checkpoint: {err}. Weights files are read with torch.load(weights_only=True) only. If it is a "
+            "bitfast training checkpoint of an earlier version (format bitfast-train-v1) and you trust where it came "
+            "from, read it where bitfast reads training checkpoints with --trust-checkpoint (Python: trusted=True), "
+            f"or convert it once with `bitfast convert-checkpoint {path}`"
+        ) from err
+    except Exception as err:  # corrupt zip, truncated pickle
         raise _corrupt(path, "not a readable torch.save checkpoint (truncated, corrupt or not a state dict)", err) from err
 
 

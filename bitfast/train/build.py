@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from bitfast.train import plots
-from bitfast.train.checkpoint import CheckpointError, load_checkpoint
+from bitfast.train.checkpoint import CheckpointError, UntrustedCheckpointError, load_checkpoint
 from bitfast.train.distributed import DistInfo
 from bitfast.train.evaluate import evaluate
 from bitfast.train.loop import TrainConfig, unwrap
@@ -156,13 +156,16 @@ def merge_lora_weights(weights: dict, config: dict | None) -> dict:
     return out
 
 
-def _load_init(model: nn.Module, source: str) -> str:
+def _load_init(model: nn.Module, source: str, trusted: bool = False) -> str:
     """Initialise ``model`` from ``source``: the backbone of a bitfast training checkpoint (its
     EMA weights when it has them; the head stays fresh) or anything ``bitfast.load_pretrained``
-    reads (which loads the head only when the class count matches)."""
+    reads (which loads the head only when the class count matches). A file that only a full
+    unpickling could read is refused unless ``trusted`` (see ``load_checkpoint``)."""
     if os.path.isfile(source):
         try:
-            state = load_checkpoint(source)
+            state = load_checkpoint(source, trusted=trusted)
+        except UntrustedCheckpointError as exc:
+            raise UntrustedCheckpointError(f"--pretrained {source}: {exc}") from None
         except CheckpointError:
             state = None
         if state is not None:
@@ -185,7 +188,8 @@ def _load_init(model: nn.Module, source: str) -> str:
 
 def build_model(cfg: TrainConfig, num_classes: int, *, zero_head: bool = True) -> tuple[nn.Module, str]:
     """The model of ``cfg.model`` with a fresh ``num_classes`` head (zero-initialised unless
-    ``zero_head`` is False) and ``cfg.pretrained`` weights when given; returns ``(model, note)``."""
+    ``zero_head`` is False) and ``cfg.pretrained`` weights when given (a training checkpoint of
+    the earlier format only with ``cfg.trust_checkpoint``); returns ``(model, note)``."""
     from bitfast import create_model
     from bitfast.models import ResNetV2
 
@@ -196,7 +200,7 @@ def build_model(cfg: TrainConfig, num_classes: int, *, zero_head: bool = True) -
         model = create_model(cfg.model, num_classes=num_classes, norm=cfg.norm, zero_head=zero_head)
     note = "random initialisation"
     if cfg.pretrained:
-        note = _load_init(model, cfg.pretrained)
+        note = _load_init(model, cfg.pretrained, trusted=cfg.trust_checkpoint)
     return model, note
 
 
@@ -272,10 +276,13 @@ def finish_run(result: dict, data: Data, cfg: TrainConfig, info: DistInfo, title
     return final
 
 
-def model_from_checkpoint(path: str, *, use_ema: bool = True, device: torch.device | str = "cpu") -> tuple[nn.Module, dict]:
+def model_from_checkpoint(path: str, *, use_ema: bool = True, device: torch.device | str = "cpu",
+                          trusted: bool = False) -> tuple[nn.Module, dict]:
     """Rebuild the model a bitfast training checkpoint was written for and load its weights
-    (the EMA weights when present and ``use_ema``); returns ``(model in eval mode, checkpoint)``."""
-    state = load_checkpoint(path)
+    (the EMA weights when present and ``use_ema``); returns ``(model in eval mode, checkpoint)``.
+    A checkpoint of the earlier format is read only with ``trusted=True`` (see
+    ``bitfast.train.checkpoint.load_checkpoint``)."""
+    state = load_checkpoint(path, trusted=trusted)
     config = dict(state.get("config") or {})
     num_classes = int(state.get("num_classes", 0))
     cfg = TrainConfig(model=config.get("model", TINY_MODEL), norm=config.get("norm", "gn"))

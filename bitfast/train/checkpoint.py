@@ -2,8 +2,17 @@
 
 A training checkpoint is one ``torch.save`` file holding everything a run needs to continue
 bit for bit: the model and optimizer state dicts, the EMA weights (when the optimizer keeps
-them), the GradScaler state, the step, the random-number-generator states (Python, torch CPU,
-every CUDA device, and the run's own generators) and the run's configuration.
+them), the GradScaler state, the step, the random-number-generator states (Python, NumPy,
+torch CPU, every CUDA device, and the run's own generators) and the run's configuration.
+
+Checkpoints are shared (a teacher for distillation, a fine-tuned model to evaluate or export),
+so reading one must never run code. Since format ``bitfast-train-v2`` a checkpoint holds only
+plain data: dicts, lists, tuples, strings, numbers, booleans, None and tensors (the config as a
+dict, every RNG state as tensors and numbers); ``save_checkpoint`` refuses anything else, and
+``load_checkpoint`` reads with ``torch.load(..., weights_only=True)``, which builds no other
+Python object. Files of format ``bitfast-train-v1`` (earlier versions) hold a pickled NumPy
+array and are read only with ``trusted=True`` (``--trust-checkpoint``); ``convert_checkpoint``
+(``bitfast convert-checkpoint``) rewrites one in the new format once.
 
 Files are written atomically: to a temporary file in the same directory, flushed and
 fsynced, then renamed over the target with ``os.replace``, so a crash or a full disk leaves
@@ -14,6 +23,8 @@ before its first step rather than at its first checkpoint an hour later.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import os
 import random
 import shutil
@@ -23,10 +34,16 @@ from typing import Any
 
 import torch
 
+from bitfast.checkpoint.io import UnsafeFileError, safe_torch_load, sniff_container
+
 __all__ = [
     "CheckpointError",
     "FORMAT",
+    "LEGACY_FORMATS",
+    "UntrustedCheckpointError",
     "check_compatible",
+    "check_plain_data",
+    "convert_checkpoint",
     "get_rng_state",
     "load_checkpoint",
     "probe_output_dir",
@@ -36,7 +53,13 @@ __all__ = [
 ]
 
 # Stored in every checkpoint; bumped if the layout changes incompatibly.
-FORMAT = "bitfast-train-v1"
+FORMAT = "bitfast-train-v2"
+# Earlier formats that load_checkpoint(trusted=True) reads and converts.
+LEGACY_FORMATS = ("bitfast-train-v1",)
+
+# The leaves a checkpoint may hold: what torch.load(weights_only=True) rebuilds without
+# any other Python object.
+_PLAIN_LEAVES = (str, int, float, bool, type(None), torch.Tensor, torch.dtype, torch.device, torch.Size)
 
 
 class CheckpointError(ValueError):
@@ -44,15 +67,106 @@ class CheckpointError(ValueError):
     format), or an output directory that cannot hold checkpoints."""
 
 
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint that only a full unpickling could read (Python objects inside: an earlier
+    bitfast format, or a crafted file). Nothing of it was run; the message names the file and
+    the opt-in (``--trust-checkpoint`` / ``trusted=True``) and how to convert it once."""
+
+
+def _trust_hint(path: str) -> str:
+    return (
+        f"If {path} is a checkpoint written by an earlier bitfast version (format {LEGACY_FORMATS[-1]}) and you trust "
+        "where it came from, pass --trust-checkpoint (Python: trusted=True) to read it this once, or convert it once "
+        f"with `bitfast convert-checkpoint {path}` (Python: bitfast.train.checkpoint.convert_checkpoint); never do "
+        "either for a file you did not make or cannot vouch for"
+    )
+
+
+def check_plain_data(obj: Any, where: str = "state") -> None:
+    """Raise ``TypeError`` naming the first value under ``obj`` that a checkpoint cannot hold:
+    anything but dicts (``OrderedDict`` too) with str/int keys, lists, tuples, str, int, float,
+    bool, None, tensors, dtypes, devices and sizes. ``where`` names ``obj`` in the message."""
+    if isinstance(obj, _PLAIN_LEAVES):
+        return
+    if type(obj) in (dict, collections.OrderedDict):
+        for k, v in obj.items():
+            if not isinstance(k, (str, int)):
+                raise TypeError(f"save_checkpoint: {where} has a key of type {type(k).__name__} ({k!r}); keys must be "
+                                "str or int")
+            check_plain_data(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple):
+        for i, v in enumerate(obj):
+            check_plain_data(v, f"{where}[{i}]")
+        return
+    raise TypeError(
+        f"save_checkpoint: {where} is a {type(obj).__module__}.{type(obj).__qualname__}; a checkpoint holds only "
+        "dicts, lists, tuples, str, int, float, bool, None and tensors (so that reading it never runs code): "
+        "convert it first (dataclasses.asdict, .tolist(), torch.as_tensor)"
+    )
+
+
+def _to_plain(obj: Any, where: str) -> Any:
+    """A value of a trusted legacy checkpoint as plain data (NumPy arrays and scalars, tuples of
+    plain values and dataclasses converted); anything else raises ``CheckpointError``."""
+    import numpy as np
+
+    if isinstance(obj, _PLAIN_LEAVES):
+        return obj
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(np.array(obj))
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return _to_plain(dataclasses.asdict(obj), where)
+    if isinstance(obj, Mapping):
+        return {k: _to_plain(v, f"{where}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        items = [_to_plain(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+        return tuple(items) if type(obj) is tuple else items
+    raise CheckpointError(f"cannot convert {where}: a {type(obj).__module__}.{type(obj).__qualname__} is not plain data")
+
+
+def _numpy_state_to_plain(state: Any) -> Any:
+    """NumPy's legacy ``get_state()`` tuple as plain data (the key array as an int64 tensor)."""
+    if isinstance(state, Mapping) or state is None:
+        return state
+    name, keys, pos, has_gauss, cached = state
+    import numpy as np
+
+    return {"bit_generator": str(name), "key": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}
+
+
+def _upgrade(state: dict, path: str) -> dict:
+    """A legacy (v1) checkpoint's content in the current format's layout."""
+    state = dict(state)
+    rng = state.get("rng")
+    for one in rng if isinstance(rng, list) else [rng]:
+        if isinstance(one, dict) and "numpy" in one:
+            one["numpy"] = _numpy_state_to_plain(one["numpy"])
+    state = _to_plain(state, "checkpoint")
+    state["format"] = FORMAT
+    try:
+        check_plain_data(state, "checkpoint")
+    except TypeError as exc:
+        raise CheckpointError(f"checkpoint {path!r} cannot be converted: {exc}") from exc
+    return state
+
+
 def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> str:
     """Write ``state`` to ``path`` atomically (temporary file + fsync + ``os.replace``).
 
-    ``state`` gets a ``"format"`` entry. Returns the path written. On any error the
-    temporary file is removed and the previous file at ``path`` (if any) is left untouched.
+    ``state`` gets a ``"format"`` entry. It must hold only plain data (dicts, lists, tuples,
+    str, int, float, bool, None, tensors): anything else raises ``TypeError`` naming where it
+    is, before anything is written, so that every checkpoint loads without running code.
+    Returns the path written. On any error the temporary file is removed and the previous file
+    at ``path`` (if any) is left untouched.
     """
     path = os.fspath(path)
     if not isinstance(state, Mapping):
         raise TypeError(f"save_checkpoint: state must be a mapping; got {type(state).__name__}")
+    check_plain_data(dict(state), "state")
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path) + "-", dir=directory)
@@ -71,8 +185,16 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> str:
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
-    """Read a training checkpoint written by ``save_checkpoint``.
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
+                    trusted: bool = False) -> dict:
+    """Read a training checkpoint written by ``save_checkpoint``, without running any code.
+
+    The file is read with ``torch.load(..., weights_only=True)``: only tensors and plain
+    containers are rebuilt. A file that needs other Python objects (a checkpoint of the
+    earlier format ``bitfast-train-v1``, or a crafted file) raises ``UntrustedCheckpointError``
+    unless ``trusted=True``: then, and only then, it is unpickled in full, which runs whatever
+    code the file carries, so pass it only for files you made or can vouch for. A legacy
+    checkpoint comes back converted to the current layout (``convert_checkpoint`` writes it).
 
     Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` for a file that is
     not a bitfast training checkpoint (e.g. released weights: load those with
@@ -82,16 +204,47 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
-        # Our own files hold Python objects (config, RNG states): full unpickling.
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        container = sniff_container(path)
+    except ValueError as exc:  # empty, or a corrupt zip
+        raise CheckpointError(f"checkpoint {path!r} could not be read ({exc})") from exc
+    if container in ("npz", "safetensors"):
+        raise CheckpointError(
+            f"{path!r} is a .{container} weights file, not a bitfast training checkpoint (format {FORMAT!r}); "
+            "pretrained weights are loaded with --pretrained / bitfast.load_pretrained"
+        )
+    if container is None:
+        raise CheckpointError(f"checkpoint {path!r} could not be read: its content is not a torch.save file")
+    try:
+        state = safe_torch_load(path, map_location=map_location)
+    except UnsafeFileError as exc:
+        if not trusted:
+            raise UntrustedCheckpointError(f"checkpoint {exc}. {_trust_hint(path)}") from None
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=False)  # the caller vouched for the file
+        except Exception as exc2:  # noqa: BLE001 - any unreadable file gets the same clear message
+            raise CheckpointError(f"checkpoint {path!r} could not be read ({type(exc2).__name__}: {exc2})") from exc2
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise CheckpointError(f"checkpoint {path!r} could not be read ({type(exc).__name__}: {exc})") from exc
-    if not isinstance(state, dict) or state.get("format") != FORMAT:
+    fmt = state.get("format") if isinstance(state, dict) else None
+    if fmt in LEGACY_FORMATS:
+        return _upgrade(state, path)
+    if fmt != FORMAT:
         raise CheckpointError(
             f"{path!r} is not a bitfast training checkpoint (format {FORMAT!r}); pretrained weights "
             "(.npz, timm or authors' files) are loaded with --pretrained / bitfast.load_pretrained"
         )
     return state
+
+
+def convert_checkpoint(path: str | os.PathLike, output: str | os.PathLike | None = None) -> str:
+    """Rewrite a trusted training checkpoint of an earlier format (``bitfast-train-v1``) in the
+    current one, which loads without running code; ``output`` defaults to ``path`` (replaced
+    atomically). The old file is unpickled in full: convert only files you trust. A file that
+    already is in the current format is copied unchanged in content. Returns the path written.
+    """
+    state = load_checkpoint(path, trusted=True)
+    state.pop("format", None)
+    return save_checkpoint(os.fspath(output if output is not None else path), state)
 
 
 def check_compatible(state: Mapping[str, Any], *, model: str, num_classes: int, path: str = "checkpoint") -> None:
@@ -113,8 +266,9 @@ def check_compatible(state: Mapping[str, Any], *, model: str, num_classes: int, 
 
 
 def get_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> dict:
-    """The states of Python's ``random``, torch's CPU and CUDA generators and of the named
-    ``generators`` (e.g. the MixUp generator), for ``set_rng_state``."""
+    """The states of Python's ``random``, NumPy's global generator, torch's CPU and CUDA
+    generators and of the named ``generators`` (e.g. the MixUp generator), for
+    ``set_rng_state``; plain data only (tensors, numbers, tuples), as checkpoints require."""
     state = {
         "python": random.getstate(),
         "torch": torch.get_rng_state(),
@@ -124,7 +278,7 @@ def get_rng_state(generators: Mapping[str, torch.Generator] | None = None) -> di
     try:
         import numpy
 
-        state["numpy"] = numpy.random.get_state()
+        state["numpy"] = _numpy_state_to_plain(numpy.random.get_state(legacy=True))
     except ImportError:  # numpy is a dependency, but the state is only a nicety
         pass
     return state
@@ -138,10 +292,14 @@ def set_rng_state(state: Mapping[str, Any], generators: Mapping[str, torch.Gener
     cuda = state.get("cuda") or []
     if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
-    if "numpy" in state:
+    if state.get("numpy") is not None:
         import numpy
 
-        numpy.random.set_state(state["numpy"])
+        saved = state["numpy"]
+        if isinstance(saved, Mapping):  # the plain form get_rng_state writes
+            saved = (saved["bit_generator"], saved["key"].numpy().astype(numpy.uint32), saved["pos"],
+                     saved["has_gauss"], saved["cached_gaussian"])
+        numpy.random.set_state(saved)
     saved = state.get("generators", {})
     for name, g in (generators or {}).items():
         if name in saved:

@@ -58,7 +58,7 @@ def load_teacher(cfg: DistillConfig, num_classes: int, class_names: list[str],
         raise ValueError("--teacher is required: a bitfast training checkpoint (RUN/last.pt) or a model name "
                          "(with --teacher-pretrained weights)")
     if os.path.isfile(src):
-        teacher, state = model_from_checkpoint(src, use_ema=True, device=device)
+        teacher, state = model_from_checkpoint(src, use_ema=True, device=device, trusted=cfg.trust_checkpoint)
         n, names = int(state.get("num_classes", 0)), state.get("classes")
         if n != num_classes:
             raise ValueError(
@@ -76,7 +76,8 @@ def load_teacher(cfg: DistillConfig, num_classes: int, class_names: list[str],
         if src != TINY_MODEL and src not in list_models():
             raise ValueError(f"--teacher {src!r} is neither a file nor a model; models: {TINY_MODEL}, "
                              f"{', '.join(list_models())}")
-        teacher, note = build_model(TrainConfig(model=src, norm=cfg.norm, pretrained=cfg.teacher_pretrained),
+        teacher, note = build_model(TrainConfig(model=src, norm=cfg.norm, pretrained=cfg.teacher_pretrained,
+                                                trust_checkpoint=cfg.trust_checkpoint),
                                     num_classes, zero_head=False)
         teacher = teacher.to(device).eval()
         desc = f"{src} ({note})"
@@ -103,7 +104,7 @@ def distill(cfg: DistillConfig, info: DistInfo | None = None, stream=None) -> di
         # The student sees what the teacher was trained on: its resolution unless --crop says otherwise.
         from bitfast.train.checkpoint import load_checkpoint
 
-        resolution = load_checkpoint(cfg.teacher).get("resolution")
+        resolution = load_checkpoint(cfg.teacher, trusted=cfg.trust_checkpoint).get("resolution")
         if resolution:
             cfg.crop = int(resolution)
     image_size = None

@@ -91,6 +91,9 @@ class TrainConfig:
     output: str = "runs/bitfast"
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     resume: str | None = None  # a checkpoint path, or "auto" (OUTPUT/last.pt when it exists)
+    # Read training checkpoints of the earlier format (pickled objects: runs their code) from
+    # --resume, --pretrained, --teacher and --checkpoint; only for files the user vouches for.
+    trust_checkpoint: bool = False
     eval_every: int = 0  # steps between evaluations; 0 = only at the end
     eval_batch_size: int | None = None
     log_every: int = 10
@@ -399,6 +402,10 @@ def train_loop(
     if total_steps < 1:
         raise ValueError(f"the run has {total_steps} steps; pass --steps >= 1")
     run_meta = dict(run_meta or {})
+    # Checkpoints hold only plain data (they load without running code): fail now, not at the
+    # first save.
+    ckpt.check_plain_data(cfg.to_dict(), "the run's config")
+    ckpt.check_plain_data(run_meta, "run_meta")
     out = cfg.output
     model_name = run_meta.get("model", cfg.model)
     last_path = os.path.join(out, "last.pt")
@@ -420,7 +427,7 @@ def train_loop(
     if resume == "auto":
         resume = last_path if os.path.exists(last_path) else None
     if resume:
-        state = ckpt.load_checkpoint(resume, map_location=device)
+        state = ckpt.load_checkpoint(resume, map_location=device, trusted=cfg.trust_checkpoint)
         ckpt.check_compatible(state, model=model_name, num_classes=num_classes, path=resume)
         base.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

@@ -129,7 +129,7 @@ def fewshot(cfg: FewshotConfig, info: DistInfo | None = None, stream=None) -> di
         raise ValueError(f"--shots must be counts >= 1; got {list(cfg.shots)}")
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint:
-        init, state = model_from_checkpoint(cfg.checkpoint, device="cpu")
+        init, state = model_from_checkpoint(cfg.checkpoint, device="cpu", trusted=cfg.trust_checkpoint)
         cfg.model = state.get("config", {}).get("model", cfg.model)
         crop = cfg.crop or int(state.get("resolution") or 128)
         source = f"the backbone of {cfg.checkpoint}"

@@ -4,6 +4,8 @@
 import functools
 import http.server
 import os
+import shutil
+import stat
 import threading
 
 import numpy as np
@@ -73,6 +75,7 @@ def test_download_then_cache(server, env):
     model = create_model("resnetv2_50x1_bit", num_classes=10, pretrained="BiT-M-R50x1")
     cached = env / "BiT-M-R50x1.npz"
     assert cached.is_file()
+    assert stat.S_IMODE(os.stat(cached).st_mode) == 0o444  # bitfast's loaders only read the cache
     assert sorted(os.listdir(env)) == ["BiT-M-R50x1.npz"]  # no temporary file left behind
     assert _Handler.requests == ["/BiT-M-R50x1.npz"]
     report = model.pretrained_report
@@ -93,6 +96,18 @@ def test_download_then_cache(server, env):
         m = create_model("resnetv2_50x1_bit", num_classes=10, pretrained=source)
         assert torch.equal(m.norm.weight, server["state"]["norm.weight"])
     assert _Handler.requests == ["/BiT-M-R50x1.npz"]
+
+
+def test_urls_with_the_same_file_name_never_share_a_cached_file(server, env):
+    sub = server["root"] / "other"
+    sub.mkdir(exist_ok=True)
+    shutil.copy(server["root"] / "BiT-M-R50x1.npz", sub / "BiT-M-R50x1.npz")
+    first, second = f"{server['url']}/BiT-M-R50x1.npz", f"{server['url']}/other/BiT-M-R50x1.npz"
+    for url in (first, second, first):
+        create_model("resnetv2_50x1_bit", num_classes=10, pretrained=url)
+    assert _Handler.requests == ["/BiT-M-R50x1.npz", "/other/BiT-M-R50x1.npz"]  # each once, then from the cache
+    cached = sorted(os.listdir(env))
+    assert len(cached) == 2 and all(name.endswith("-BiT-M-R50x1.npz") for name in cached)
 
 
 def test_missing_release_on_server(server, env):
