@@ -47,6 +47,7 @@ import platform
 import sys
 import tempfile
 import time
+import warnings
 
 import torch
 
@@ -245,7 +246,7 @@ def _add_train_args(p: argparse.ArgumentParser, defaults, recipe: str) -> None:
     g.add_argument("--classes", type=int, nargs="+", default=defaults.classes,
                    help="digits only: which digits, e.g. 5 6 7 8 9 (default: all ten)")
     g.add_argument(*(["--student", "--model"] if recipe == "distill" else ["--model"]), dest="model", default=defaults.model,
-                   help="a bitfast model (see `bitfast models`) or 'bit_tiny' (a 2M-parameter BiT ResNet-v2 for CPUs)")
+                   help="a bitfast model (see `bitfast models`; bit_tiny is a 2M-parameter BiT-style ResNet-v2 for CPUs)")
     g.add_argument("--norm", default=defaults.norm, choices=["gn", "bn"], help="GroupNorm (BiT) or BatchNorm variant")
     g.add_argument("--pretrained", default=defaults.pretrained,
                    help="initial weights: a release name (BiT-M-R50x1, ...), a weights file, or a bitfast training "
@@ -294,6 +295,9 @@ def _add_train_args(p: argparse.ArgumentParser, defaults, recipe: str) -> None:
     r.add_argument("--stop-at-step", type=int, default=None, help="stop after this step, as if interrupted (resume later)")
     r.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     r.add_argument("--no-plots", dest="plots", action="store_false", help="no PNG plots")
+    r.add_argument("--overwrite", action="store_true", default=defaults.overwrite,
+                   help="start a new run in an --output that holds one, removing its last.pt and metrics (without it, "
+                        "such an --output is refused unless --resume)")
     r.add_argument("--trust-checkpoint", action="store_true", default=defaults.trust_checkpoint, help=TRUST_HELP)
 
 
@@ -339,10 +343,11 @@ def cmd_distill(args) -> int:
 
 def cmd_eval(args) -> int:
     from bitfast.train import plots
-    from bitfast.train.build import build_data, model_from_checkpoint, summary_table
+    from bitfast.train.build import checkpoint_eval_data, model_from_checkpoint, summary_table
     from bitfast.train.evaluate import evaluate
-    from bitfast.train.loop import TrainConfig
+    from bitfast.train.options import check_device
 
+    check_device(args.device)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     models, states = [], []
     for path in args.checkpoint:
@@ -355,17 +360,7 @@ def cmd_eval(args) -> int:
         if st.get("num_classes") != first.get("num_classes") or st.get("classes") != classes:
             raise ValueError(f"cannot ensemble {path} with {args.checkpoint[0]}: they were trained on other classes "
                              f"({st.get('classes')} vs {classes}); pass checkpoints of the same task")
-    saved = first.get("config") or {}
-    data = args.data or saved.get("data", "digits")
-    digit_classes = args.classes if args.classes is not None else (saved.get("classes") if data == "digits" else None)
-    cfg = TrainConfig(data=data, val_data=args.val_data or saved.get("val_data"), classes=digit_classes, flip=False)
-    crop = args.crop or int(first.get("resolution") or saved.get("crop") or 128)
-    d = build_data(cfg, crop, crop)
-    if d.eval is None:
-        raise ValueError(f"--data {data!r} has no evaluation images: pass --val-data or a folder with val/")
-    if d.num_classes != first.get("num_classes"):
-        raise ValueError(f"the checkpoint has {first.get('num_classes')} classes, the evaluation data {d.num_classes}; "
-                         "pass the data (and --classes) it was trained on")
+    d, _ = checkpoint_eval_data(first, data=args.data, val_data=args.val_data, classes=args.classes, crop=args.crop)
     res = evaluate(models, d.eval, d.num_classes, batch_size=args.batch_size, info=None, mode=args.ensemble)
     os.makedirs(args.output, exist_ok=True)
     with open(os.path.join(args.output, "eval.json"), "w") as f:
@@ -379,8 +374,9 @@ def cmd_eval(args) -> int:
     else:
         print(plots.missing_note())
     what = f"ensemble of {len(models)} ({args.ensemble})" if len(models) > 1 else args.checkpoint[0]
-    ema = ", ".join("EMA" if s["used_ema"] else "raw" for s in states)
-    print(f"bitfast eval: {what} ({ema} weights) on {d.description}")
+    kinds = ["EMA" if s["used_ema"] else "raw" for s in states]
+    ema = f"{kinds[0]} weights" if len(set(kinds)) == 1 else "weights: " + ", ".join(kinds)
+    print(f"bitfast eval: {what} ({ema}) on {d.description}")
     rows = [["top-1", f"{100 * res['top1']:.2f}% of {res['n']}"], ["top-5", f"{100 * res['top5']:.2f}%"],
             ["loss", f"{res['loss']:.4f}"], ["ECE (15 bins)", f"{100 * res['ece']:.2f}%"],
             ["outputs", ", ".join(["eval.json"] + [os.path.basename(p) for p in written if p])]]
@@ -414,10 +410,11 @@ def cmd_export(args) -> int:
 
     from bitfast.compress import prune_magnitude, quantize_int8
     from bitfast.export import for_inference, write_plain_module
-    from bitfast.train.build import build_data, model_from_checkpoint, summary_table
+    from bitfast.train.build import checkpoint_eval_data, model_from_checkpoint, summary_table
     from bitfast.train.evaluate import evaluate
-    from bitfast.train.loop import TrainConfig
+    from bitfast.train.options import check_device
 
+    check_device(args.device)
     if args.prune is not None and not 0.0 <= args.prune < 1.0:
         raise ValueError(f"--prune must be a fraction in [0, 1); got {args.prune}")
     if args.structured and args.prune is None:
@@ -431,19 +428,9 @@ def cmd_export(args) -> int:
     os.makedirs(args.out, exist_ok=True)
 
     # The evaluation data: the checkpoint's own (its digits, its ImageFolder's val/) unless given.
-    saved = state.get("config") or {}
-    data = args.data or saved.get("data", "digits")
-    digit_classes = args.classes if args.classes is not None else (saved.get("classes") if data == "digits" else None)
-    cfg = TrainConfig(data=data, val_data=args.val_data or saved.get("val_data"), classes=digit_classes, flip=False)
-    crop = args.crop or int(state.get("resolution") or saved.get("crop") or 128)
-    d = None
+    d, crop = None, args.crop or int(state.get("resolution") or 128)
     if not args.no_eval:
-        d = build_data(cfg, crop, crop)
-        if d.eval is None:
-            raise ValueError(f"--data {data!r} has no evaluation images: pass --val-data, a folder with val/, or --no-eval")
-        if d.num_classes != state.get("num_classes"):
-            raise ValueError(f"the checkpoint has {state.get('num_classes')} classes, the evaluation data {d.num_classes}; "
-                             "pass the data (and --classes) it was trained on")
+        d, crop = checkpoint_eval_data(state, data=args.data, val_data=args.val_data, classes=args.classes, crop=args.crop)
 
     def accuracy(net) -> dict | None:
         if d is None:
@@ -478,6 +465,11 @@ def cmd_export(args) -> int:
         rows.append({"variant": "int8 weights" + (" (pruned)" if last is not exported else ""),
                      "file": save(q, "model_int8.pt"), "sparsity": _conv_sparsity(q), "eval": accuracy(q)})
         notes.append(str(rep))
+        rounded = rows[-1]["sparsity"] - _conv_sparsity(last)
+        if rounded > 0:
+            rows[-1]["rounding_zeros"] = rounded
+            notes.append(f"int8: {100 * rounded:.1f}% of the conv weights became 0 by rounding (|w| below half a "
+                         "quantization step); they are counted in its conv sparsity")
     for r in rows:
         r["MiB"] = os.path.getsize(r["file"]) / 2**20 if r["file"] else None
     with open(os.path.join(args.out, "export.json"), "w") as f:
@@ -486,7 +478,9 @@ def cmd_export(args) -> int:
     print(f"bitfast export: {args.checkpoint} ({'EMA' if state['used_ema'] else 'raw'} weights) -> {args.out}"
           + (f"; evaluated on {d.description}" if d else ""))
     table = [[r["variant"], os.path.basename(r["file"]) if r["file"] else "-",
-              f"{r['MiB']:.2f}" if r["MiB"] is not None else "-", f"{100 * r['sparsity']:.1f}%",
+              f"{r['MiB']:.2f}" if r["MiB"] is not None else "-",
+              f"{100 * r['sparsity']:.1f}%" + (f" ({100 * r['rounding_zeros']:.1f}% by rounding)"
+                                               if r.get("rounding_zeros") else ""),
               f"{100 * r['eval']['top1']:.2f}%" if r["eval"] else "-", f"{r['eval']['loss']:.4f}" if r["eval"] else "-"]
              for r in rows]
     print(summary_table(table, ["model", "file", "MiB", "conv sparsity", "test top-1", "test loss"]))
@@ -533,20 +527,30 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("env", help="versions, native builds, backends and devices")
     e.add_argument("--json", action="store_true", help="print JSON")
     e.set_defaults(func=cmd_env)
-    m = sub.add_parser("models", help="list the BiT architectures")
+    m = sub.add_parser("models", help="list the model names create_model and the training commands accept",
+                       description="List the model names: the BiT family (resnetv2_{50x1,...}_bit, timm's names) and "
+                                   "bit_tiny, a 2M-parameter BiT-style network for CPUs.")
     m.set_defaults(func=cmd_models)
-    d = sub.add_parser("demo", help="build a BiT model, load a checkpoint, run a forward pass and report")
-    d.add_argument("--model", default="resnetv2_50x1_bit")
+    dfmt = argparse.ArgumentDefaultsHelpFormatter
+    d = sub.add_parser("demo", formatter_class=dfmt,
+                       help="build a BiT model, load a checkpoint, run a forward pass and report",
+                       description="The checkpoint check: build a BiT model, load a checkpoint (a synthetic one in the "
+                                   "official .npz layout unless --checkpoint is given), run a forward pass on the "
+                                   "embedded default images and compare it with the reference backend.")
+    d.add_argument("--model", default="resnetv2_50x1_bit", help="the architecture (see `bitfast models`)")
     d.add_argument("--checkpoint", default=None, help="a .npz/.pth/.safetensors/bit.pth.tar file or a release name (default: a synthetic .npz)")
-    d.add_argument("--num-classes", type=int, default=1000)
-    d.add_argument("--batch", type=int, default=4)
-    d.add_argument("--size", type=int, default=128)
-    d.add_argument("--repeats", type=int, default=2)
+    d.add_argument("--num-classes", type=int, default=1000, help="classes of the model's head")
+    d.add_argument("--batch", type=int, default=4, help="images in the forward pass")
+    d.add_argument("--size", type=int, default=128, help="image resolution")
+    d.add_argument("--repeats", type=int, default=2, help="timed forward passes")
     d.add_argument("--backend", default=None, help="force a backend (reference, cpp, cuda, triton)")
-    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic checkpoint and images")
     d.set_defaults(func=cmd_demo)
-    b = sub.add_parser("bench", help="benchmark the ops and a BiT training step against the baselines")
+    b = sub.add_parser("bench", help="benchmark the ops and a BiT training step against the baselines",
+                       description="Time every op on every backend against the strongest baselines (eager PyTorch, "
+                                   "torch.compile, torch.optim.SGD) and a BiT-R50x1 training step; print one table "
+                                   "(and write JSON / markdown on request).")
     b.add_argument("--quick", action="store_true", help="fewer shapes and dtypes; no torch.compile on CPU")
     b.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     b.add_argument("--markdown", default=None, metavar="FILE", help="write the results as a markdown report")
@@ -624,14 +628,15 @@ def _add_training_commands(sub) -> None:
     ds.set_defaults(func=cmd_distill)
 
     pt = sub.add_parser("pretrain", formatter_class=fmt, help="upstream training (BiT-S/M recipe)",
-                        description="Upstream training: SGD momentum 0.9, lr 0.03 x batch/256, warm-up, weight decay 1e-4, "
-                                    "step schedule (/10 at epochs 30, 60, 80 of 90) or cosine with 10%% warm-up; label "
-                                    "smoothing off by default. Under torchrun: DDP.")
+                        description="Upstream training: SGD momentum 0.9, lr 0.03 x batch/256, warm-up (5000 steps, at "
+                                    "most 10% of the run), weight decay 1e-4, step schedule (/10 at epochs 30, 60, 80 of "
+                                    "90) or cosine with 10% warm-up; label smoothing off by default. Under torchrun: DDP.")
     pd = PretrainConfig()
     _add_train_args(pt, pd, "pretrain")
     pt.add_argument("--epochs", type=int, default=pd.epochs, help="epochs")
-    pt.add_argument("--decay-epochs", type=int, nargs="+", default=list(pd.decay_epochs), metavar="E",
-                    help="step schedule: divide the lr by 10 at these epochs")
+    pt.add_argument("--decay-epochs", type=int, nargs="+", default=None, metavar="E",
+                    help="step schedule: divide the lr by 10 at these epochs (default: 30 60 80 of 90 epochs, scaled to "
+                         "--epochs)")
     pt.add_argument("--lr-schedule", default=pd.lr_schedule, choices=["step", "cosine"], help="learning-rate schedule")
     pt.add_argument("--warmup-fraction", type=float, default=pd.warmup_fraction, help="cosine schedule: warm-up share")
     pt.add_argument("--steps-per-epoch", type=int, default=None, help="default: training images // batch size")
@@ -717,18 +722,34 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bitfast`` command; returns the exit status."""
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    # Under torchrun every process runs this; only the first one speaks.
+    speak = os.environ.get("RANK", "0") in ("", "0")
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return args.func(args)
     except (ValueError, TypeError, OSError) as exc:
-        print(f"bitfast {args.command}: error: {exc}", file=sys.stderr)
+        if speak:
+            print(f"bitfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        from bitfast.train.loop import NonFiniteLossError
+        from bitfast.train.loop import NonFiniteLossError, RunInterrupted
 
+        if isinstance(exc, RunInterrupted):
+            if speak:
+                print(f"bitfast {args.command}: {exc}", file=sys.stderr)
+            return exc.exit_status
         if not isinstance(exc, NonFiniteLossError):
             raise
-        print(f"bitfast {args.command}: error: {exc}", file=sys.stderr)
+        if speak:
+            print(f"bitfast {args.command}: error: {exc}", file=sys.stderr)
         return 3
+    finally:
+        warnings.formatwarning = formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Warnings as one line for command-line users (no source line of bitfast's code)."""
+    return f"warning: {message}\n"
 
 
 if __name__ == "__main__":

@@ -7,6 +7,22 @@ reaches training. ``verify()`` does not decode every pixel, so a file that passe
 still fail to decode later; ``__getitem__`` then warns and serves the next readable
 sample instead of crashing an epoch that may be hours in.
 
+Images are served as 8-bit RGB. 8-bit modes (RGB, L, P, RGBA, CMYK, LA, 1, ...) go through
+Pillow's ``convert("RGB")`` unchanged. Deeper grayscale images are scaled to 8 bits first,
+since ``convert`` would clip them to 255 (all white):
+
+* ``I;16``, ``I;16B``, ``I;16L``, ``I;16N`` (16-bit, e.g. 16-bit PNG): ``v / 257`` rounded to
+  the nearest integer (0 -> 0, 65535 -> 255; 257 is odd, so there are no ties).
+* ``I`` (32-bit integers; some Pillow versions read 16-bit PNGs so): taken as 16-bit, scaled
+  the same way, when every value lies in 0..65535; otherwise refused.
+* ``F`` (32-bit float): ``v * 255`` rounded to nearest (halves up) when every value is finite
+  and lies in [0, 1]; otherwise refused.
+
+A refused image raises ``ValueError`` naming the file and what to do (save it as 8- or
+16-bit). The scan checks this too, so such files are skipped and counted at the start, not
+mid-epoch: the mode comes from the header already opened, and only ``I`` / ``F`` images
+(rare) are decoded once more at scan time to check their value range.
+
 Pillow is needed (``pip install pillow``) and imported only when an ImageFolder is built.
 """
 
@@ -17,6 +33,7 @@ import os
 import warnings
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 
 __all__ = ["IMG_EXTENSIONS", "ImageFolder"]
@@ -32,15 +49,71 @@ def _require_pil():
     return Image
 
 
-def _readable(path: str) -> str | None:
-    """None when Pillow can open and verify ``path``, else the reason it cannot."""
+_16BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N")  # unsigned 16-bit grayscale, any byte order
+_WIDE_MODES = ("I", "F")  # 32-bit modes whose value range decides whether they can be served
+
+
+def _to_8bit(img, path: str):
+    """``img`` as an 8-bit PIL image ready for ``convert("RGB")``; ``img`` itself for 8-bit modes.
+
+    Raises ``ValueError`` (naming ``path``) for an ``I`` image with values outside 0..65535
+    or an ``F`` image with values outside [0, 1] (or not finite).
+    """
+    Image = _require_pil()
+    mode = img.mode
+    if mode in _16BIT_MODES:
+        values = np.asarray(img).astype(np.uint32)
+    elif mode == "I":
+        values = np.asarray(img)
+        if values.size and (values.min() < 0 or values.max() > 65535):
+            raise ValueError(
+                f"ImageFolder: {path!r} is a 32-bit integer image with values {values.min()}..{values.max()}, "
+                "outside the 16-bit range 0..65535; save it as an 8- or 16-bit image"
+            )
+        values = values.astype(np.uint32)
+    elif mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if values.size and not (np.isfinite(values).all() and values.min() >= 0.0 and values.max() <= 1.0):
+            raise ValueError(
+                f"ImageFolder: {path!r} is a 32-bit float image with values outside [0, 1] (or not finite); "
+                "scale it to [0, 1] or save it as an 8- or 16-bit image"
+            )
+        return Image.fromarray(np.floor(values * 255.0 + 0.5).astype(np.uint8))
+    else:
+        return img
+    # 16-bit -> 8-bit, rounded to nearest: (v + 128) // 257 == round(v / 257) (257 is odd: no ties).
+    return Image.fromarray(((values + 128) // 257).astype(np.uint8))
+
+
+def _readable(path: str) -> tuple[str | None, tuple[int, int] | None]:
+    """``(None, (height, width))`` when ``path`` can be served, else ``(reason, None)``.
+
+    One open reads the header (size, mode) and runs Pillow's cheap ``verify()``; only
+    ``I`` / ``F`` images are decoded again, to check that their values can be scaled to 8 bits.
+    """
     Image = _require_pil()
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            mode = img.mode
             img.verify()
+        if mode in _WIDE_MODES:
+            with Image.open(path) as img:
+                _to_8bit(img, path)
     except Exception as exc:  # any failure means "not a usable image"; the reason is reported
-        return f"{type(exc).__name__}: {exc}"
-    return None
+        return f"{type(exc).__name__}: {exc}", None
+    return None, (height, width)
+
+
+def _header_size(path: str) -> tuple[tuple[int, int] | None, str | None]:
+    """``((height, width), None)`` from the header of ``path`` (no decoding), else ``(None, reason)``."""
+    Image = _require_pil()
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except Exception as exc:  # reported by the caller
+        return None, f"{type(exc).__name__}: {exc}"
+    return (height, width), None
 
 
 class ImageFolder(torch.utils.data.Dataset):
@@ -53,12 +126,15 @@ class ImageFolder(torch.utils.data.Dataset):
         extensions: file suffixes counted as images (any case).
         verify: open and ``verify()`` every file at scan time (default); unreadable files are
             skipped and counted. ``False`` trusts the suffixes (faster start on huge trees).
-        workers: threads for the verification (default ``min(32, 4 * cpus)``).
+        workers: threads for the verification, and for reading :attr:`image_sizes` lazily when
+            ``verify=False`` (default ``min(32, 4 * cpus)``).
 
     Attributes: ``classes`` (sorted folder names), ``class_to_idx``, ``samples``
-    (``(path, label)`` pairs), ``targets`` (int64 tensor), ``skipped`` (how many files were
-    left out as unreadable, including any that failed later in ``__getitem__``) and
-    ``skipped_files`` (their paths and reasons).
+    (``(path, label)`` pairs), ``targets`` (int64 tensor), ``image_sizes`` (each sample's
+    ``(height, width)``, see :attr:`image_sizes`), ``skipped`` (how many files were left out
+    as unreadable or unservable, e.g. a 32-bit image out of range, including any that failed
+    later in ``__getitem__`` or :attr:`image_sizes`) and ``skipped_files`` (their paths and
+    reasons).
 
     Raises ``FileNotFoundError`` for a missing root, ``NotADirectoryError`` for a root that is
     a file, ``ValueError`` for a root without class folders or a class folder without a
@@ -91,6 +167,9 @@ class ImageFolder(torch.utils.data.Dataset):
         if not exts:
             raise ValueError("ImageFolder: extensions is empty; pass image suffixes such as ('.jpg', '.png')")
         self.root, self.transform, self.extensions = root, transform, exts
+        if workers is None:
+            workers = min(32, 4 * (os.cpu_count() or 1))
+        self._workers = max(1, int(workers))
 
         with os.scandir(root) as entries:
             classes = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
@@ -108,24 +187,25 @@ class ImageFolder(torch.utils.data.Dataset):
             if not found:
                 raise ValueError(
                     f"ImageFolder: class folder {os.path.join(root, name)!r} has no image files (suffixes {exts}); "
-                    "add images, remove the folder, or pass extensions="
+                    "add images or remove the folder (in Python, ImageFolder(extensions=...) accepts other suffixes)"
                 )
             files.extend((path, label) for path in found)
 
         self.skipped_files: list[tuple[str, str]] = []
+        self._image_sizes: list[tuple[int, int] | None] | None = None
         if verify:
-            if workers is None:
-                workers = min(32, 4 * (os.cpu_count() or 1))
-            with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, int(workers))) as pool:
-                reasons = list(pool.map(_readable, (path for path, _ in files), chunksize=64))
-            self.skipped_files = [(path, why) for (path, _), why in zip(files, reasons) if why is not None]
-            files = [item for item, why in zip(files, reasons) if why is None]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=self._workers) as pool:
+                results = list(pool.map(_readable, (path for path, _ in files), chunksize=64))
+            self.skipped_files = [(path, why) for (path, _), (why, _) in zip(files, results) if why is not None]
+            files = [item for item, (why, _) in zip(files, results) if why is None]
+            self._image_sizes = [size for why, size in results if why is None]
             if self.skipped_files:
                 shown = ", ".join(os.path.relpath(p, root) for p, _ in self.skipped_files[:5])
                 more = f" and {len(self.skipped_files) - 5} more" if len(self.skipped_files) > 5 else ""
                 warnings.warn(
                     f"ImageFolder: skipped {len(self.skipped_files)} unreadable file(s) under {root!r}: {shown}{more} "
-                    "(see .skipped_files for the reasons)",
+                    f"(not an image, corrupt, or an unsupported pixel format; first reason: "
+                    f"{self.skipped_files[0][1]}; see .skipped_files for all)",
                     stacklevel=2,
                 )
             counts = torch.bincount(torch.tensor([lab for _, lab in files], dtype=torch.int64), minlength=len(classes))
@@ -142,6 +222,37 @@ class ImageFolder(torch.utils.data.Dataset):
         self.targets = torch.tensor([label for _, label in files], dtype=torch.int64)
 
     @property
+    def image_sizes(self) -> list[tuple[int, int] | None]:
+        """Each sample's ``(height, width)`` as stored in its file header, aligned with ``samples``.
+
+        With ``verify=True`` the sizes were read during the scan (same open, no extra cost) and
+        every entry is a tuple. With ``verify=False`` the headers are read on first access (no
+        pixel decoding, in a thread pool of ``workers``) and cached. A file whose header cannot
+        be read then stays in ``samples`` (indices do not shift under a running loader), gets
+        ``None`` here, and is added to ``skipped_files`` with one warning, as ``__getitem__``
+        would when it reaches it. Sizes are before any EXIF rotation, as ``load`` serves them.
+        """
+        if self._image_sizes is None:
+            paths = [path for path, _ in self.samples]
+            with concurrent.futures.ThreadPoolExecutor(max_workers=self._workers) as pool:
+                results = list(pool.map(_header_size, paths, chunksize=64))
+            sizes = [size for size, _ in results]
+            known = {p for p, _ in self.skipped_files}
+            failed = [(p, why) for p, (_, why) in zip(paths, results) if why is not None and p not in known]
+            bad = [p for p, _ in failed]
+            if bad:
+                self.skipped_files.extend(failed)
+                shown = ", ".join(os.path.relpath(p, self.root) for p in bad[:5])
+                more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+                warnings.warn(
+                    f"ImageFolder: cannot read the size of {len(bad)} file(s) under {self.root!r}: {shown}{more}; "
+                    "their image_sizes are None and loading them will serve the next sample",
+                    stacklevel=2,
+                )
+            self._image_sizes = sizes
+        return self._image_sizes
+
+    @property
     def skipped(self) -> int:
         """How many files were left out as unreadable."""
         return len(self.skipped_files)
@@ -150,10 +261,16 @@ class ImageFolder(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, index: int):
-        """The RGB PIL image of sample ``index`` (no transform)."""
+        """The RGB PIL image of sample ``index`` (no transform).
+
+        16-bit and in-range 32-bit images are scaled to 8 bits first (see the module notes);
+        raises ``ValueError`` naming the file for one that cannot be (``verify=False`` only:
+        the scan skips those).
+        """
         Image = _require_pil()
-        with Image.open(self.samples[index][0]) as img:
-            return img.convert("RGB")
+        path = self.samples[index][0]
+        with Image.open(path) as img:
+            return _to_8bit(img, path).convert("RGB")
 
     def __getitem__(self, index: int):
         n = len(self.samples)

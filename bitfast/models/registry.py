@@ -3,19 +3,24 @@
 Canonical names are timm's: ``resnetv2_{50x1,50x3,101x1,101x3,152x2,152x4}_bit``. Aliases:
 ``bit_r50x1`` ... (the architecture), ``bit_s_r50x1`` / ``bit_m_r50x1`` ... (the
 architecture, with ``pretrained=True`` meaning the BiT-S / BiT-M release).
+
+One more name, ``bit_tiny``, is not a BiT architecture and has no released weights: a
+2M-parameter BiT-style ResNet-v2 for CPUs (units 1-1-1-1, stem width 32, the same
+weight-standardized convs and GroupNorm), for quick experiments and the tests.
 """
 
 from __future__ import annotations
 
 import numbers
 import os
+from typing import NamedTuple
 
 import torch
 
 from bitfast import backends
 from bitfast.models.resnetv2 import ResNetV2, check_norm
 
-__all__ = ["MODELS", "create_model", "default_release", "list_models", "resolve_name"]
+__all__ = ["MODELS", "MODEL_SPECS", "ModelSpec", "create_model", "default_release", "list_models", "resolve_name"]
 
 _DEPTHS: dict[int, tuple[int, int, int, int]] = {
     50: (3, 4, 6, 3),
@@ -23,10 +28,41 @@ _DEPTHS: dict[int, tuple[int, int, int, int]] = {
     152: (3, 8, 36, 3),
 }
 
-# canonical name -> (depth, width factor)
+# The BiT architectures (those with released weights): canonical name -> (depth, width factor).
+# Every registered model, bit_tiny included, is in MODEL_SPECS below.
 MODELS: dict[str, tuple[int, int]] = {
     f"resnetv2_{d}x{w}_bit": (d, w) for d, w in ((50, 1), (50, 3), (101, 1), (101, 3), (152, 2), (152, 4))
 }
+
+TINY_MODEL = "bit_tiny"
+
+
+class ModelSpec(NamedTuple):
+    """What a model name builds: ``ResNetV2(units, width_factor, base_width=base_width)``.
+
+    ``release_arch`` is the architecture of its released checkpoints (``"R50x1"``), or None
+    for a model without released weights; ``description`` says what the model is.
+    """
+
+    units: tuple[int, int, int, int]
+    width_factor: int
+    base_width: int
+    release_arch: str | None
+    description: str
+
+
+# Every registered model, in the order of ``list_models()``: canonical name -> ModelSpec.
+MODEL_SPECS: dict[str, ModelSpec] = {
+    name: ModelSpec(_DEPTHS[d], w, 64, f"R{d}x{w}", f"BiT ResNet-v2 R{d}x{w} (Kolesnikov et al., 2020)")
+    for name, (d, w) in MODELS.items()
+}
+MODEL_SPECS[TINY_MODEL] = ModelSpec(
+    (1, 1, 1, 1),
+    1,
+    32,
+    None,
+    "a 2M-parameter BiT-style ResNet-v2 for CPUs (units 1-1-1-1, stem width 32), not a released BiT architecture",
+)
 
 # alias -> (canonical name, release that pretrained=True means)
 _ALIASES: dict[str, tuple[str, str]] = {}
@@ -39,8 +75,9 @@ for _name, (_d, _w) in MODELS.items():
 
 
 def list_models(include_aliases: bool = False) -> list[str]:
-    """The canonical model names (and, with ``include_aliases``, the aliases too)."""
-    names = list(MODELS)
+    """The canonical model names: the six BiT architectures, then ``bit_tiny`` (a 2M-parameter
+    BiT-style net for CPUs, without released weights); with ``include_aliases``, the aliases too."""
+    names = list(MODEL_SPECS)
     if include_aliases:
         names += sorted(_ALIASES)
     return names
@@ -51,7 +88,7 @@ def resolve_name(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"create_model: name must be a str, one of {list_models()}; got {type(name).__name__}")
     key = name.strip().lower()
-    if key in MODELS:
+    if key in MODEL_SPECS:
         return key
     if key in _ALIASES:
         return _ALIASES[key][0]
@@ -64,12 +101,23 @@ def resolve_name(name: str) -> str:
 def default_release(name: str) -> str:
     """The released checkpoint ``pretrained=True`` loads for model ``name``: BiT-S / BiT-M for
     the ``bit_s_``/``bit_m_`` aliases, else the 21k -> 1k fine-tuned ``BiT-M-*-ILSVRC2012``
-    (the default of timm's ``resnetv2_*_bit`` names)."""
+    (the default of timm's ``resnetv2_*_bit`` names). ValueError for a model without released
+    weights (``bit_tiny``)."""
+    canonical = resolve_name(name)
     key = name.strip().lower()
     if key in _ALIASES:
         return _ALIASES[key][1]
-    d, w = MODELS[resolve_name(name)]
-    return f"BiT-M-R{d}x{w}-ILSVRC2012"
+    arch = MODEL_SPECS[canonical].release_arch
+    if arch is None:
+        raise ValueError(_no_release_message("default_release", canonical))
+    return f"BiT-M-{arch}-ILSVRC2012"
+
+
+def _no_release_message(fn: str, canonical: str) -> str:
+    return (
+        f"{fn}: there are no released weights for {canonical} ({MODEL_SPECS[canonical].description}); "
+        f"pass pretrained=<path or URL of a weights file or a training checkpoint> instead"
+    )
 
 
 def create_model(
@@ -88,7 +136,9 @@ def create_model(
 
     Args:
         name: ``resnetv2_{50x1,50x3,101x1,101x3,152x2,152x4}_bit`` or an alias
-            (``bit_r50x1``, ``bit_s_r50x1``, ``bit_m_r50x1`` ...).
+            (``bit_r50x1``, ``bit_s_r50x1``, ``bit_m_r50x1`` ...), or ``bit_tiny``: not a BiT
+            architecture but a 2M-parameter BiT-style net for CPUs, the same module as
+            ``ResNetV2((1, 1, 1, 1), base_width=32, ...)``, without released weights.
         num_classes: classes of the head (0: no head, the model returns pooled features).
         norm: ``"gn"`` (GroupNorm, the BiT models) or ``"bn"`` (BatchNorm variant).
         ws_eps: weight-standardization eps (1e-8; the authors' release used 1e-10).
@@ -97,7 +147,8 @@ def create_model(
         pretrained: a released checkpoint name (``"BiT-M-R50x1"``, downloaded into the
             torch hub cache), a local path or ``file://`` / ``http(s)://`` URL of a
             checkpoint (``.npz``, timm or authors' state dict), or ``True`` for the
-            model's default release (see ``default_release``). The head is loaded only
+            model's default release (see ``default_release``; ValueError for ``bit_tiny``,
+            which has none). The head is loaded only
             when its class count equals ``num_classes``; ``model.pretrained_report`` tells.
         zero_head: zero-initialise the classifier (BiT fine-tuning).
         strict: passed to ``load_pretrained``: fail on missing/unexpected keys.
@@ -120,8 +171,11 @@ def create_model(
     if "layers" in kwargs or "width_factor" in kwargs:
         raise TypeError(f"{fn}: layers/width_factor are fixed by the model name {name!r}; build ResNetV2 directly")
 
+    spec = MODEL_SPECS[canonical]
     source = None
     if pretrained is True:
+        if spec.release_arch is None:
+            raise ValueError(_no_release_message(fn, canonical))
         source = default_release(name)
     elif pretrained is not None and pretrained is not False:
         if not isinstance(pretrained, (str, os.PathLike)):
@@ -129,18 +183,24 @@ def create_model(
                 f"{fn}: pretrained must be None, a bool, a release name or a path; got {type(pretrained).__name__}"
             )
         source = pretrained
-    depth, wf = MODELS[canonical]
     if source is not None:
         from bitfast.checkpoint import check_release_arch
 
-        check_release_arch(source, f"R{depth}x{wf}", fn)  # before any download
+        if spec.release_arch is not None:
+            check_release_arch(source, spec.release_arch, fn)  # before any download
+        else:
+            try:
+                check_release_arch(source, canonical, fn)  # refuses any release name or URL
+            except ValueError as exc:
+                raise ValueError(f"{_no_release_message(fn, canonical)} ({exc})") from None
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "meta":
             raise ValueError(f"{fn}: pretrained weights cannot be loaded into a model on the meta device")
 
     model = ResNetV2(
-        _DEPTHS[depth],
-        wf,
+        spec.units,
+        spec.width_factor,
+        base_width=kwargs.pop("base_width", spec.base_width),
         num_classes=num_classes,
         norm=norm,
         ws_eps=ws_eps,

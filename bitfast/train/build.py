@@ -16,7 +16,7 @@ from bitfast.train import plots
 from bitfast.train.checkpoint import CheckpointError, UntrustedCheckpointError, load_checkpoint
 from bitfast.train.distributed import DistInfo
 from bitfast.train.evaluate import evaluate
-from bitfast.train.loop import TrainConfig, unwrap
+from bitfast.train.loop import TrainConfig, ema_state, unwrap
 
 __all__ = [
     "MIN_RESOLUTION",
@@ -24,11 +24,15 @@ __all__ = [
     "Data",
     "build_data",
     "build_model",
+    "build_planned_data",
     "check_resolution",
+    "checkpoint_eval_data",
+    "checkpoint_resolution",
     "finish_run",
     "make_eval_fn",
     "merge_lora_weights",
     "model_from_checkpoint",
+    "retransform",
     "summary_table",
 ]
 
@@ -84,15 +88,87 @@ def _is_digits(data: str) -> bool:
 
 
 def build_data(cfg: TrainConfig, resize: int, crop: int, *, inception: bool = False, classes=None,
-               split_seed: int = 0) -> Data:
+               split_seed: int = 0, min_classes: int = 2) -> Data:
     """The train and eval datasets of ``cfg.data``: ``"digits"`` (the embedded UCI digits,
     ``cfg.classes`` or all ten, stratified 80/20 split) or an ImageFolder directory (its
     ``train/`` and ``val/`` (or ``test/``) subfolders when present, else the folder itself
     for training and ``cfg.val_data`` for evaluation).
 
     Train images are resized to ``resize`` and randomly cropped to ``crop`` (``inception``:
-    random-resized crop, the upstream recipe); eval images are resized to ``crop``.
+    random-resized crop, the upstream recipe); eval images are resized to ``crop``. Data with
+    fewer than ``min_classes`` classes is refused (training needs two; evaluation passes 1).
     """
+    data = _build_data(cfg, resize, crop, inception=inception, classes=classes, split_seed=split_seed)
+    if data.num_classes < min_classes:
+        raise ValueError(
+            f"{data.description} has {data.num_classes} class(es) ({data.class_names}); training a classifier needs at "
+            "least two: add class folders (ImageFolder) or pass more --classes"
+        )
+    return data
+
+
+def retransform(data: Data, cfg: TrainConfig, resize: int, crop: int, *, inception: bool = False) -> Data:
+    """``data`` at another resolution: the digits are built again (cheap); an ImageFolder's
+    transforms are replaced, without scanning its files again."""
+    if _is_digits(cfg.data):
+        return build_data(cfg, resize, crop, inception=inception)
+    from bitfast.data import transforms
+
+    check_resolution(crop)
+    if resize < crop:
+        raise ValueError(f"--resize ({resize}) must be >= --crop ({crop})")
+    data.train.transform = transforms.train_transform(resize, crop, inception=inception, flip=cfg.flip)
+    if data.eval is not None:
+        data.eval.transform = transforms.eval_transform(crop)
+    return data
+
+
+def checkpoint_resolution(source: str | None, trusted: bool = False) -> int | None:
+    """The resolution a bitfast training checkpoint was trained at, when ``source`` is one
+    (else None): runs that start from it default to it."""
+    if not source or not os.path.isfile(source):
+        return None
+    try:
+        state = load_checkpoint(source, trusted=trusted)
+    except UntrustedCheckpointError:
+        raise
+    except CheckpointError:
+        return None  # released or timm weights: the HyperRule decides
+    value = state.get("resolution")
+    return int(value) if value else None
+
+
+def build_planned_data(cfg: TrainConfig, plan_fn, *, inception: bool = False) -> tuple[Data, dict, str]:
+    """The datasets of a run whose resolution follows from its data (BiT-HyperRule): build them,
+    decide the image size on the training images (``hyperrule.dataset_image_size``: the
+    median image area; 8x8 for the digits), call ``plan_fn(n, image_size)`` for the plan (a
+    dict with ``resize`` and ``crop``) and apply its resolution. Without ``cfg.crop``, a
+    ``cfg.pretrained`` bitfast training checkpoint sets the resolution it was trained at.
+    Returns ``(data, plan, note)``, the note saying what the resolution was decided on."""
+    from bitfast.train import hyperrule
+
+    note = ""
+    if cfg.crop is None and cfg.resize is None:
+        crop = checkpoint_resolution(cfg.pretrained, trusted=cfg.trust_checkpoint)
+        if crop is not None:
+            cfg.crop = crop
+            note = f"resolution {crop}: the --pretrained checkpoint's (pass --crop to change)"
+    probe = plan_fn(1, None)
+    data = build_data(cfg, probe["resize"], probe["crop"], inception=inception)
+    image_size = (8, 8)
+    sizes = getattr(data.train, "image_sizes", None)
+    if sizes is not None:
+        image_size, small = hyperrule.dataset_image_size(sizes)
+        if not note and cfg.crop is None and cfg.resize is None:
+            note = (f"image size decided on the median image area of {len(data.train)} training images: "
+                    f"{image_size[0]}x{image_size[1]} ({small:.0%} below 96x96)")
+    plan = plan_fn(len(data.train), image_size)
+    if (plan["resize"], plan["crop"]) != (probe["resize"], probe["crop"]):
+        data = retransform(data, cfg, plan["resize"], plan["crop"], inception=inception)
+    return data, plan, note
+
+
+def _build_data(cfg: TrainConfig, resize: int, crop: int, *, inception: bool, classes, split_seed: int) -> Data:
     check_resolution(crop)
     if resize < crop:
         raise ValueError(f"--resize ({resize}) must be >= --crop ({crop})")
@@ -191,13 +267,8 @@ def build_model(cfg: TrainConfig, num_classes: int, *, zero_head: bool = True) -
     ``zero_head`` is False) and ``cfg.pretrained`` weights when given (a training checkpoint of
     the earlier format only with ``cfg.trust_checkpoint``); returns ``(model, note)``."""
     from bitfast import create_model
-    from bitfast.models import ResNetV2
 
-    if cfg.model == TINY_MODEL:
-        model = ResNetV2((1, 1, 1, 1), base_width=32, num_classes=num_classes, norm=cfg.norm, zero_head=zero_head)
-        model.model_name = TINY_MODEL
-    else:
-        model = create_model(cfg.model, num_classes=num_classes, norm=cfg.norm, zero_head=zero_head)
+    model = create_model(cfg.model, num_classes=num_classes, norm=cfg.norm, zero_head=zero_head)
     note = "random initialisation"
     if cfg.pretrained:
         note = _load_init(model, cfg.pretrained, trusted=cfg.trust_checkpoint)
@@ -233,15 +304,26 @@ def summary_table(rows: Sequence[Sequence], header: Sequence[str]) -> str:
 def finish_run(result: dict, data: Data, cfg: TrainConfig, info: DistInfo, title: str, stream=None) -> dict:
     """After the loop: evaluate the final model fully (reliability, confusion), write
     ``final_eval.json`` and the plots (rank 0), print the summary table; returns the final
-    metrics (or {} without an eval set)."""
+    metrics (or {} without an eval set). With EMA weights both are evaluated: the raw weights
+    (the top-level metrics) and the average (``"ema"``: what ``bitfast eval`` and ``export``
+    use). The table says when the run stopped early (``--stop-at-step``) and how to continue
+    it, and when a resumed run had already finished."""
+    import copy
     import json
 
     stream = stream or sys.stdout
-    final = {}
+    final, final_ema = {}, {}
+    averaged = ema_state(result["optimizer"], result["model"]) if result.get("optimizer") is not None else None
     if data.eval is not None:
         batch = cfg.eval_batch_size or max(cfg.batch_size // max(info.world_size, 1), 1)
         final = evaluate(result["model"], data.eval, data.num_classes, batch_size=batch, info=info,
                          precision=cfg.precision, channels_last=cfg.channels_last)
+        if averaged is not None:
+            ema_model = copy.deepcopy(result["model"])
+            ema_model.load_state_dict(averaged)
+            final_ema = evaluate(ema_model, data.eval, data.num_classes, batch_size=batch, info=info,
+                                 precision=cfg.precision, channels_last=cfg.channels_last)
+            final["ema"] = {k: final_ema[k] for k in ("top1", "top5", "loss", "ece", "n")}
     if not info.is_main:
         return final
     written = []
@@ -260,13 +342,25 @@ def finish_run(result: dict, data: Data, cfg: TrainConfig, info: DistInfo, title
         else:
             print(plots.missing_note(), file=stream)
     train = [r for r in result["history"] if r.get("kind") == "train"]
-    rows = [["data", data.description], ["steps", f"{result['step']} x {cfg.batch_size} images"],
-            ["time", f"{result['seconds']:.1f} s ({result['img_per_s']:.1f} img/s)"]]
+    total = result.get("total_steps", result["step"])
+    rows = [["data", data.description], ["steps", f"{result['step']} x {cfg.batch_size} images"]]
+    if result["step"] == result.get("start_step") and result["step"] >= total:
+        rows.append(["time", f"- (the checkpoint had finished all {total} steps; nothing was trained)"])
+    else:
+        rows.append(["time", f"{result['seconds']:.1f} s ({result['img_per_s']:.1f} img/s)"])
+    if result.get("stopped_early"):
+        rows.append(["stopped early", f"after step {result['step']} of {total} (--stop-at-step): continue with the same "
+                                      f"command and --resume auto (or --resume {result.get('checkpoint') or 'last.pt'})"])
     if train:
         rows.append(["final training loss", f"{train[-1]['loss']:.4f}"])
+    raw = " (raw weights)" if final_ema else ""
     if final:
-        rows += [["test top-1", f"{100 * final['top1']:.2f}% of {final['n']}"], ["test top-5", f"{100 * final['top5']:.2f}%"],
-                 ["test loss", f"{final['loss']:.4f}"], ["ECE (15 bins)", f"{100 * final['ece']:.2f}%"]]
+        rows += [[f"test top-1{raw}", f"{100 * final['top1']:.2f}% of {final['n']}"],
+                 [f"test top-5{raw}", f"{100 * final['top5']:.2f}%"],
+                 [f"test loss{raw}", f"{final['loss']:.4f}"], [f"ECE (15 bins){raw}", f"{100 * final['ece']:.2f}%"]]
+    if final_ema:
+        rows += [["test top-1 (EMA weights)", f"{100 * final_ema['top1']:.2f}% (eval and export use these)"],
+                 ["test loss (EMA weights)", f"{final_ema['loss']:.4f}"]]
     rows.append(["checkpoint", result.get("checkpoint") or "-"])
     rows.append(["metrics", os.path.join(cfg.output, "metrics.jsonl")])
     if written:
@@ -274,6 +368,50 @@ def finish_run(result: dict, data: Data, cfg: TrainConfig, info: DistInfo, title
     print(title, file=stream)
     print(summary_table(rows, ["", "value"]), file=stream)
     return final
+
+
+def checkpoint_eval_data(state: dict, *, data: str | None = None, val_data: str | None = None,
+                         classes: Sequence[int] | None = None, crop: int | None = None,
+                         required: bool = True) -> tuple[Data | None, int]:
+    """The data to evaluate a training checkpoint on, and the resolution: ``val_data`` (an
+    ImageFolder evaluated as it is) when given, else the test split of ``data`` (default: the
+    checkpoint's own training data, which it stores as a resolved path; ``classes`` picks
+    digits). ``crop`` defaults to the checkpoint's resolution. Refuses data whose class names
+    differ from the checkpoint's (a model scored against another task's labels), naming both.
+    Returns ``(None, crop)`` when nothing can be evaluated and not ``required``."""
+    from bitfast.data import ImageFolder, transforms
+
+    saved = state.get("config") or {}
+    crop = crop or int(state.get("resolution") or saved.get("crop") or 128)
+    check_resolution(crop)
+    if val_data is not None:
+        if not os.path.isdir(val_data):
+            raise FileNotFoundError(f"--val-data {val_data!r} is not a directory (an ImageFolder)")
+        eval_set = ImageFolder(val_data, transform=transforms.eval_transform(crop))
+        names, desc = list(eval_set.classes), f"ImageFolder {val_data} ({len(eval_set)} images, {len(eval_set.classes)} classes)"
+    else:
+        source = data or saved.get("data") or "digits"
+        if not _is_digits(source) and not os.path.isdir(source):
+            raise FileNotFoundError(
+                f"the data {source!r} is not a directory here" + ("" if data else " (the checkpoint's training data, "
+                                                                     "stored as given at training time)")
+                + ": pass --data or --val-data")
+        digits = classes if classes is not None else (saved.get("classes") if _is_digits(source) else None)
+        cfg = TrainConfig(data=source, classes=digits, flip=False)
+        d = build_data(cfg, crop, crop, min_classes=1)
+        if d.eval is None:
+            if not required:
+                return None, crop
+            raise ValueError(f"--data {source!r} has no evaluation images: pass --val-data or a folder with val/")
+        eval_set, names, desc = d.eval, d.class_names, d.description
+    if len(names) != int(state.get("num_classes", len(names))):
+        raise ValueError(f"the checkpoint has {state.get('num_classes')} classes, the evaluation data {len(names)}; "
+                         "pass the data (and --classes) it was trained on")
+    expected = state.get("classes")
+    if expected is not None and list(expected) != list(names):
+        raise ValueError(f"the checkpoint was trained on classes {list(expected)}, the evaluation data has {names}: "
+                         "its scores would be against other labels; pass the data (and --classes) it was trained on")
+    return Data(None, eval_set, names, desc), crop
 
 
 def model_from_checkpoint(path: str, *, use_ema: bool = True, device: torch.device | str = "cpu",

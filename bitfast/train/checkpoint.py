@@ -247,21 +247,60 @@ def convert_checkpoint(path: str | os.PathLike, output: str | os.PathLike | None
     return save_checkpoint(os.fspath(output if output is not None else path), state)
 
 
-def check_compatible(state: Mapping[str, Any], *, model: str, num_classes: int, path: str = "checkpoint") -> None:
-    """Raise ``CheckpointError`` unless ``state`` (a loaded checkpoint) was written for
-    ``model`` with ``num_classes`` classes; the message names both and what to change."""
+# What --resume compares, with the flags that set each (for the message).
+_IDENTITY_FLAGS = {
+    "norm": "--norm",
+    "classes": "--classes / the data's class folders",
+    "data": "--data",
+    "batch_size": "--batch-size",
+    "total_steps": "the schedule (--steps, --schedule, --epochs)",
+    "seed": "--seed",
+}
+
+
+def _saved_identity(state: Mapping[str, Any]) -> dict:
+    """What a checkpoint says about its run: its ``"run"`` entry, or what older checkpoints'
+    config and metadata hold."""
+    if isinstance(state.get("run"), Mapping):
+        return dict(state["run"])
+    config = state.get("config") or {}
+    found = {"norm": config.get("norm"), "classes": state.get("classes"), "batch_size": config.get("batch_size"),
+             "seed": config.get("seed")}
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def check_compatible(state: Mapping[str, Any], *, model: str, num_classes: int, path: str = "checkpoint",
+                     run: Mapping[str, Any] | None = None) -> None:
+    """Raise ``CheckpointError`` unless ``state`` (a loaded checkpoint) was written by the run
+    being resumed: the same ``model`` and ``num_classes`` and, where both sides know it, the
+    same ``run`` identity (``norm``, class names, data source and size, batch size, total
+    steps, seed; see ``train_loop``). The message names every difference and the flag behind it."""
     config = state.get("config") or {}
     saved_model = config.get("model")
     saved_classes = state.get("num_classes", config.get("num_classes"))
+    diffs = []
     if saved_model is not None and saved_model != model:
-        raise CheckpointError(
-            f"cannot resume from {path}: it was written for model {saved_model!r}, this run builds {model!r}; "
-            f"pass --model {saved_model} or start a new run in another --output directory"
-        )
+        diffs.append(f"it was written for model {saved_model!r}, this run builds {model!r} (pass --model {saved_model})")
     if saved_classes is not None and int(saved_classes) != int(num_classes):
+        diffs.append(f"it has a {saved_classes}-class head, this run's data has {num_classes} classes")
+    saved = _saved_identity(state)
+    for key, ours in (run or {}).items():
+        theirs = saved.get(key)
+        if theirs is None or ours is None:
+            continue
+        if key == "data":
+            for part, label in (("source", "data"), ("train_size", "training images")):
+                if part in theirs and part in ours and theirs[part] != ours[part]:
+                    diffs.append(f"its {label}: {theirs[part]!r}, this run's: {ours[part]!r} (--data)")
+        elif key == "classes" and list(theirs) != list(ours):
+            diffs.append(f"its classes: {list(theirs)}, this run's: {list(ours)} ({_IDENTITY_FLAGS[key]})")
+        elif key != "classes" and theirs != ours:
+            diffs.append(f"its {key.replace('_', ' ')}: {theirs!r}, this run's: {ours!r} ({_IDENTITY_FLAGS[key]})")
+    if diffs:
         raise CheckpointError(
-            f"cannot resume from {path}: it has a {saved_classes}-class head, this run's data has "
-            f"{num_classes} classes; use the same data/classes or start a new run in another --output directory"
+            f"cannot resume from {path}, another run's checkpoint: " + "; ".join(diffs)
+            + ". Resume with the run's own settings, or start a new run in another --output directory (or "
+            "--overwrite); to start from its weights instead, pass it as --pretrained"
         )
 
 

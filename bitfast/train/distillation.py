@@ -19,12 +19,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bitfast.train.build import TINY_MODEL, build_data, build_model, finish_run, make_eval_fn, model_from_checkpoint
+from bitfast.train.build import (
+    build_model,
+    build_planned_data,
+    checkpoint_resolution,
+    finish_run,
+    make_eval_fn,
+    model_from_checkpoint,
+)
 from bitfast.train.distill import distill_loss
 from bitfast.train.distributed import DistInfo, init_distributed
 from bitfast.train.evaluate import evaluate
-from bitfast.train.finetune import FinetuneConfig, _first_image_size, plan_finetune, step_lr
-from bitfast.train.loop import TrainConfig, train_loop
+from bitfast.train.finetune import FinetuneConfig, describe_lr, plan_finetune, step_lr
+from bitfast.train.loop import TrainConfig, start_run, train_loop
+from bitfast.train.options import Options
 
 __all__ = ["DistillConfig", "distill", "load_teacher"]
 
@@ -41,6 +49,16 @@ class DistillConfig(FinetuneConfig):
     alpha: float = 0.9
     temperature: float = 4.0
     output: str = "runs/distill"
+
+    def validate(self) -> None:
+        """``FinetuneConfig.validate`` plus the teacher and the loss's options."""
+        super().validate()
+        if not self.teacher:
+            raise ValueError("--teacher is required: a bitfast training checkpoint (RUN/last.pt) or a model name "
+                             "(with --teacher-pretrained weights)")
+        v = Options(self)
+        v.number("alpha", low=0, high=1)
+        v.number("temperature", low=0, low_open=True)
 
 
 def _looks_like_path(src: str) -> bool:
@@ -73,9 +91,8 @@ def load_teacher(cfg: DistillConfig, num_classes: int, class_names: list[str],
     elif _looks_like_path(src):
         raise FileNotFoundError(f"--teacher {src!r}: no such file; pass a bitfast training checkpoint or a model name")
     else:
-        if src != TINY_MODEL and src not in list_models():
-            raise ValueError(f"--teacher {src!r} is neither a file nor a model; models: {TINY_MODEL}, "
-                             f"{', '.join(list_models())}")
+        if src not in list_models(include_aliases=True):
+            raise ValueError(f"--teacher {src!r} is neither a file nor a model; models: {', '.join(list_models())}")
         teacher, note = build_model(TrainConfig(model=src, norm=cfg.norm, pretrained=cfg.teacher_pretrained,
                                                 trust_checkpoint=cfg.trust_checkpoint),
                                     num_classes, zero_head=False)
@@ -94,27 +111,18 @@ def distill(cfg: DistillConfig, info: DistInfo | None = None, stream=None) -> di
     print a summary, write ``distill.json`` beside the run's checkpoint and metrics.
     Returns ``{"plan", "result", "final", "teacher", "data", "model"}``."""
     stream = stream or sys.stdout
+    start_run(cfg)
     info = info or init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    if not 0.0 <= cfg.alpha <= 1.0:
-        raise ValueError(f"--alpha must be in [0, 1]; got {cfg.alpha}")
-    if not cfg.temperature > 0:
-        raise ValueError(f"--temperature must be > 0; got {cfg.temperature}")
-    if cfg.crop is None and cfg.teacher and os.path.isfile(cfg.teacher):
+    teacher_note = ""
+    if cfg.crop is None and cfg.resize is None:
         # The student sees what the teacher was trained on: its resolution unless --crop says otherwise.
-        from bitfast.train.checkpoint import load_checkpoint
-
-        resolution = load_checkpoint(cfg.teacher, trusted=cfg.trust_checkpoint).get("resolution")
+        resolution = checkpoint_resolution(cfg.teacher, trusted=cfg.trust_checkpoint)
         if resolution:
-            cfg.crop = int(resolution)
-    image_size = None
-    if cfg.data not in (None, "digits") and cfg.crop is None and cfg.resize is None:
-        if not os.path.isdir(cfg.data):
-            raise FileNotFoundError(f"--data {cfg.data!r} is not a directory; pass an ImageFolder (one subfolder per class)")
-        image_size = _first_image_size(cfg.data)
-    probe = plan_finetune(cfg, 1, image_size)
-    data = build_data(cfg, probe["resize"], probe["crop"])
-    plan = plan_finetune(cfg, len(data.train), image_size)
+            cfg.crop = resolution
+            teacher_note = f"resolution {resolution}: the teacher checkpoint's (pass --crop to change)"
+    data, plan, size_note = build_planned_data(cfg, lambda n, size: plan_finetune(cfg, n, size))
+    size_note = teacher_note or size_note
     teacher, teacher_desc = load_teacher(cfg, data.num_classes, data.class_names, info.device)
     torch.manual_seed(cfg.seed)  # the student's initialisation does not depend on how the teacher was built
     student, init_note = build_model(cfg, data.num_classes)
@@ -131,11 +139,14 @@ def distill(cfg: DistillConfig, info: DistInfo | None = None, stream=None) -> di
     n_t = sum(p.numel() for p in teacher.parameters())
     n_s = sum(p.numel() for p in student.parameters())
     if info.is_main:
-        print(f"bitfast distill: teacher {teacher_desc}, {n_t / 1e6:.2f}M parameters -> student {cfg.model}, "
+        default = " (the default student; choose one with --student)" if cfg.model == DistillConfig.model else ""
+        print(f"bitfast distill: teacher {teacher_desc}, {n_t / 1e6:.2f}M parameters -> student {cfg.model}{default}, "
               f"{n_s / 1e6:.2f}M parameters ({init_note}) on {data.description}", file=stream)
         print(f"  loss (1 - {cfg.alpha}) CE + {cfg.alpha} T^2 KL, T {cfg.temperature}; resolution {plan['crop']}, "
-              f"schedule {sched}, lr {peak:.3g}, "
+              f"schedule {sched}, {describe_lr(plan, cfg.batch_size)}, "
               f"MixUp alpha {plan['mixup_alpha']}; {info.world_size} process(es) on {device}", file=stream)
+        if size_note:
+            print(f"  {size_note}", file=stream)
     result = train_loop(
         student, data.train, cfg=cfg, total_steps=sched[-1], lr_at=lambda s: step_lr(s, sched, peak),
         num_classes=data.num_classes, info=info, eval_fn=make_eval_fn(data, cfg, info), desc="distill",

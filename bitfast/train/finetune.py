@@ -10,7 +10,7 @@ decay. Every value can be overridden in ``FinetuneConfig``.
 
 from __future__ import annotations
 
-import os
+import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,11 +18,12 @@ from dataclasses import dataclass
 import torch
 
 from bitfast.train import hyperrule
-from bitfast.train.build import build_data, build_model, finish_run, make_eval_fn
+from bitfast.train.build import build_model, build_planned_data, finish_run, make_eval_fn
 from bitfast.train.distributed import DistInfo, init_distributed
-from bitfast.train.loop import TrainConfig, train_loop
+from bitfast.train.loop import TrainConfig, start_run, train_loop
+from bitfast.train.options import Options
 
-__all__ = ["FinetuneConfig", "finetune", "plan_finetune", "step_lr"]
+__all__ = ["FinetuneConfig", "describe_lr", "finetune", "plan_finetune", "step_lr"]
 
 
 @dataclass
@@ -41,6 +42,24 @@ class FinetuneConfig(TrainConfig):
     lora_alpha: float | None = None
     output: str = "runs/finetune"
 
+    def validate(self) -> None:
+        """``TrainConfig.validate`` plus the schedule, the resolution table and LoRA's options."""
+        super().validate()
+        v = Options(self)
+        if self.schedule is not None:
+            v.integers("schedule", low=0, min_count=5)
+            sched = list(self.schedule)
+            if len(sched) != 5 or sorted(sched) != sched or sched[-1] < 1:
+                raise ValueError(f"--schedule must be 5 non-decreasing steps W D1 D2 D3 TOTAL with TOTAL >= 1; got {sched}")
+        v.choice("variant", hyperrule.VARIANTS)
+        v.number("lora_rank", low=0, integer=True)
+        v.number("lora_alpha", low=0, low_open=True, optional=True)
+        if self.lora_alpha is not None and not self.lora_rank:
+            raise ValueError("--lora-alpha scales LoRA updates: pass --lora-rank R too")
+        if self.lora_rank and self.linear_probe:
+            raise ValueError("--lora-rank and --linear-probe exclude each other (a linear probe trains the head alone); "
+                             "drop one of them")
+
 
 def step_lr(step: int, schedule: Sequence[int], peak: float) -> float | None:
     """The HyperRule's learning rate for an explicit ``schedule`` ``[warmup, d1, ..., total]``:
@@ -54,29 +73,19 @@ def step_lr(step: int, schedule: Sequence[int], peak: float) -> float | None:
     return peak / 10 ** sum(1 for d in decays if d < step)
 
 
-def _first_image_size(root: str) -> tuple[int, int] | None:
-    try:
-        from PIL import Image
-    except ImportError:
-        return None
-    for dirpath, _, files in sorted(os.walk(root)):
-        for name in sorted(files):
-            try:
-                with Image.open(os.path.join(dirpath, name)) as im:
-                    return im.size[1], im.size[0]
-            except Exception:  # noqa: BLE001 - not an image: look further
-                continue
-    return None
-
-
 def plan_finetune(cfg: FinetuneConfig, n: int, image_size: tuple[int, int] | None) -> dict:
-    """The resolved settings of a fine-tuning run of ``n`` examples of ``image_size``: the
-    HyperRule's values with the config's overrides. Keys: ``resize``, ``crop``, ``schedule``,
-    ``peak_lr``, ``mixup_alpha``, ``hyperrule`` (the untouched rule, for the record)."""
+    """The resolved settings of a fine-tuning run of ``n`` examples of ``image_size`` (the
+    dataset's typical size, see ``hyperrule.dataset_image_size``): the HyperRule's values with
+    the config's overrides. Keys: ``resize``, ``crop``, ``schedule``, ``peak_lr`` (the rate
+    used: ``base_lr`` x batch / 512), ``base_lr``, ``mixup_alpha``, ``hyperrule`` (the untouched
+    rule, for the record). A ``--warmup-steps`` that does not end before the run does, or
+    after the schedule's first decay, raises ``ValueError`` naming the flags."""
     if cfg.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1; got {cfg.batch_size}")
-    rule = hyperrule.settings(n, image_size or (8, 8), batch_size=cfg.batch_size,
-                              base_lr=cfg.base_lr or hyperrule.BASE_LR, variant=cfg.variant)
+    rule = hyperrule.settings(n, image_size or (8, 8), batch_size=cfg.batch_size, variant=cfg.variant)
+    base = hyperrule.BASE_LR if cfg.base_lr is None else float(cfg.base_lr)
+    if not (math.isfinite(base) and base >= 0):
+        raise ValueError(f"--base-lr must be a finite number >= 0; got {cfg.base_lr}")
     resize, crop = rule["resize"], rule["crop"]
     if cfg.crop is not None:
         crop = cfg.crop
@@ -94,14 +103,28 @@ def plan_finetune(cfg: FinetuneConfig, n: int, image_size: tuple[int, int] | Non
         f = cfg.steps / sched[-1]
         sched = [round(v * f) for v in sched[:-1]] + [cfg.steps]
     if cfg.warmup_steps is not None:
+        if not 0 <= cfg.warmup_steps < sched[-1]:
+            raise ValueError(f"--warmup-steps {cfg.warmup_steps} must be shorter than the run ({sched[-1]} steps): pass "
+                             "a smaller --warmup-steps, or more --steps")
+        if cfg.warmup_steps > sched[1]:
+            raise ValueError(
+                f"--warmup-steps {cfg.warmup_steps} would end after the schedule's first decay (step {sched[1]} of "
+                f"{[cfg.warmup_steps, *sched[1:]]}): pass --warmup-steps {sched[1]} or less, or a whole --schedule "
+                "W D1 D2 D3 TOTAL"
+            )
         sched[0] = cfg.warmup_steps
     if not 0 <= sched[0] < sched[-1]:
         raise ValueError(f"warm-up ({sched[0]} steps) must be shorter than the run ({sched[-1]} steps)")
     return {
-        "resize": resize, "crop": crop, "schedule": sched, "peak_lr": rule["lr"],
-        "mixup_alpha": rule["mixup_alpha"] if cfg.mixup_alpha is None else cfg.mixup_alpha,
+        "resize": resize, "crop": crop, "schedule": sched, "peak_lr": base * cfg.batch_size / hyperrule.BASE_BATCH,
+        "base_lr": base, "mixup_alpha": rule["mixup_alpha"] if cfg.mixup_alpha is None else cfg.mixup_alpha,
         "hyperrule": rule,
     }
+
+
+def describe_lr(plan: dict, batch_size: int) -> str:
+    """The plan's learning rate as printed: ``lr 0.0006 (0.003 x 64/512)``."""
+    return f"lr {plan['peak_lr']:.3g} ({plan['base_lr']:g} x {batch_size}/{hyperrule.BASE_BATCH})"
 
 
 def _apply_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> str:
@@ -118,7 +141,8 @@ def _apply_lora(model: torch.nn.Module, cfg: FinetuneConfig) -> str:
     try:
         lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     except ValueError as exc:
-        raise ValueError(f"--lora-rank {cfg.lora_rank} / --lora-alpha {cfg.lora_alpha}: {exc}") from exc
+        flags = f"--lora-rank {cfg.lora_rank}" + (f" --lora-alpha {cfg.lora_alpha}" if cfg.lora_alpha is not None else "")
+        raise ValueError(f"{flags}: {exc}") from exc
     # FusedSGD keeps one momentum buffer per trained parameter, plus the average with --ema-decay.
     return str(lora_report(model, states_per_param=1 + (1 if cfg.ema_decay else 0)))
 
@@ -130,20 +154,11 @@ def finetune(cfg: FinetuneConfig, info: DistInfo | None = None, stream=None) -> 
     plots into ``cfg.output``. Returns ``{"plan", "result", "final", "data", "model"}``.
     """
     stream = stream or sys.stdout
+    start_run(cfg)
     info = info or init_distributed(cfg.device)
     torch.manual_seed(cfg.seed)
-    image_size = None
-    if cfg.data not in (None, "digits") and (cfg.crop is None and cfg.resize is None):
-        if not os.path.isdir(cfg.data):
-            raise FileNotFoundError(f"--data {cfg.data!r} is not a directory; pass an ImageFolder (one subfolder per class)")
-        image_size = _first_image_size(cfg.data)
-        if image_size is None:
-            raise ValueError(f"--data {cfg.data!r} contains no readable image; pass an ImageFolder of images")
-    # HyperRule counts the training examples; build the data with a provisional resolution
-    # only when the count is needed to pick it (the digits: 8x8, always the small-image rule).
-    probe = plan_finetune(cfg, 1, image_size)
-    data = build_data(cfg, probe["resize"], probe["crop"])
-    plan = plan_finetune(cfg, len(data.train), image_size)
+    # HyperRule counts the training examples and decides the resolution on their sizes.
+    data, plan, size_note = build_planned_data(cfg, lambda n, size: plan_finetune(cfg, n, size))
     model, init_note = build_model(cfg, data.num_classes)
     lora_note = _apply_lora(model, cfg)
     if cfg.model != "bit_tiny" and cfg.pretrained is None and info.is_main:
@@ -154,8 +169,10 @@ def finetune(cfg: FinetuneConfig, info: DistInfo | None = None, stream=None) -> 
         print(f"bitfast finetune: {cfg.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
               f"{init_note}) on {data.description}", file=stream)
         print(f"  HyperRule: n={len(data.train)} -> resize {plan['resize']}, crop {plan['crop']}, schedule {sched}, "
-              f"lr {peak:.3g} (0.003 x {cfg.batch_size}/512), MixUp alpha {plan['mixup_alpha']}, momentum {cfg.momentum}, "
+              f"{describe_lr(plan, cfg.batch_size)}, MixUp alpha {plan['mixup_alpha']}, momentum {cfg.momentum}, "
               f"weight decay {cfg.weight_decay}; {info.world_size} process(es) on {info.device}", file=stream)
+        if size_note:
+            print(f"  {size_note}", file=stream)
         if lora_note:
             print("  " + lora_note.replace("\n", "\n  "), file=stream)
     result = train_loop(

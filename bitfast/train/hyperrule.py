@@ -28,6 +28,7 @@ __all__ = [
     "BASE_BATCH",
     "BASE_LR",
     "VARIANTS",
+    "dataset_image_size",
     "lr",
     "mixup_alpha",
     "resolution",
@@ -81,6 +82,20 @@ def resolution(image_size, variant: str = "release") -> tuple[int, int]:
     if h * w < _SMALL_AREA:
         return 160, 128
     return (512, 480) if variant == "release" else (448, 384)
+
+
+def dataset_image_size(sizes) -> tuple[tuple[int, int], float]:
+    """The image size the resolution rule is decided on for a dataset of images of ``sizes``
+    (``(height, width)`` each; ``None`` entries, unreadable images, are left out): the size of
+    the image of median area (the lower median), so that the small-image table is chosen
+    exactly when at least half of the images are below 96x96 pixels. Returns ``(size,
+    fraction of the images below 96x96)``."""
+    known = [(int(h), int(w)) for h, w in (s for s in sizes if s is not None)]
+    if not known:
+        raise ValueError("dataset_image_size: no image sizes to decide the resolution on")
+    known.sort(key=lambda s: s[0] * s[1])
+    small = sum(1 for h, w in known if h * w < _SMALL_AREA) / len(known)
+    return known[(len(known) - 1) // 2], small
 
 
 def schedule(n: int) -> list[int]:

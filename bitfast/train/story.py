@@ -92,7 +92,8 @@ class StoryConfig:
 def _train_cfg(story_cfg: StoryConfig, output: str, classes, **kw) -> TrainConfig:
     values = dict(data="digits", classes=list(classes), model=TINY_MODEL, crop=story_cfg.crop, resize=story_cfg.resize,
                   flip=False, batch_size=story_cfg.batch_size, seed=story_cfg.seed, output=output,
-                  progress=story_cfg.progress, plots=False, device=story_cfg.device, eval_every=0)
+                  progress=story_cfg.progress, plots=False, device=story_cfg.device, eval_every=0,
+                  overwrite=True)  # the story replaces its own earlier runs
     return TrainConfig(**{**values, **kw})
 
 

@@ -29,7 +29,8 @@ from bitfast.train.build import Data, build_data, build_model, model_from_checkp
 from bitfast.train.distributed import DistInfo, init_distributed
 from bitfast.train.evaluate import evaluate
 from bitfast.train.finetune import FinetuneConfig, plan_finetune, step_lr
-from bitfast.train.loop import TrainConfig, train_loop
+from bitfast.train.loop import TrainConfig, start_run, train_loop
+from bitfast.train.options import Options
 
 __all__ = ["FewshotConfig", "backbone_features", "fewshot", "finetune_episode", "format_fewshot"]
 
@@ -52,6 +53,19 @@ class FewshotConfig(FinetuneConfig):
     feature_batch_size: int = 256
     output: str = "runs/fewshot"
     extra: dict = field(default_factory=dict)
+
+    def validate(self) -> None:
+        """``FinetuneConfig.validate`` plus the few-shot protocol's options."""
+        super().validate()
+        v = Options(self)
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad or not self.methods:
+            raise ValueError(f"--methods must be some of {list(METHODS)}; got {list(self.methods)}")
+        v.integers("shots", low=1, unique=True)
+        v.integers("seeds", low=0, unique=True)
+        v.number("feature_batch_size", low=1, integer=True)
+        if self.checkpoint is not None and not os.path.isfile(self.checkpoint):
+            raise FileNotFoundError(f"--checkpoint {self.checkpoint!r}: no such file (a bitfast training checkpoint)")
 
 
 def backbone_features(model: nn.Module, dataset, *, batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,7 +98,8 @@ def _plain_train(cfg: TrainConfig, crop: int, data: Data):
 def finetune_episode(init: nn.Module, train_subset, data: Data, cfg: FewshotConfig, *, k: int, seed: int,
                      info: DistInfo, output: str) -> dict:
     """HyperRule fine-tuning of a copy of ``init`` (fresh zero head) on ``train_subset`` (an
-    episode of ``k`` shots); returns the test metrics."""
+    episode of ``k`` shots); returns the test metrics, with ``stopped_early`` (the steps done
+    and planned) when ``--stop-at-step`` ended it before its schedule."""
     import copy
 
     model = copy.deepcopy(init)
@@ -93,12 +108,17 @@ def finetune_episode(init: nn.Module, train_subset, data: Data, cfg: FewshotConf
     plan = plan_finetune(cfg, n, None)
     sched, peak = plan["schedule"], plan["peak_lr"]
     ep_cfg = copy.copy(cfg)
-    ep_cfg.output, ep_cfg.seed, ep_cfg.resume, ep_cfg.mixup_alpha = output, seed, None, plan["mixup_alpha"]
+    ep_cfg.output, ep_cfg.seed, ep_cfg.mixup_alpha = output, seed, plan["mixup_alpha"]
+    # Episodes are the fewshot command's own sub-runs: replaced on a new run, continued with --resume auto.
+    ep_cfg.resume, ep_cfg.overwrite = ("auto" if cfg.resume == "auto" else None), True
     ep_cfg.checkpoint_every, ep_cfg.eval_every, ep_cfg.plots = 0, 0, False
     res = train_loop(model, train_subset, cfg=ep_cfg, total_steps=sched[-1], lr_at=lambda s: step_lr(s, sched, peak),
                      num_classes=data.num_classes, info=info, desc=f"finetune {k}-shot seed {seed}",
                      run_meta={"model": cfg.model, "classes": data.class_names})
-    return evaluate(res["model"], data.eval, data.num_classes, batch_size=cfg.feature_batch_size, info=info)
+    metrics = evaluate(res["model"], data.eval, data.num_classes, batch_size=cfg.feature_batch_size, info=info)
+    if res["stopped_early"]:
+        metrics["stopped_early"] = {"step": res["step"], "total_steps": res["total_steps"]}
+    return metrics
 
 
 def _stats(accs: list[float]) -> dict:
@@ -119,14 +139,8 @@ def fewshot(cfg: FewshotConfig, info: DistInfo | None = None, stream=None) -> di
     """Run the few-shot protocol of ``cfg``; print the table; write ``fewshot.json`` into
     ``cfg.output``. Returns ``{method: {k: {"mean", "std", "accuracies"}}}``."""
     stream = stream or sys.stdout
+    start_run(cfg, files=("fewshot.json",))
     info = info or init_distributed(cfg.device)
-    bad = [m for m in cfg.methods if m not in METHODS]
-    if bad or not cfg.methods:
-        raise ValueError(f"--methods must be some of {METHODS}; got {list(cfg.methods)}")
-    if not cfg.seeds:
-        raise ValueError("--seeds is empty; pass at least one seed")
-    if any(int(k) < 1 for k in cfg.shots) or not cfg.shots:
-        raise ValueError(f"--shots must be counts >= 1; got {list(cfg.shots)}")
     torch.manual_seed(cfg.seed)
     if cfg.checkpoint:
         init, state = model_from_checkpoint(cfg.checkpoint, device="cpu", trusted=cfg.trust_checkpoint)
@@ -153,6 +167,7 @@ def fewshot(cfg: FewshotConfig, info: DistInfo | None = None, stream=None) -> di
         zte, yte = backbone_features(init, data.eval, batch_size=cfg.feature_batch_size, device=info.device)
         ridge = run_ridge_episodes(ztr, ytr, zte, yte, shots=[int(k) for k in cfg.shots], seeds=[int(s) for s in cfg.seeds])
         results["ridge"] = {k: {"mean": r["mean"], "std": r["std"], "accuracies": r["accuracies"]} for k, r in ridge.items()}
+    stopped = []
     if "finetune" in cfg.methods:
         per_k = {}
         for k in cfg.shots:
@@ -163,11 +178,21 @@ def fewshot(cfg: FewshotConfig, info: DistInfo | None = None, stream=None) -> di
                 res = finetune_episode(init, torch.utils.data.Subset(data.train, idx), data, cfg, k=int(k),
                                        seed=int(seed), info=info, output=out)
                 accs.append(res["top1"])
+                if "stopped_early" in res:
+                    stopped.append((out, res["stopped_early"]))
             per_k[int(k)] = _stats(accs)
         results["finetune"] = per_k
     if info.is_main:
         os.makedirs(cfg.output, exist_ok=True)
         with open(os.path.join(cfg.output, "fewshot.json"), "w") as f:
-            json.dump({m: {str(k): v for k, v in r.items()} for m, r in results.items()}, f, indent=1)
+            record = {m: {str(k): v for k, v in r.items()} for m, r in results.items()}
+            if stopped:
+                record["stopped_early"] = {path: s for path, s in stopped}
+            json.dump(record, f, indent=1)
         print(format_fewshot(results), file=stream)
+        if stopped:
+            step, total = stopped[0][1]["step"], stopped[0][1]["total_steps"]
+            print(f"note: the fine-tuning episodes stopped early (--stop-at-step: step {step} of {total}); their "
+                  "accuracies are of unfinished runs. Continue them with the same command and --resume auto.",
+                  file=stream)
     return results

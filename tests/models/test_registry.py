@@ -1,11 +1,11 @@
 """create_model / list_models: names, parameter counts of the six BiT architectures
-(SPEC-bit.md table, on the meta device) and argument errors."""
+(SPEC-bit.md table, on the meta device), the registered ``bit_tiny`` and argument errors."""
 
 import pytest
 import torch
 
 import bitfast
-from bitfast.models import ResNetV2, create_model, default_release, list_models
+from bitfast.models import MODEL_SPECS, MODELS, ResNetV2, create_model, default_release, list_models
 
 # arch -> (backbone, with 1000-class head, with 21843-class head), in millions (SPEC-bit.md)
 PARAMS = {
@@ -23,7 +23,7 @@ def millions(model) -> float:
 
 
 def test_list_models():
-    assert list_models() == list(PARAMS)
+    assert list_models() == [*PARAMS, "bit_tiny"]
     assert bitfast.list_models is list_models
     aliases = list_models(include_aliases=True)
     assert "bit_r50x1" in aliases and "bit_m_r152x2" in aliases and "bit_s_r152x4" in aliases
@@ -106,3 +106,91 @@ def test_pretrained_architecture_must_match_before_download(monkeypatch, tmp_pat
     with pytest.raises(ValueError, match="meta device"):
         create_model("resnetv2_50x1_bit", pretrained="BiT-M-R50x1", device="meta")
     assert not (tmp_path / "hub").exists()
+
+
+# bit_tiny: not a BiT architecture, a 2M-parameter BiT-style net for CPUs without releases.
+TINY_PARAMS = {0: 2_007_328, 5: 2_012_453, 1000: 3_032_328}
+
+
+def test_bit_tiny_is_registered():
+    assert "bit_tiny" in list_models() and "bit_tiny" in list_models(include_aliases=True)
+    assert list_models()[-1] == "bit_tiny"  # after the BiT family
+    assert "bit_tiny" in bitfast.list_models()
+    spec = MODEL_SPECS["bit_tiny"]
+    assert (spec.units, spec.width_factor, spec.base_width, spec.release_arch) == ((1, 1, 1, 1), 1, 32, None)
+    assert "2M-parameter" in spec.description and "CPU" in spec.description
+    assert "not a released BiT architecture" in spec.description
+    assert "bit_tiny" not in MODELS  # MODELS keeps its (depth, width) shape: the BiT family only
+    assert all(MODEL_SPECS[n].release_arch == f"R{d}x{w}" for n, (d, w) in MODELS.items())
+
+
+@pytest.mark.parametrize("norm", ["gn", "bn"])
+@pytest.mark.parametrize("zero_head", [False, True])
+@pytest.mark.parametrize("num_classes", [0, 5])
+def test_bit_tiny_is_resnetv2_1111_width_32_bitwise(norm, zero_head, num_classes):
+    torch.manual_seed(1234)
+    model = create_model("bit_tiny", num_classes=num_classes, norm=norm, zero_head=zero_head)
+    torch.manual_seed(1234)
+    ref = ResNetV2((1, 1, 1, 1), base_width=32, num_classes=num_classes, norm=norm, zero_head=zero_head)
+    assert type(model) is ResNetV2 and model.model_name == "bit_tiny" and model.pretrained_report is None
+    assert model.layers == (1, 1, 1, 1) and model.base_width == 32 and model.width_factor == 1
+    assert model.norm_kind == norm and model.num_classes == num_classes and model.arch == "R?x1-w32"
+    assert repr(model) == repr(ref)
+    got, want = model.state_dict(), ref.state_dict()
+    assert list(got) == list(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and torch.equal(got[key], want[key]), key
+    assert sum(p.numel() for p in model.parameters()) == TINY_PARAMS[num_classes]
+    # and the same draws leave the generator in the same state
+    torch.manual_seed(7)
+    create_model("bit_tiny", num_classes=num_classes, norm=norm, zero_head=zero_head)
+    after_create = torch.rand(3)
+    torch.manual_seed(7)
+    ResNetV2((1, 1, 1, 1), base_width=32, num_classes=num_classes, norm=norm, zero_head=zero_head)
+    assert torch.equal(after_create, torch.rand(3))
+
+
+def test_bit_tiny_runs_and_takes_the_options():
+    model = create_model(" BIT_Tiny ", num_classes=5, norm="BN", backend="reference", in_chans=1)
+    assert model.model_name == "bit_tiny" and model.norm_kind == "bn"
+    assert model.stem.conv.backend == "reference" and model.stem.conv.in_channels == 1
+    assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+    via_top = bitfast.create_model("bit_tiny", num_classes=5)
+    assert via_top.model_name == "bit_tiny" and via_top.norm_kind == "gn"
+    assert millions(create_model("bit_tiny", num_classes=1000, device="meta")) == 3.03
+
+
+def test_bit_tiny_has_no_released_weights(monkeypatch, tmp_path):
+    monkeypatch.setenv("BITFAST_WEIGHTS_URL", "http://127.0.0.1:9/none")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    msg = r"there are no released weights for bit_tiny .*2M-parameter.*pass pretrained=<path"
+    with pytest.raises(ValueError, match=msg):
+        create_model("bit_tiny", num_classes=5, pretrained=True)
+    with pytest.raises(ValueError, match=msg):
+        default_release("bit_tiny")
+    with pytest.raises(ValueError, match=msg + r".*'BiT-M-R50x1' is for R50x1"):
+        create_model("bit_tiny", pretrained="BiT-M-R50x1")
+    with pytest.raises(ValueError, match=msg):
+        create_model("bit_tiny", pretrained="https://example.invalid/x/BiT-S-R50x1.npz")
+    assert create_model("bit_tiny", pretrained=False).pretrained_report is None
+    assert not (tmp_path / "hub").exists()
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_bit_tiny_pretrained_from_a_file(tmp_path, wrap):
+    torch.manual_seed(0)
+    src = ResNetV2((1, 1, 1, 1), base_width=32, num_classes=5)
+    path = tmp_path / "tiny.pt"
+    state = src.state_dict()
+    torch.save({"model": state, "step": 3} if wrap else state, path)
+    torch.manual_seed(1)
+    model = create_model("bit_tiny", num_classes=5, pretrained=str(path))
+    assert model.model_name == "bit_tiny" and model.pretrained_report is not None
+    for key, value in state.items():
+        assert torch.equal(model.state_dict()[key], value), key
+    fresh_head = create_model("bit_tiny", num_classes=3, pretrained=path)  # an os.PathLike
+    assert torch.equal(fresh_head.stem.conv.weight, src.stem.conv.weight)
+    wide = tmp_path / "wide.pt"  # a checkpoint of another (wider) architecture
+    torch.save(ResNetV2((1, 1, 1, 1), base_width=64, num_classes=5).state_dict(), wide)
+    with pytest.raises(ValueError, match="shape"):
+        create_model("bit_tiny", num_classes=5, pretrained=str(wide))
