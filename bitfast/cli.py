@@ -253,7 +253,9 @@ def _add_train_args(p: argparse.ArgumentParser, defaults, recipe: str) -> None:
                         "checkpoint (its backbone; the head is always fresh)")
     g.add_argument("--resize", type=int, default=defaults.resize, help="train-time resize before the random crop")
     g.add_argument("--crop", type=int, default=defaults.crop,
-                   help="training/eval resolution (>= 32)" + (" (default: BiT-HyperRule: 128 below 96x96 images, else 480)"
+                   help="training/eval resolution (>= 32)" + (" (default: BiT-HyperRule: 128 when at least half of the training images are below 96x96 "
+                                                              "pixels (their median area), else 480; a --pretrained "
+                                                              "training checkpoint's own resolution)"
                                                             if recipe == "finetune" else ""))
     g.add_argument("--no-flip", dest="flip", action="store_false", help="no random horizontal flip")
     o = p.add_argument_group("optimization")

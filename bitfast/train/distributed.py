@@ -69,8 +69,32 @@ def init_distributed(device: str | None = None, backend: str | None = None) -> D
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this torch build has no torch.distributed")
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend or ("nccl" if dev.type == "cuda" else "gloo"))
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        store = _attempt_store(world)
+        if store is None:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
     return DistInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank, device=dev, enabled=True)
+
+
+def _attempt_store(world: int):
+    """Under torchrun, a view of torchrun's own key-value store private to this attempt of the
+    worker group, or None (then torch's default rendezvous is used).
+
+    torchrun (torch 2.5+) lets the workers' process group share its rendezvous store, without
+    a prefix per restart: a worker group restarted after a failure (``--max-restarts``) then
+    reads the addresses the dead group published and cannot connect. Keys under
+    ``bitfast/attempt<TORCHELASTIC_RESTART_COUNT>/`` keep the attempts apart. Set
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` to bypass the shared store altogether."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    host, port = os.environ.get("MASTER_ADDR"), _env_int("MASTER_PORT")
+    if not host or port is None:
+        return None
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT") or 0
+    store = dist.TCPStore(host, port, world, is_master=False)
+    return dist.PrefixStore(f"bitfast/attempt{attempt}/", store)
 
 
 def check_batch(batch_size: int, world_size: int, batch_split: int = 1) -> int:

@@ -287,7 +287,8 @@ def story(cfg: StoryConfig, stream=None) -> dict:
     }
     with open(os.path.join(out, "story.json"), "w") as f:
         json.dump(report, f, indent=1)
-    say(f"wrote {out}/: story.json, upstream/ finetune/ scratch/ (checkpoints, metrics.jsonl)"
+    shots = f"{cfg.fewshot_k}shot-{{finetune,scratch}}-seed{{{','.join(str(s) for s in cfg.fewshot_seeds)}}}/"
+    say(f"wrote {out}/: story.json, upstream/ finetune/ scratch/ {shots} (checkpoints, metrics.jsonl)"
         + (", plots: " + ", ".join(os.path.basename(p) for p in written if p) if written else ""))
     verdict = "PASS" if passed else "FAIL"
     say(f"{verdict}: fine-tuned accuracy on digits {list(cfg.downstream_classes)} {100 * ft_eval['top1']:.1f}% "

@@ -158,8 +158,10 @@ def test_torchrun_restart_resumes_from_last_checkpoint(tmp_path):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "--max-restarts", "1", str(script), *TINY, "--steps", "8", "--checkpoint-every", "2",
                "--device", "cpu", "--output", str(out)]
+        # torchrun's default: the workers share its rendezvous store (init_distributed keeps each
+        # attempt's keys apart; without that the restarted group cannot connect).
         env = {**_env(), "DIE_AFTER_STEP": str(die_after)}
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
     out, ref = tmp_path / "run", tmp_path / "ref"
     # Rank 1 dies after step 5: the checkpoint of step 4 is on disk (rank 1 cannot finish step 5's
