@@ -533,8 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="List the model names: the BiT family (resnetv2_{50x1,...}_bit, timm's names) and "
                                    "bit_tiny, a 2M-parameter BiT-style network for CPUs.")
     m.set_defaults(func=cmd_models)
-    dfmt = argparse.ArgumentDefaultsHelpFormatter
-    d = sub.add_parser("demo", formatter_class=dfmt,
+    d = sub.add_parser("demo", formatter_class=_DefaultsFormatter,
                        help="build a BiT model, load a checkpoint, run a forward pass and report",
                        description="The checkpoint check: build a BiT model, load a checkpoint (a synthetic one in the "
                                    "official .npz layout unless --checkpoint is given), run a forward pass on the "

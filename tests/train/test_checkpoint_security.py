@@ -46,14 +46,7 @@ class _Exec:
         return exec, (f"open({self.marker!r}, 'w').close()",)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # One thread for every run of the module, the module-scoped ones included (bit-exact
-    # comparisons need the same thread count).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -19,12 +19,7 @@ TINY = ["--model", "bit_tiny", "--crop", "32", "--resize", "36", "--batch-size",
         "--log-every", "1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def run(capsys, *argv):
