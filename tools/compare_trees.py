@@ -41,7 +41,6 @@ def _grid():
 
     import bitfast.ops as ops
 
-
     def seeded(*shape, dtype, layout=None, seed=0, scale=1.0):
         g = torch.Generator().manual_seed(seed)
         t = (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
