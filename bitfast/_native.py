@@ -1,25 +1,31 @@
-"""Soft loading of the optional native builds ``bitfast._C`` and ``bitfast._C_cuda``.
+"""Soft loading of the optional native builds ``bitfast._C`` and ``bitfast._C_cuda``, and
+the dispatcher queries about them.
 
 A missing or broken build is a fact for ``bitfast env`` to report, never an import error:
 the ``reference`` backend always works. Loading an extension runs its static
-``TORCH_LIBRARY_IMPL`` registrations, which attach kernels to the schemas defined in
-``bitfast.ops._library``.
+``TORCH_LIBRARY_IMPL`` registrations, which attach kernels to the schemas each op module
+defines (``bitfast.ops._register.define_op``); ``bitfast.ops`` loads the builds after
+every op is defined.
 
 A build made for other schemas (an extension left over from before the sources changed)
 would abort the whole process inside those registrations, so before loading one bitfast
 reads the schema fingerprint compiled into the library file (see ``schema_tag``) and
 refuses a build whose fingerprint differs from the sources', with the command to rebuild.
+
+This module sits below ``bitfast.backends`` and ``bitfast.ops`` and imports neither.
 """
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import importlib.util
 import mmap
 import os
 
+from bitfast import _schemas
+
 EXTENSIONS = ("bitfast._C", "bitfast._C_cuda")
+NAMESPACE = "bitfast"
 
 _loaded: dict[str, bool] = {}
 _errors: dict[str, str] = {}
@@ -30,11 +36,9 @@ REBUILD = "rebuild it: pip install --no-build-isolation -e . (or reinstall bitfa
 
 
 def schema_tag() -> str:
-    """The fingerprint of this bitfast's op schemas: the first 16 hex digits of the SHA-256
-    of ``bitfast/ops/_library.py``, as setup.py computes it for the native builds."""
-    spec = importlib.util.find_spec("bitfast.ops._library")
-    with open(spec.origin, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()[:16]
+    """The fingerprint of this bitfast's op schemas (every ``SCHEMAS`` of the op modules; see
+    ``bitfast._schemas``), as setup.py computes it for the native builds."""
+    return _schemas.fingerprint()
 
 
 def built_schema_tag(path: str) -> str | None:
@@ -104,3 +108,25 @@ def load_error(name: str) -> str:
     """Why ``name`` did not load ('' when it did)."""
     load_all()
     return _errors[name]
+
+
+def qualname(name: str) -> str:
+    """``bitfast::name``: the qualified name of the op ``name``."""
+    return f"{NAMESPACE}::{name}"
+
+
+def has_native_kernel(name: str, device_type: str) -> bool:
+    """Whether a native build attached a kernel for ``native_<name>`` on ``device_type``."""
+    import torch
+
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
+    if key is None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname("native_" + name), key)
+
+
+def has_native_autograd(name: str) -> bool:
+    """Whether ``bitfast._C`` attached a C++ autograd kernel to ``native_<name>``."""
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key(qualname("native_" + name), "Autograd")

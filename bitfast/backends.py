@@ -141,9 +141,7 @@ def _reasons(backend: str, op: str, device_type: str, dtype: torch.dtype) -> tup
         if not _native.loaded(ext):
             reasons.append(f"{backend}: the extension {ext} is not loaded ({_native.load_error(ext)})")
         else:
-            from bitfast.ops import _library  # here, not at the top: bitfast.ops imports this module
-
-            missing = [o for o in ops if not _library.has_native_kernel(o, dev)]
+            missing = [o for o in ops if not _native.has_native_kernel(o, dev)]
             if missing:
                 reasons.append(f"{backend}: {ext} has no {dev} kernel for {', '.join(missing)}")
         if device_type != dev:

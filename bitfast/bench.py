@@ -2,7 +2,7 @@
 
 One case factory per op (``make_case``) builds everything a measurement needs for one
 (op, shape, dtype, layout, mode, implementation): the timed function, the bytes floor
-(PERF.md: the bytes an ideal kernel must move), a correctness check against a float64
+(docs/performance.md: the bytes an ideal kernel must move), a correctness check against a float64
 evaluation of the reference, or the reason it cannot run. The same case serves the speed
 measurement (``time_case``) and the peak-memory measurement (``peak_memory``), whether
 driven by pytest-benchmark or by ``bitfast bench``.
@@ -496,7 +496,7 @@ def _norm_case(spec: Spec, device: str, shape, quick: bool) -> Case:
     es = torch.tensor([], dtype=dtype).element_size()
     numel = n * c * h * w
     gn = spec.op == "group_norm_relu"
-    # PERF.md floors: fwd reads x and writes y; bwd reads x and dy and writes dx; the
+    # The floors of docs/performance.md: fwd reads x and writes y; bwd reads x and dy and writes dx; the
     # float32 affine parameters (and their gradients) are read/written once.
     floor = {"fwd": 2 * numel * es + 2 * c * 4, "bwd": 3 * numel * es + 4 * c * 4, "full": 5 * numel * es + 6 * c * 4}[spec.mode]
     nsets = _n_sets(device, 3 * numel * es)

@@ -18,6 +18,28 @@ def test_schema_tag_is_the_fingerprint_of_the_schema_file():
     assert _native.schema_tag() == tag
 
 
+def test_the_fingerprint_covers_every_schema_string(tmp_path):
+    from bitfast import _schemas
+
+    ops = _schemas.ops_dir()
+    base = _schemas.fingerprint(_schemas.collect(ops))
+    assert base == _native.schema_tag()
+    # Change any one schema (in a copy of the op modules): the fingerprint changes.
+    for name in sorted(os.listdir(ops)):
+        if not name.endswith(".py"):
+            continue
+        text = open(os.path.join(ops, name)).read()
+        if "SCHEMAS = {" not in text:
+            continue
+        copy = tmp_path / name.replace(".py", "")
+        copy.mkdir()
+        (copy / name).write_text(text.replace("float eps", "float epsilon", 1).replace("Tensor[] grads", "Tensor[] g", 1))
+        for other in os.listdir(ops):
+            if other.endswith(".py") and other != name:
+                (copy / other).write_text(open(os.path.join(ops, other)).read())
+        assert _schemas.fingerprint(_schemas.collect(str(copy))) != base, name
+
+
 def test_built_schema_tag_reads_the_string_compiled_into_a_library(tmp_path):
     lib = tmp_path / "lib.so"
     lib.write_bytes(b"\x7fELF\0junk\0bitfast-schema-tag:0123456789abcdef\0more")

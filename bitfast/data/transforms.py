@@ -1,6 +1,6 @@
 """BiT preprocessing, written with torch ops (and Pillow for PIL input, when installed).
 
-Kolesnikov et al., 2020, "Big Transfer (BiT)", section 3.3, and SPEC-bit.md sections 4-5:
+Kolesnikov et al., 2020, "Big Transfer (BiT)", section 3.3, and docs/bit.md (HyperRule, upstream training):
 
 * fine-tuning train (:func:`train_transform`): resize to ``(resize, resize)`` ignoring the
   aspect ratio -> random ``crop x crop`` crop -> random horizontal flip -> [-1, 1];

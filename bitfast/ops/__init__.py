@@ -1,21 +1,22 @@
 """bitfast's public functional ops.
 
-Each op is registered through ``torch.library`` in the ``bitfast`` namespace (schemas in
-``bitfast.ops._library``), has a fake implementation for tracing, autograd where it is
-differentiable, and is computed by the backend ``bitfast.backends`` picks. The
+Each op is defined once, in its own module, through ``bitfast.ops._register.define_op``:
+its ``torch.library`` schemas in the ``bitfast`` namespace, a fake implementation for
+tracing, autograd where it is differentiable (one formula for the registered op and the
+eager fast path), and the backend family ``bitfast.backends`` resolves. The
 pure-PyTorch specification of every op is ``bitfast.ops.reference``.
 """
 
 from bitfast import _native
-from bitfast.ops import _library  # noqa: F401  (defines the schemas first)
+from bitfast.ops import reference
+from bitfast.ops.batch_norm_relu import batch_norm_relu
+from bitfast.ops.group_norm_relu import group_norm_relu, group_norm_relu_add
+from bitfast.ops.sgd_momentum import sgd_momentum_
+from bitfast.ops.weight_std import std_conv2d, weight_standardize
 
+# Every op module has defined its schemas (define_op): now the native builds may attach their
+# kernels to them.
 _native.load_all()
-
-from bitfast.ops import reference  # noqa: E402
-from bitfast.ops.batch_norm_relu import batch_norm_relu  # noqa: E402
-from bitfast.ops.group_norm_relu import group_norm_relu, group_norm_relu_add  # noqa: E402
-from bitfast.ops.sgd_momentum import sgd_momentum_  # noqa: E402
-from bitfast.ops.weight_std import std_conv2d, weight_standardize  # noqa: E402
 
 __all__ = [
     "batch_norm_relu",

@@ -10,19 +10,30 @@ statistics (a per-channel scale, shift and ReLU).
 from __future__ import annotations
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from bitfast import backends
-from bitfast.ops import _checks, _library, _register, reference
+from bitfast.ops import _checks, _register, reference
 from bitfast.ops.reference import memory_format, stat_dtype
 
 FAMILY = "batch_norm_relu"
 
-backends.register_family(
-    FAMILY,
-    ("batch_norm_relu_fwd", "batch_norm_relu_bwd", "batch_norm_update_stats_"),
-    triton_module="batch_norm_relu",
-)
+SCHEMAS = {
+    "batch_norm_relu_fwd": (
+        "(Tensor x, Tensor? running_mean, Tensor? running_var, Tensor? weight, Tensor? bias,"
+        " bool training, float eps, bool relu) -> (Tensor y, Tensor mean, Tensor var)"
+    ),
+    "batch_norm_relu_bwd": (
+        "(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor var,"
+        " bool training, float eps, bool relu)"
+        " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)"
+    ),
+    # Running statistics are updated by their own (mutating) op: PyTorch only accepts
+    # autograd formulas on functional ops, so the forward above cannot mutate them.
+    "batch_norm_update_stats_": (
+        "(Tensor(a!) running_mean, Tensor(b!) running_var, Tensor mean, Tensor var,"
+        " float momentum, int count) -> ()"
+    ),
+}
 
 
 def _fwd_fake(x, running_mean, running_var, weight, bias, training, eps, relu):
@@ -46,59 +57,31 @@ def _update_fake(running_mean, running_var, mean, var, momentum, count):
     return None
 
 
-_register.register("batch_norm_relu_fwd", _fwd_fake)
-_register.register("batch_norm_relu_bwd", _bwd_fake)
-_register.register("batch_norm_update_stats_", _update_fake)
-
-
 def _setup_context(ctx, inputs, output):
-    x, _rm, _rv, weight, bias, training, eps, relu, backend = inputs
+    x, _rm, _rv, weight, bias, training, eps, relu = inputs
     _y, mean, var = output
     ctx.mark_non_differentiable(mean, var)
     ctx.save_for_backward(x, weight, bias, mean, var)
-    ctx.training, ctx.eps, ctx.relu, ctx.backend = training, eps, relu, backend
+    ctx.training, ctx.eps, ctx.relu = training, eps, relu
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_var):
+def _backward(ctx, call, grad_y, _grad_mean, _grad_var):
     x, weight, bias, mean, var = ctx.saved_tensors
     grad_y = grad_y.contiguous(memory_format=memory_format(x))
-    dx, dw, db = torch.ops.bitfast.batch_norm_relu_bwd(
-        grad_y, x, weight, bias, mean, var, ctx.training, ctx.eps, ctx.relu, ctx.backend
-    )
-    return dx, None, None, (dw if ctx.has_weight else None), (db if ctx.has_bias else None), None, None, None, None
+    dx, dw, db = call("batch_norm_relu_bwd", grad_y, x, weight, bias, mean, var, ctx.training, ctx.eps, ctx.relu)
+    return dx, None, None, (dw if ctx.has_weight else None), (db if ctx.has_bias else None), None, None, None
 
 
-torch.library.register_autograd(
-    _library.qualname("batch_norm_relu_fwd"), _backward, setup_context=_setup_context, lib=_library.lib
+OP = _register.define_op(
+    FAMILY, SCHEMAS,
+    fakes={"batch_norm_relu_fwd": _fwd_fake, "batch_norm_relu_bwd": _bwd_fake, "batch_norm_update_stats_": _update_fake},
+    references={"batch_norm_relu_fwd": reference.batch_norm_relu_forward,
+                "batch_norm_relu_bwd": reference.batch_norm_relu_backward,
+                "batch_norm_update_stats_": reference.batch_norm_update_stats_},
+    forward="batch_norm_relu_fwd", setup_context=_setup_context, backward=_backward,
+    triton_module="batch_norm_relu",
 )
-
-
-class _EagerBatchNormReLU(torch.autograd.Function):
-    """Autograd of ``batch_norm_relu_fwd`` in plain eager execution where no C++ autograd
-    serves the backend (Triton; see ``_register.eager_forward``): the registered op's
-    kernels and formulas without its Python layer."""
-
-    @staticmethod
-    def forward(ctx, x, running_mean, running_var, weight, bias, training, eps, relu, backend):
-        fwd = _register.kernel_of("batch_norm_relu_fwd", backend)
-        y, mean, var = fwd(x, running_mean, running_var, weight, bias, training, eps, relu)
-        ctx.save_for_backward(x, weight, bias, mean, var)
-        ctx.training, ctx.eps, ctx.relu, ctx.backend = training, eps, relu, backend
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, _grad_mean, _grad_var):
-        x, weight, bias, mean, var = ctx.saved_tensors
-        grad_y = grad_y.contiguous(memory_format=memory_format(x))
-        dx, dw, db = _register.kernel_of("batch_norm_relu_bwd", ctx.backend)(
-            grad_y, x, weight, bias, mean, var, ctx.training, ctx.eps, ctx.relu
-        )
-        dw = dw if weight is not None else None
-        db = db if bias is not None else None
-        return dx, None, None, dw, db, None, None, None, None
 
 
 def batch_norm_relu(
@@ -161,16 +144,7 @@ def batch_norm_relu(
     if name == "reference":
         return reference.batch_norm_relu(x, running_mean, running_var, weight, bias, training, momentum, eps, relu)
     x = x.contiguous(memory_format=memory_format(x))
-    args = (x, running_mean, running_var, weight, bias, training, float(eps), relu)
-    eager = _register.eager(x, running_mean, running_var, weight, bias)
-    if eager:
-        y, mean, var = _register.eager_forward("batch_norm_relu_fwd", name, _EagerBatchNormReLU, args, (x, weight, bias))
-    else:
-        y, mean, var = torch.ops.bitfast.batch_norm_relu_fwd(*args, name)
+    y, mean, var = OP(name, x, running_mean, running_var, weight, bias, training, float(eps), relu)
     if training and running_mean is not None:
-        stats = (running_mean, running_var, mean, var, float(momentum), count)
-        if eager:
-            _register.kernel_of("batch_norm_update_stats_", name)(*stats)
-        else:
-            torch.ops.bitfast.batch_norm_update_stats_(*stats, name)
+        OP.run("batch_norm_update_stats_", name, running_mean, running_var, mean, var, float(momentum), count)
     return y

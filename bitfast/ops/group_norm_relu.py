@@ -12,17 +12,38 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from bitfast import backends
-from bitfast.ops import _checks, _library, _register, reference
+from bitfast.ops import _checks, _register, reference
 from bitfast.ops.reference import memory_format, stat_dtype
 
 FAMILY = "group_norm_relu"
+ADD_FAMILY = "group_norm_relu_add"
 
-backends.register_family(
-    FAMILY, ("group_norm_relu_fwd", "group_norm_relu_bwd"), triton_module="group_norm_relu"
-)
+SCHEMAS = {
+    "group_norm_relu_fwd": (
+        "(Tensor x, Tensor? weight, Tensor? bias, int num_groups, float eps, bool relu)"
+        " -> (Tensor y, Tensor mean, Tensor rstd)"
+    ),
+    "group_norm_relu_bwd": (
+        "(Tensor grad_y, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor rstd,"
+        " int num_groups, bool relu) -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias)"
+    ),
+    # The residual sum s = a + b of a pre-activation ResNet fused with the next unit's
+    # GroupNorm+ReLU: returns s and y = relu(group_norm(s)). The backward's grad_input is
+    # the gradient of a and of b alike: grad_sum (None: zero) plus that of y through s.
+    "group_norm_relu_add_fwd": (
+        "(Tensor a, Tensor b, Tensor? weight, Tensor? bias, int num_groups, float eps, bool relu)"
+        " -> (Tensor sum, Tensor y, Tensor mean, Tensor rstd)"
+    ),
+    "group_norm_relu_add_bwd": (
+        "(Tensor grad_y, Tensor? grad_sum, Tensor sum, Tensor? weight, Tensor? bias, Tensor mean,"
+        " Tensor rstd, int num_groups, bool relu)"
+        " -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)"
+    ),
+}
+_GN = ("group_norm_relu_fwd", "group_norm_relu_bwd")
+_ADD = ("group_norm_relu_add_fwd", "group_norm_relu_add_bwd")
 
 
 def _fwd_fake(x, weight, bias, num_groups, eps, relu):
@@ -43,55 +64,30 @@ def _bwd_fake(grad_y, x, weight, bias, mean, rstd, num_groups, relu):
     )
 
 
-_register.register("group_norm_relu_fwd", _fwd_fake)
-_register.register("group_norm_relu_bwd", _bwd_fake)
-
-
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, num_groups, _eps, relu, backend = inputs
+    x, weight, bias, num_groups, _eps, relu = inputs
     _y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(x, weight, bias, mean, rstd)
-    ctx.num_groups, ctx.relu, ctx.backend = num_groups, relu, backend
+    ctx.num_groups, ctx.relu = num_groups, relu
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+def _backward(ctx, call, grad_y, _grad_mean, _grad_rstd):
     x, weight, bias, mean, rstd = ctx.saved_tensors
     grad_y = grad_y.contiguous(memory_format=memory_format(x))
-    dx, dw, db = torch.ops.bitfast.group_norm_relu_bwd(
-        grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.relu, ctx.backend
-    )
-    return dx, (dw if ctx.has_weight else None), (db if ctx.has_bias else None), None, None, None, None
+    dx, dw, db = call("group_norm_relu_bwd", grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.relu)
+    return dx, (dw if ctx.has_weight else None), (db if ctx.has_bias else None), None, None, None
 
 
-torch.library.register_autograd(
-    _library.qualname("group_norm_relu_fwd"), _backward, setup_context=_setup_context, lib=_library.lib
+OP = _register.define_op(
+    FAMILY, {op: SCHEMAS[op] for op in _GN},
+    fakes={"group_norm_relu_fwd": _fwd_fake, "group_norm_relu_bwd": _bwd_fake},
+    references={"group_norm_relu_fwd": reference.group_norm_relu_forward,
+                "group_norm_relu_bwd": reference.group_norm_relu_backward},
+    forward="group_norm_relu_fwd", setup_context=_setup_context, backward=_backward,
+    triton_module="group_norm_relu",
 )
-
-
-class _EagerGroupNormReLU(torch.autograd.Function):
-    """Autograd of ``group_norm_relu_fwd`` in plain eager execution where no C++ autograd
-    serves the backend (Triton; see ``_register.eager_forward``): the registered op's
-    kernels and formulas without its Python layer."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, num_groups, eps, relu, backend):
-        y, mean, rstd = _register.kernel_of("group_norm_relu_fwd", backend)(x, weight, bias, num_groups, eps, relu)
-        ctx.save_for_backward(x, weight, bias, mean, rstd)
-        ctx.num_groups, ctx.relu, ctx.backend = num_groups, relu, backend
-        ctx.mark_non_differentiable(mean, rstd)
-        return y, mean, rstd
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y, _grad_mean, _grad_rstd):
-        x, weight, bias, mean, rstd = ctx.saved_tensors
-        grad_y = grad_y.contiguous(memory_format=memory_format(x))
-        dx, dw, db = _register.kernel_of("group_norm_relu_bwd", ctx.backend)(
-            grad_y, x, weight, bias, mean, rstd, ctx.num_groups, ctx.relu
-        )
-        return dx, (dw if weight is not None else None), (db if bias is not None else None), None, None, None, None
 
 
 def _valid_channel_vector(t, c: int, x: torch.Tensor) -> bool:
@@ -172,10 +168,7 @@ def group_norm_relu(
     if name == "reference":
         return reference.group_norm_relu(x, num_groups, weight, bias, eps, relu)
     x = x.contiguous(memory_format=memory_format(x))
-    if _register.eager(x, weight, bias):
-        args = (x, weight, bias, num_groups, float(eps), relu)
-        return _register.eager_forward("group_norm_relu_fwd", name, _EagerGroupNormReLU, args, (x, weight, bias))[0]
-    return torch.ops.bitfast.group_norm_relu_fwd(x, weight, bias, num_groups, float(eps), relu, name)[0]
+    return OP(name, x, weight, bias, num_groups, float(eps), relu)[0]
 
 
 # --------------------------------------------------------------------------------------
@@ -186,13 +179,6 @@ def group_norm_relu(
 # the next unit begins with relu(group_norm(s)). The fused op writes s and y from one pass
 # over a and b; its backward writes grad_sum + d y / d s, which is the gradient of a and
 # of b alike, in the pass that writes the GroupNorm input gradient.
-
-ADD_FAMILY = "group_norm_relu_add"
-
-backends.register_family(
-    ADD_FAMILY, ("group_norm_relu_add_fwd", "group_norm_relu_add_bwd"), triton_module="group_norm_relu"
-)
-
 
 def _add_fwd_fake(a, b, weight, bias, num_groups, eps, relu):
     torch._check(a.dim() == 4, lambda: f"group_norm_relu_add: a has {a.dim()} dims; expected (N, C, H, W)")
@@ -218,20 +204,16 @@ def _add_bwd_fake(grad_y, grad_sum, s, weight, bias, mean, rstd, num_groups, rel
     )
 
 
-_register.register("group_norm_relu_add_fwd", _add_fwd_fake)
-_register.register("group_norm_relu_add_bwd", _add_bwd_fake)
-
-
 def _add_setup_context(ctx, inputs, output):
-    _a, _b, weight, bias, num_groups, _eps, relu, backend = inputs
+    _a, _b, weight, bias, num_groups, _eps, relu = inputs
     s, _y, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(s, weight, bias, mean, rstd)
-    ctx.num_groups, ctx.relu, ctx.backend = num_groups, relu, backend
+    ctx.num_groups, ctx.relu = num_groups, relu
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
 
 
-def _add_backward(ctx, grad_sum, grad_y, _grad_mean, _grad_rstd):
+def _add_backward(ctx, call, grad_sum, grad_y, _grad_mean, _grad_rstd):
     s, weight, bias, mean, rstd = ctx.saved_tensors
     fmt = memory_format(s)
     if grad_sum is not None:
@@ -239,52 +221,19 @@ def _add_backward(ctx, grad_sum, grad_y, _grad_mean, _grad_rstd):
     if grad_y is None:  # only the sum was used: y contributes nothing
         grad_y = torch.zeros_like(s, memory_format=fmt)
     grad_y = grad_y.contiguous(memory_format=fmt)
-    grad_in, dw, db = torch.ops.bitfast.group_norm_relu_add_bwd(
-        grad_y, grad_sum, s, weight, bias, mean, rstd, ctx.num_groups, ctx.relu, ctx.backend
-    )
-    return (
-        grad_in,
-        grad_in,
-        dw if ctx.has_weight else None,
-        db if ctx.has_bias else None,
-        None,
-        None,
-        None,
-        None,
-    )
+    grad_in, dw, db = call("group_norm_relu_add_bwd", grad_y, grad_sum, s, weight, bias, mean, rstd, ctx.num_groups,
+                           ctx.relu)
+    return grad_in, grad_in, (dw if ctx.has_weight else None), (db if ctx.has_bias else None), None, None, None
 
 
-torch.library.register_autograd(
-    _library.qualname("group_norm_relu_add_fwd"), _add_backward, setup_context=_add_setup_context, lib=_library.lib
+ADD_OP = _register.define_op(
+    ADD_FAMILY, {op: SCHEMAS[op] for op in _ADD},
+    fakes={"group_norm_relu_add_fwd": _add_fwd_fake, "group_norm_relu_add_bwd": _add_bwd_fake},
+    references={"group_norm_relu_add_fwd": reference.group_norm_relu_add_forward,
+                "group_norm_relu_add_bwd": reference.group_norm_relu_add_backward},
+    forward="group_norm_relu_add_fwd", setup_context=_add_setup_context, backward=_add_backward,
+    materialize_grads=False, triton_module="group_norm_relu",
 )
-
-
-class _EagerGroupNormReLUAdd(torch.autograd.Function):
-    """Autograd of ``group_norm_relu_add_fwd`` in plain eager execution where no C++
-    autograd serves the backend (see ``_EagerGroupNormReLU``)."""
-
-    @staticmethod
-    def forward(ctx, a, b, weight, bias, num_groups, eps, relu, backend):
-        fwd = _register.kernel_of("group_norm_relu_add_fwd", backend)
-        s, y, mean, rstd = fwd(a, b, weight, bias, num_groups, eps, relu)
-        ctx.save_for_backward(s, weight, bias, mean, rstd)
-        ctx.num_groups, ctx.relu, ctx.backend = num_groups, relu, backend
-        ctx.mark_non_differentiable(mean, rstd)
-        ctx.set_materialize_grads(False)
-        return s, y, mean, rstd
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_sum, grad_y, _grad_mean, _grad_rstd):
-        s, weight, bias, mean, rstd = ctx.saved_tensors
-        fmt = memory_format(s)
-        grad_sum = None if grad_sum is None else grad_sum.contiguous(memory_format=fmt)
-        grad_y = torch.zeros_like(s, memory_format=fmt) if grad_y is None else grad_y.contiguous(memory_format=fmt)
-        grad_in, dw, db = _register.kernel_of("group_norm_relu_add_bwd", ctx.backend)(
-            grad_y, grad_sum, s, weight, bias, mean, rstd, ctx.num_groups, ctx.relu
-        )
-        return (grad_in, grad_in, dw if weight is not None else None, db if bias is not None else None,
-                None, None, None, None)
 
 
 def group_norm_relu_add(
@@ -350,11 +299,5 @@ def group_norm_relu_add(
         return s, group_norm_relu(s, num_groups, weight, bias, eps, relu, backend=backend)
     a = a.contiguous(memory_format=fmt)
     b = b.contiguous(memory_format=fmt)
-    if _register.eager(a, b, weight, bias):
-        args = (a, b, weight, bias, num_groups, float(eps), relu)
-        s, y, _mean, _rstd = _register.eager_forward(
-            "group_norm_relu_add_fwd", name, _EagerGroupNormReLUAdd, args, (a, b, weight, bias)
-        )
-        return s, y
-    s, y, _mean, _rstd = torch.ops.bitfast.group_norm_relu_add_fwd(a, b, weight, bias, num_groups, float(eps), relu, name)
+    s, y, _mean, _rstd = ADD_OP(name, a, b, weight, bias, num_groups, float(eps), relu)
     return s, y

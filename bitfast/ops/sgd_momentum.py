@@ -7,11 +7,17 @@ from __future__ import annotations
 import torch
 
 from bitfast import backends
-from bitfast.ops import _checks, _register
+from bitfast.ops import _checks, _register, reference
 
 FAMILY = "sgd_momentum"
 
-backends.register_family(FAMILY, ("sgd_momentum_",), triton_module="sgd_momentum")
+SCHEMAS = {
+    "sgd_momentum_": (
+        "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr,"
+        " float momentum, float dampening, float weight_decay, bool nesterov, bool maximize,"
+        " bool is_first_step, Tensor? lr_tensor, Tensor(c!)[] ema_params, float ema_decay) -> ()"
+    ),
+}
 
 
 def _fake(
@@ -21,7 +27,8 @@ def _fake(
     return None
 
 
-_register.register("sgd_momentum_", _fake)
+OP = _register.define_op(FAMILY, SCHEMAS, fakes={"sgd_momentum_": _fake},
+                         references={"sgd_momentum_": reference.sgd_momentum_}, triton_module="sgd_momentum")
 
 
 # Half-precision params may keep their average in float32: with a decay near 1, the
@@ -144,8 +151,8 @@ def sgd_momentum_(
                 raise ValueError(f"{fn}: ema_params[{i}] shares memory with params[{i}]; the average needs its own storage")
     name = backends.resolve(FAMILY, p0.device.type, p0.dtype, backend)
     bufs = list(momentum_buffers) if momentum != 0 else []
-    torch.ops.bitfast.sgd_momentum_(
-        list(params), list(grads), bufs, float(lr) if lr_tensor is None else 0.0, float(momentum), float(dampening),
-        float(weight_decay), bool(nesterov), bool(maximize), bool(is_first_step), lr_tensor, list(ema_params),
-        float(ema_decay), name,
+    OP.run(
+        "sgd_momentum_", name, list(params), list(grads), bufs, float(lr) if lr_tensor is None else 0.0,
+        float(momentum), float(dampening), float(weight_decay), bool(nesterov), bool(maximize), bool(is_first_step),
+        lr_tensor, list(ema_params), float(ema_decay),
     )

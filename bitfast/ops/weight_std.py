@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from bitfast import backends
 from bitfast.ops import _checks, _library, _register, reference
 
 FAMILY = "weight_standardize"
 
-backends.register_family(
-    FAMILY,
-    ("weight_standardize_fwd", "weight_standardize_bwd"),
-    triton_module="weight_std",
-)
+SCHEMAS = {
+    "weight_standardize_fwd": "(Tensor w, float eps) -> (Tensor out, Tensor mean, Tensor rstd)",
+    "weight_standardize_bwd": "(Tensor grad_out, Tensor w, Tensor mean, Tensor rstd) -> Tensor",
+}
 
 
 def _fwd_fake(w, eps):
@@ -36,54 +34,31 @@ def _bwd_fake(grad_out, w, mean, rstd):
     return torch.empty_like(w, memory_format=reference.memory_format(w))
 
 
-_register.register("weight_standardize_fwd", _fwd_fake)
-_register.register("weight_standardize_bwd", _bwd_fake)
-
-
 def _setup_context(ctx, inputs, output):
-    w, _eps, backend = inputs
+    w, _eps = inputs
     _out, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(w, mean, rstd)
-    ctx.backend = backend
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_rstd):
+def _backward(ctx, call, grad_out, _grad_mean, _grad_rstd):
     w, mean, rstd = ctx.saved_tensors
-    grad_w = torch.ops.bitfast.weight_standardize_bwd(grad_out, w, mean, rstd, ctx.backend)
-    return grad_w, None, None
+    return call("weight_standardize_bwd", grad_out, w, mean, rstd), None
 
 
-torch.library.register_autograd(
-    _library.qualname("weight_standardize_fwd"), _backward, setup_context=_setup_context, lib=_library.lib
+OP = _register.define_op(
+    FAMILY, SCHEMAS,
+    fakes={"weight_standardize_fwd": _fwd_fake, "weight_standardize_bwd": _bwd_fake},
+    references={"weight_standardize_fwd": reference.weight_standardize_forward,
+                "weight_standardize_bwd": reference.weight_standardize_backward},
+    forward="weight_standardize_fwd", setup_context=_setup_context, backward=_backward,
+    triton_module="weight_std",
 )
 
 
-class _EagerWeightStandardize(torch.autograd.Function):
-    """Autograd of ``weight_standardize_fwd`` in plain eager execution where no C++
-    autograd serves the backend (Triton; see ``_register.eager_forward``)."""
-
-    @staticmethod
-    def forward(ctx, w, eps, backend):
-        out, mean, rstd = _register.kernel_of("weight_standardize_fwd", backend)(w, eps)
-        ctx.save_for_backward(w, mean, rstd)
-        ctx.backend = backend
-        ctx.mark_non_differentiable(mean, rstd)
-        return out, mean, rstd
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out, _grad_mean, _grad_rstd):
-        w, mean, rstd = ctx.saved_tensors
-        return _register.kernel_of("weight_standardize_bwd", ctx.backend)(grad_out, w, mean, rstd), None, None
-
-
 def _standardize(w: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
-    # the standardized weight from a non-reference backend: straight to the kernels in
-    # plain eager execution, through the registered op otherwise
-    if _register.eager(w):
-        return _register.eager_forward("weight_standardize_fwd", backend, _EagerWeightStandardize, (w, eps), (w,))[0]
-    return torch.ops.bitfast.weight_standardize_fwd(w, eps, backend)[0]
+    # the standardized weight from a non-reference backend
+    return OP(backend, w, eps)[0]
 
 
 def _check_weight(fn: str, w, eps) -> None:
@@ -132,6 +107,12 @@ def _std_conv2d_composite(x, weight, bias, stride, padding, dilation, groups, ep
     return F.conv2d(x, w_hat, bias, stride, padding, dilation, groups)
 
 
+# std_conv2d is a composite of weight_standardize_fwd and aten's convolution: autograd,
+# fakes and compilation all flow through its decomposition.
+_library.lib.define(
+    "std_conv2d(Tensor x, Tensor weight, Tensor? bias, SymInt[2] stride, SymInt[2] padding,"
+    " SymInt[2] dilation, SymInt groups, float eps, str backend) -> Tensor"
+)
 _library.lib.impl("std_conv2d", _std_conv2d_composite, "CompositeImplicitAutograd")
 
 

@@ -1,5 +1,5 @@
 // Fused SGD with momentum on CPU: one pass over p, g and m per step, where torch's foreach
-// SGD makes four (PERF.md: 20 bytes per fp32 parameter instead of 44).
+// SGD makes four (docs/performance.md: 20 bytes per fp32 parameter instead of 44).
 //
 // The work is cut into fixed-size chunks across all tensors of the call and the chunks are
 // shared among threads, so that a list of many small tensors (biases, norm scales) and a

@@ -1,5 +1,5 @@
 // Fused SGD with momentum on CUDA: one pass over p, g and m (20 bytes per fp32 parameter,
-// PERF.md), all tensors of a call in a few multi-tensor launches; with a moving average of
+// docs/performance.md), all tensors of a call in a few multi-tensor launches; with a moving average of
 // the parameters, the same pass also reads and writes the average (28 bytes), p being read
 // once.
 //

@@ -1,7 +1,7 @@
 // Weight standardization on CUDA: one block per output channel (one row of K elements).
 //
 // A step standardizes every conv weight of the model once, so the cost is launches, not
-// bytes (PERF.md): one launch per conv for the forward and one for the backward. Rows are
+// bytes (docs/performance.md): one launch per conv for the forward and one for the backward. Rows are
 // short (K <= 4608 in BiT), so a block makes its passes over its row straight from global
 // memory: the re-reads hit L1/L2. The mean, then the variance about the mean (more accurate
 // than a one-pass sum of squares), accumulated in float32 (float64 for fp64 weights).

@@ -1,5 +1,5 @@
-"""Synthetic BiT checkpoints in every layout, written straight from SPEC-bit.md (sections 2
-and 3), independently of bitfast.checkpoint's own key mapping, all holding the SAME weights."""
+"""Synthetic BiT checkpoints in every layout, written straight from docs/bit.md (parameter
+names, the released .npz files), independently of bitfast.checkpoint's own key mapping, all holding the SAME weights."""
 
 from __future__ import annotations
 

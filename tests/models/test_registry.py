@@ -1,5 +1,5 @@
 """create_model / list_models: names, parameter counts of the six BiT architectures
-(SPEC-bit.md table, on the meta device), the registered ``bit_tiny`` and argument errors."""
+(the table of docs/bit.md, on the meta device), the registered ``bit_tiny`` and argument errors."""
 
 import pytest
 import torch
@@ -7,7 +7,7 @@ import torch
 import bitfast
 from bitfast.models import MODEL_SPECS, MODELS, ResNetV2, create_model, default_release, list_models
 
-# arch -> (backbone, with 1000-class head, with 21843-class head), in millions (SPEC-bit.md)
+# arch -> (backbone, with 1000-class head, with 21843-class head), in millions (docs/bit.md)
 PARAMS = {
     "resnetv2_50x1_bit": (23.50, 25.55, 68.26),
     "resnetv2_50x3_bit": (211.17, 217.32, 345.40),

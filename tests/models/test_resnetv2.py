@@ -1,4 +1,4 @@
-"""ResNetV2: architecture against SPEC-bit.md section 1, timm key names, shapes, heads,
+"""ResNetV2: architecture against docs/bit.md (the network), timm key names, shapes, heads,
 memory formats, autocast and the BatchNorm variant."""
 
 import functools
@@ -36,7 +36,7 @@ def randomize_(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------------------
-# The spec, written out functionally from SPEC-bit.md section 1, reading the parameters by
+# The spec, written out functionally from docs/bit.md (the network), reading the parameters by
 # their timm names: the model must compute exactly this.
 # ---------------------------------------------------------------------------------------
 
@@ -110,7 +110,7 @@ def test_unit_order_and_projection_placement():
 
 
 # ---------------------------------------------------------------------------------------
-# Key names (SPEC-bit.md section 2)
+# Key names (docs/bit.md, parameter names)
 # ---------------------------------------------------------------------------------------
 
 

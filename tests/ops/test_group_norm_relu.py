@@ -1,4 +1,4 @@
-"""Parity of GroupNorm+ReLU on every backend, over the DESIGN.md shape grid."""
+"""Parity of GroupNorm+ReLU on every backend, over a shape grid of labelled edge cases and BiT's real shapes."""
 
 import importlib
 

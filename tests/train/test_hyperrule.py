@@ -1,4 +1,4 @@
-"""BiT-HyperRule against the tables and boundary steps of SPEC-bit.md section 4."""
+"""BiT-HyperRule against the tables and boundary steps of docs/bit.md (BiT-HyperRule)."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_lr_at_boundaries(n, step, expected):
 
 
 def test_lr_spec_examples():
-    # The three values SPEC-bit.md spells out.
+    # The three values docs/bit.md spells out.
     assert hyperrule.lr(0, 50_000) == 0.0
     assert hyperrule.lr(3000, 50_000) == pytest.approx(0.003)
     assert hyperrule.lr(3001, 50_000) == pytest.approx(0.0003)

@@ -161,7 +161,16 @@ def test_torchrun_restart_resumes_from_last_checkpoint(tmp_path):
         # torchrun's default: the workers share its rendezvous store (init_distributed keeps each
         # attempt's keys apart; without that the restarted group cannot connect).
         env = {**_env(), "DIE_AFTER_STEP": str(die_after)}
-        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        # Its own process group: on a timeout the workers go too, not only torchrun.
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            out, err = proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise AssertionError(f"torchrun did not finish in 120 s:\n{err[-4000:]}") from None
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
     out, ref = tmp_path / "run", tmp_path / "ref"
     # Rank 1 dies after step 5: the checkpoint of step 4 is on disk (rank 1 cannot finish step 5's

@@ -1,4 +1,4 @@
-"""Upstream learning-rate schedules (SPEC-bit.md section 5) at their boundary steps."""
+"""Upstream learning-rate schedules (docs/bit.md, upstream training) at their boundary steps."""
 
 from __future__ import annotations
 
