@@ -1,9 +1,10 @@
 """Build of bitfast: the pure-Python package, ``bitfast.kernels`` (Triton, from kernels/),
 and two optional native extensions registered into the ``bitfast`` op namespace:
 
-* ``bitfast._C``: C++ CPU kernels (csrc/module.cpp + csrc/cpu/*.cpp);
-* ``bitfast._C_cuda``: CUDA kernels (csrc/module.cpp + csrc/cuda/*.cu), attempted only when
-  torch has CUDA and nvcc is found.
+* ``bitfast._C``: C++ CPU kernels and the C++ autograd (csrc/module.cpp, csrc/cpu/*.cpp,
+  csrc/autograd/*.cpp);
+* ``bitfast._C_cuda``: CUDA kernels (csrc/module.cpp, csrc/cuda/*.cu and their registrations
+  csrc/cuda/*_register.cpp), attempted only when torch has CUDA and nvcc is found.
 
 Knobs (environment): ``BITFAST_BUILD_CPP`` and ``BITFAST_BUILD_CUDA`` = auto | 1 | 0.
 ``auto`` (default) turns a failed build into a warning (bitfast then runs on its other
@@ -96,14 +97,14 @@ def extensions():
         exts.append(
             cpp_extension.CppExtension(
                 "bitfast._C",
-                ["csrc/module.cpp", "csrc/autograd.cpp"] + rel("csrc/cpu/*.cpp"),
+                ["csrc/module.cpp"] + rel("csrc/autograd/*.cpp") + rel("csrc/cpu/*.cpp"),
                 include_dirs=[os.path.join(ROOT, "csrc")],
                 extra_compile_args={"cxx": cxx + cxx_cpu + openmp + ["-DBITFAST_MODULE_NAME=_C"]},
                 extra_link_args=openmp,
             )
         )
-    # Kernels in .cu files; the registrations in .cpp files, which the host compiler builds
-    # faster than nvcc would.
+    # Kernels in .cu files; each op's registration in its csrc/cuda/<op>_register.cpp, which
+    # the host compiler builds faster than nvcc would.
     cuda_sources = rel("csrc/cuda/*.cu")
     nvcc = cpp_extension.CUDA_HOME and os.path.exists(os.path.join(cpp_extension.CUDA_HOME, "bin", "nvcc"))
     nvcc = nvcc or shutil.which("nvcc")

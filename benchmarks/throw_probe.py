@@ -64,7 +64,7 @@ CPP_SCHEMAS = "TORCH_LIBRARY(NAMESPACE, m) {\n" + "".join(f'  m.def("{k}{SCHEMA}
 
 # name -> (extra compiler flags, where the op schemas are defined): torch's default flags,
 # then bitfast's (setup.py); the schemas in the extension's C++ (TORCH_LIBRARY), or in
-# Python with only the kernels attached from C++, as bitfast does (bitfast/ops/_library.py).
+# Python with only the kernels attached from C++, as bitfast does (each bitfast/ops/<op>.py).
 VARIANTS = {
     "defaults": ([], "cpp"),
     "bitfast_flags": (["-O3", "-fopenmp"], "cpp"),

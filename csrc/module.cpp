@@ -1,8 +1,10 @@
 // The Python module stub of bitfast's native extensions (bitfast._C and bitfast._C_cuda).
 //
 // The module itself holds nothing: importing it loads the shared library, which runs the
-// static TORCH_LIBRARY_IMPL registrations of the kernels compiled into it. The op schemas
-// are defined once, in Python (bitfast/ops/_library.py), so no pybind11 is needed here.
+// static TORCH_LIBRARY_IMPL registrations of the kernels compiled into it (each op registers
+// its own, in its csrc/cpu/<op>.cpp, csrc/cuda/<op>_register.cpp and csrc/autograd/<op>.cpp).
+// The op schemas are defined once, in Python (each bitfast/ops/<op>.py), so no pybind11 is
+// needed here.
 #include <Python.h>
 
 #ifndef BITFAST_MODULE_NAME

@@ -13,7 +13,7 @@
 // copies). Statistics are float32 (float64 for fp64 inputs).
 #include "cpu/batch_norm_relu.h"
 
-#include "common/checks.h"
+#include "ops/batch_norm_relu.h"
 #include "cpu/norm_rows.h"
 #include "cpu/norm_util.h"
 
@@ -21,6 +21,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -334,3 +335,10 @@ void batch_norm_update_stats_(at::Tensor& running_mean, at::Tensor& running_var,
 }
 
 }  // namespace bitfast::cpu
+
+// The op's CPU kernels, attached to its native schemas (defined in bitfast/ops/batch_norm_relu.py).
+TORCH_LIBRARY_IMPL(bitfast, CPU, m) {
+  m.impl("native_batch_norm_relu_fwd", &bitfast::cpu::batch_norm_relu_fwd);
+  m.impl("native_batch_norm_relu_bwd", &bitfast::cpu::batch_norm_relu_bwd);
+  m.impl("native_batch_norm_update_stats_", &bitfast::cpu::batch_norm_update_stats_);
+}

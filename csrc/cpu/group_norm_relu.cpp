@@ -22,7 +22,7 @@
 // Statistics are float32 (float64 for fp64 inputs).
 #include "cpu/group_norm_relu.h"
 
-#include "common/checks.h"
+#include "ops/group_norm_relu.h"
 #include "cpu/norm_rows.h"
 #include "cpu/norm_util.h"
 #include "cpu/simd.h"
@@ -31,6 +31,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -855,3 +856,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_add_bwd(
 }
 
 }  // namespace bitfast::cpu
+
+// The op's CPU kernels, attached to its native schemas (defined in bitfast/ops/group_norm_relu.py).
+TORCH_LIBRARY_IMPL(bitfast, CPU, m) {
+  m.impl("native_group_norm_relu_fwd", &bitfast::cpu::group_norm_relu_fwd);
+  m.impl("native_group_norm_relu_bwd", &bitfast::cpu::group_norm_relu_bwd);
+  m.impl("native_group_norm_relu_add_fwd", &bitfast::cpu::group_norm_relu_add_fwd);
+  m.impl("native_group_norm_relu_add_bwd", &bitfast::cpu::group_norm_relu_add_bwd);
+}

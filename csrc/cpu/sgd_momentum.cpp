@@ -13,13 +13,14 @@
 // once per step. A tensor learning rate is a CPU tensor: the kernel reads its one float.
 #include "cpu/sgd_momentum.h"
 
-#include "common/checks.h"
+#include "ops/sgd_momentum.h"
 #include "cpu/convert.h"
 #include "cpu/simd.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <type_traits>
@@ -228,3 +229,8 @@ void sgd_momentum_(at::TensorList params, at::TensorList grads, at::TensorList m
 }
 
 }  // namespace bitfast::cpu
+
+// The op's CPU kernels, attached to its native schemas (defined in bitfast/ops/sgd_momentum.py).
+TORCH_LIBRARY_IMPL(bitfast, CPU, m) {
+  m.impl("native_sgd_momentum_", &bitfast::cpu::sgd_momentum_);
+}

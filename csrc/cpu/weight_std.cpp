@@ -9,7 +9,7 @@
 // vector lanes), compiled for the baseline and for AVX2 (cpu/simd.h).
 #include "cpu/weight_std.h"
 
-#include "common/checks.h"
+#include "ops/weight_std.h"
 #include "common/layout.h"
 #include "cpu/convert.h"
 #include "cpu/simd.h"
@@ -18,6 +18,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ops/empty.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
@@ -178,3 +179,9 @@ at::Tensor weight_standardize_bwd(const at::Tensor& grad_out, const at::Tensor& 
 }
 
 }  // namespace bitfast::cpu
+
+// The op's CPU kernels, attached to its native schemas (defined in bitfast/ops/weight_std.py).
+TORCH_LIBRARY_IMPL(bitfast, CPU, m) {
+  m.impl("native_weight_standardize_fwd", &bitfast::cpu::weight_standardize_fwd);
+  m.impl("native_weight_standardize_bwd", &bitfast::cpu::weight_standardize_bwd);
+}

@@ -22,7 +22,7 @@
 // (float64 for fp64 inputs), as bitfast.ops.reference.
 #include "cuda/group_norm_relu.h"
 
-#include "common/checks.h"
+#include "ops/group_norm_relu.h"
 #include "cuda/norm_common.h"
 #include "cuda/reduce.cuh"
 

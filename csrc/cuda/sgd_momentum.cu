@@ -14,7 +14,7 @@
 // load), so the host neither synchronizes nor bakes the value into a captured CUDA graph.
 #include "cuda/sgd_momentum.h"
 
-#include "common/checks.h"
+#include "ops/sgd_momentum.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>

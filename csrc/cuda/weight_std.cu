@@ -7,7 +7,7 @@
 // than a one-pass sum of squares), accumulated in float32 (float64 for fp64 weights).
 #include "cuda/weight_std.h"
 
-#include "common/checks.h"
+#include "ops/weight_std.h"
 #include "common/layout.h"
 #include "cuda/reduce.cuh"
 

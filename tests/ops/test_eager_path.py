@@ -1,7 +1,7 @@
 """The eager fast path of the public ops (``bitfast.ops._register.eager``/``eager_forward``).
 
 In plain eager execution the public ops call their kernels directly, with the C++
-autograd of csrc/autograd.cpp (native backends) or a Python ``autograd.Function``
+autograd of csrc/autograd/ (native backends) or a Python ``autograd.Function``
 (Triton, or a build without the C++ autograd), instead of going through the registered
 ``torch.ops.bitfast.*`` op. Both paths run the same kernels, so outputs and gradients must
 be bitwise equal; every tool that traces or intercepts ops (modes, compile, vmap) must
@@ -128,7 +128,7 @@ def test_eager_path_equals_registered_op(device, backend, fmt, dtype, python_aut
     if python_autograd:
         if backend == "triton":
             pytest.skip("triton has no C++ autograd: its eager path always records the Python one (the other parameter)")
-        # a build without csrc/autograd.cpp: the eager path records a Python autograd.Function
+        # a build without csrc/autograd/: the eager path records a Python autograd.Function
         monkeypatch.setattr(_register, "native_autograd", lambda op: False)
     cases, dys = _cases(backend, dtype, fmt, device)
     for name, fn, inputs in cases:
@@ -143,7 +143,7 @@ def test_eager_path_equals_registered_op(device, backend, fmt, dtype, python_aut
 def test_eager_path_records_the_cpp_autograd_node():
     require_backend("cpp", "group_norm_relu", "cpu", torch.float32)
     if not _register.native_autograd("group_norm_relu_fwd"):
-        pytest.skip("bitfast._C was built without csrc/autograd.cpp")
+        pytest.skip("bitfast._C was built without csrc/autograd/")
     x = torch.randn(2, 8, 4, 4, requires_grad=True)
     y = bitfast.ops.group_norm_relu(x, 4, backend="cpp")
     assert "GroupNormReLU" in y.grad_fn.name()
@@ -161,7 +161,7 @@ def test_native_forward_without_a_gradient_to_record():
     is recorded, and no grad_fn."""
     require_backend("cpp", "group_norm_relu", "cpu", torch.float32)
     if not _register.native_autograd("group_norm_relu_fwd"):
-        pytest.skip("bitfast._C was built without csrc/autograd.cpp")
+        pytest.skip("bitfast._C was built without csrc/autograd/")
     ops = torch.ops.bitfast
     x, a = torch.randn(2, 8, 4, 4), torch.randn(2, 8, 4, 4)
     w, b, cw = torch.randn(8), torch.randn(8), torch.randn(8, 4, 3, 3)
@@ -266,6 +266,6 @@ def test_backends_auto_uses_the_eager_path():
     if backends.resolve("group_norm_relu", "cpu", torch.float32) != "cpp":
         pytest.skip("no cpp backend here")
     if not _register.native_autograd("group_norm_relu_fwd"):
-        pytest.skip("bitfast._C was built without csrc/autograd.cpp")
+        pytest.skip("bitfast._C was built without csrc/autograd/")
     y = bitfast.ops.group_norm_relu(torch.randn(1, 4, 3, 3, requires_grad=True), 2)
     assert "GroupNormReLU" in y.grad_fn.name()
