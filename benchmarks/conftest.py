@@ -1,8 +1,9 @@
 """pytest-benchmark driver of bitfast's benchmarks (``pytest benchmarks/``).
 
-Each ``bench_<op>.py`` parametrizes one test over ``bitfast.bench.grid(op, device)`` and
-hands the Spec to the ``run_case`` fixture, which builds the case with the op's factory
-(``bitfast.bench.make_case``, shared with ``bitfast bench``), skips it with the reason when
+``bench_ops.py`` parametrizes one test over ``bitfast.bench.grid(op, device)`` of every op in
+the registry (``bitfast/bench/ops/``) and hands the Spec to the ``run_case`` fixture, which
+builds the case with the op's factory (``bitfast.bench.make_case``, shared with ``bitfast
+bench``), skips it with the reason when
 it cannot run here, checks it against the float64 reference, measures its peak memory,
 times it with ``benchmark.pedantic`` (synchronized on CUDA, after warm-up) and records GB/s,
 % of copy bandwidth, img/s, device and versions in ``extra_info``. At the end the same
@@ -32,9 +33,9 @@ def _smoke(config) -> bool:
 
 def pytest_generate_tests(metafunc):
     if "spec" in metafunc.fixturenames:
-        op = metafunc.module.OP
-        grid = bench.grid(op, DEVICE, quick=_smoke(metafunc.config))
-        metafunc.parametrize("spec", grid, ids=[s.id for s in grid])
+        quick = _smoke(metafunc.config)
+        grid = [s for op in bench.OPS for s in bench.grid(op, DEVICE, quick=quick)]
+        metafunc.parametrize("spec", grid, ids=[f"{s.op}-{s.id}" for s in grid])
 
 
 @pytest.fixture(scope="session")

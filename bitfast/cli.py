@@ -205,6 +205,9 @@ def cmd_demo(args) -> int:
 def cmd_bench(args) -> int:
     from bitfast import bench
 
+    if args.list:
+        print(bench.ops_table())
+        return 0
     ops = [o.strip() for o in args.ops.split(",") if o.strip()] if args.ops else list(bench.OPS)
     for op in ops:
         if op not in bench.OPS:
@@ -219,7 +222,7 @@ def cmd_bench(args) -> int:
     bench.write_reports(meta, results, skipped, json_path=args.json, markdown_path=args.markdown)
     print(f"bitfast bench on {meta['device']} (copy bandwidth {meta['copy_GBps']} GB/s), {meta['wall_s']} s; "
           f"torch {meta['torch']}, bitfast {meta['bitfast']}")
-    for line in bench._skip_summary(skipped):
+    for line in bench.skip_summary(skipped):
         print(f"  not measured: {line}")
     print(bench.format_table(results))
     return 0
@@ -555,8 +558,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="fewer shapes and dtypes; no torch.compile on CPU")
     b.add_argument("--json", default=None, metavar="FILE", help="write the results as JSON")
     b.add_argument("--markdown", default=None, metavar="FILE", help="write the results as a markdown report")
-    b.add_argument("--ops", default=None, help="comma-separated subset of: weight_standardize, group_norm_relu, "
-                   "batch_norm_relu, sgd_momentum, train_step (default: all)")
+    from bitfast import bench
+
+    b.add_argument("--ops", default=None, help=f"comma-separated subset of: {', '.join(bench.OPS)} (default: all)")
+    b.add_argument("--list", action="store_true", help="print the table of what is benchmarked (markdown) and exit")
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     b.add_argument("--runs", type=int, default=2, help="time each case this many times and report the spread")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

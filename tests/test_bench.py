@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from bitfast import bench, cli
+from bitfast.bench import harness
+from bitfast.bench.ops import weight_standardize as ws_bench
 
 TINY = {
     "group_norm_relu": (2, 64, 5, 5),
@@ -68,7 +70,7 @@ def test_check_catches_a_wrong_result():
     def expected(args, dy, mode):
         return bench.eager_group_norm_relu(*[a.double() for a in args])
 
-    _fn, check = bench._autograd_modes(spec, "cpu", wrong, [((x, w, b), (x, w, b), None)], expected)
+    _fn, check = harness.autograd_modes(spec, "cpu", wrong, [((x, w, b), (x, w, b), None)], expected)
     with pytest.raises(AssertionError, match="differs from the float64 reference"):
         check()
 
@@ -150,8 +152,8 @@ def test_progress_bar(capsys):
 
 def test_cli_bench_writes_reports(tmp_path, capsys, monkeypatch):
     # One tiny op run end to end through the command (shapes shrunk for speed).
-    monkeypatch.setitem(bench._WS_SETS, ("cpu", True), ["R50x1 s1 conv2 3x3"])
-    monkeypatch.setattr(bench, "_compile_policy", lambda spec, device, quick: "compile: not in this test")
+    monkeypatch.setitem(ws_bench.SETS, ("cpu", True), ["R50x1 s1 conv2 3x3"])
+    monkeypatch.setattr(harness, "_compile_policy", lambda spec, device, quick: "compile: not in this test")
     js, md = tmp_path / "r.json", tmp_path / "r.md"
     rc = cli.main(["bench", "--quick", "--ops", "weight_standardize", "--runs", "1", "--no-progress",
                    "--json", str(js), "--markdown", str(md)])
@@ -163,3 +165,32 @@ def test_cli_bench_writes_reports(tmp_path, capsys, monkeypatch):
     assert {r["impl"] for r in data["results"]} >= {"reference", "eager"}
     assert "Not measured" in md.read_text() and "compile: not in this test" in md.read_text()
     assert cli.main(["bench", "--ops", "nope"]) == 2
+
+
+def _between_markers(path):
+    text = open(path).read()
+    begin, end = "<!-- bench-ops:begin -->", "<!-- bench-ops:end -->"
+    assert begin in text and end in text, f"{path} has no bench-ops markers"
+    return text.split(begin, 1)[1].split(end, 1)[0].strip()
+
+
+@pytest.mark.parametrize("doc", ["README.md", "benchmarks/README.md"])
+def test_op_tables_of_the_docs_are_the_registry(doc):
+    """The op tables of the READMEs are exactly bench.ops_table() (regenerate them with
+    `bitfast bench --list` when the registry changes)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert _between_markers(os.path.join(root, doc)) == bench.ops_table()
+
+
+def test_the_registry_drives_the_cli_and_the_benchmark_files(capsys):
+    assert bench.OPS == bench.op_names() and "group_norm_relu_add" in bench.OPS
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(op in help_text for op in bench.OPS)
+    assert cli.main(["bench", "--list"]) == 0
+    assert capsys.readouterr().out.strip() == bench.ops_table()
+    with pytest.raises(ValueError, match="registered twice"):
+        bench.register(bench.definition("sgd_momentum"))

@@ -1,0 +1,89 @@
+"""The benchmark of a BiT-R50x1 training step (forward, backward, optimizer): bitfast's model with
+``FusedSGD`` against a timm-style eager model with ``torch.optim.SGD``, its ``torch.compile``, and
+timm's own model when timm is installed."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from bitfast.bench import harness as h
+from bitfast.bench.baselines import EagerGroupNormAct, EagerStdConv2d
+
+# (model, batch, image size)
+SIZES = {
+    ("cuda", False): ("resnetv2_50x1_bit", 128, 224),
+    ("cuda", True): ("resnetv2_50x1_bit", 128, 224),
+    ("cpu", False): ("resnetv2_50x1_bit", 16, 128),
+    ("cpu", True): ("resnetv2_50x1_bit", 8, 64),
+}
+
+
+def _shapes(device: str, quick: bool) -> dict:
+    model, batch, size = SIZES[(device, quick)]
+    return {f"R50x1 {size}px b{batch}": (model, batch, size)}
+
+
+def train_model(impl: str, model_name: str, device: str, channels_last: bool):
+    """The model and optimizer of a train-step variant."""
+    import bitfast
+
+    if impl == "bitfast":
+        model = bitfast.create_model(model_name)
+    elif impl in ("eager", "compile"):
+        model = bitfast.create_model(model_name, conv_layer=EagerStdConv2d, norm_layer=EagerGroupNormAct)
+    elif impl == "timm":
+        import timm
+
+        model = timm.create_model(model_name, num_classes=1000)
+    else:
+        raise ValueError(f"train_step: unknown implementation {impl!r}; expected one of {h.implementations('train_step')}")
+    model = model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if impl == "bitfast":
+        opt = bitfast.optim.FusedSGD(model.parameters(), lr=h.LR, momentum=h.MOMENTUM, weight_decay=h.WEIGHT_DECAY)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=h.LR, momentum=h.MOMENTUM, weight_decay=h.WEIGHT_DECAY)
+    if impl == "compile":
+        model = torch.compile(model, dynamic=False)
+    return model, opt
+
+
+def _case(spec: h.Spec, device: str, value, quick: bool) -> h.Case:
+    model_name, batch, size = value
+    dtype = h.DTYPES[spec.dtype]
+    torch.manual_seed(0)
+    model, opt = train_model(spec.impl, model_name, device, spec.layout == "channels_last")
+    fmt = h.LAYOUTS[spec.layout]
+    xs = [torch.randn(batch, 3, size, size, device=device).contiguous(memory_format=fmt) for _ in range(2)]
+    ys = [torch.randint(0, 1000, (batch,), device=device) for _ in range(2)]
+    rot = h.Rotor(2)
+
+    def fn():
+        i = rot.next()
+        with h.autocast(device, dtype):
+            loss = F.cross_entropy(model(xs[i]), ys[i])
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    def check():
+        loss = fn().item()
+        # A freshly initialised 1000-class model starts near ln(1000) = 6.9.
+        assert math.isfinite(loss) and 0 < loss < 50, f"train_step [{spec.impl}]: loss {loss}"
+
+    return h.Case(spec, device, fn, check, items=batch, shape_value=list(value))
+
+
+h.register(h.BenchOp(
+    "train_step", modes=("step",), baselines=("eager", "compile", "timm"), own=("bitfast",),
+    shapes=_shapes, dtypes=lambda device, quick: ["bf16"] if device == "cuda" else ["fp32"],
+    layouts=lambda device, quick: ["channels_last"], factory=_case,
+    title="`train_step` (BiT-R50x1: forward, backward, optimizer)",
+    own_notes="`bitfast` (auto backends + `FusedSGD`)",
+    baseline_notes="`eager` (timm-style layers + `torch.optim.SGD`), `compile`, `timm` (when installed)", order=90,
+))
