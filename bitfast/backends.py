@@ -42,13 +42,11 @@ _PRIORITY: dict[str, tuple[str, ...]] = {
 }
 
 # Families whose CUDA kernels (bitfast._C_cuda) have compiled but not yet passed their
-# parity tests on a GPU (run by benchmarks/gpu_check.sh). On CUDA tensors ``auto`` tries
+# parity tests on a GPU (run by tools/gpu_check.sh). On CUDA tensors ``auto`` tries
 # triton before cuda for these; an explicit ``backend="cuda"`` still runs them. Add a
 # family when its CUDA kernels are new; remove it once its tests pass on a GPU.
-# GroupNorm+ReLU and BatchNorm+ReLU passed theirs on an H100 (2026-11-26, see
-# benchmarks/results/), where they also beat the Triton kernels at nearly every BiT shape
-# measured. GroupNorm+ReLU with the residual add (its CUDA forward and backward written
-# after that run) has not run on a GPU yet.
+# GroupNorm+ReLU and BatchNorm+ReLU have passed theirs (benchmarks/results/ has the runs);
+# GroupNorm+ReLU with the residual add has not run on a GPU yet.
 CUDA_UNVALIDATED: frozenset[str] = frozenset({"group_norm_relu_add"})
 
 _FLOATS = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})

@@ -4,8 +4,7 @@
 // directly (bitfast/ops/_register.py, OpFamily): the C++ autograd of each op then records
 // the backward node and runs it without entering Python, as ATen's own operators do. A small
 // GroupNorm of a late BiT stage takes 50-100 us of kernel time on a CPU, and a Python
-// autograd layer around it costs 20-40 us more (measured 2026-12-07: 77-87 us against
-// 102-107 us for a 2x64x8x8 forward+backward on one thread).
+// autograd layer around it costs a quarter to a third as much again (benchmarks/results/).
 //
 // Each op's Function saves what the op's Python formula saves and calls the same backward op
 // through the dispatcher, so CPU and CUDA tensors (when bitfast._C_cuda is loaded) get the

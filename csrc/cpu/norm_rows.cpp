@@ -275,7 +275,7 @@ inline bool env_choice(const char* name, bool otherwise) {
 // $BITFAST_CPU_SHORT_ROWS_IN_VECTORS=1 or 0 (read once) overrides the choice, so that the
 // tests can run both versions on any CPU.
 inline bool short_rows_in_vectors() {
-#if defined(BITFAST_FORCE_SHORT_ROWS_IN_VECTORS)  // (benchmarks/rows_bench.cpp builds without clones)
+#if defined(BITFAST_FORCE_SHORT_ROWS_IN_VECTORS)  // (tools/rows_bench.cpp builds without clones)
   return BITFAST_FORCE_SHORT_ROWS_IN_VECTORS;
 #else
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -353,7 +353,7 @@ BITFAST_INLINE f16v affine16(const f16v& x, float s, float t) {
 }
 
 // The elementwise passes (y, dx) take the short-row loops for bf16 rows of fewer elements
-// than this: 1.1-1.5x faster at 4x4 and 7x7 (benchmarks/rows_bench.cpp, AVX-512 clone). The
+// than this: 1.1-1.5x faster at 4x4 and 7x7 (tools/rows_bench.cpp, AVX-512 clone). The
 // compiler's loops run 512 bits wide where these run 256, and measured faster on float rows
 // and on bf16 rows from 64 elements (8x8) on (0.75-0.9x at 64 and 196 elements).
 constexpr int64_t kShortRowElementwise = 64;
@@ -564,7 +564,7 @@ BITFAST_INLINE void bwd_chunk_lanes(const In* __restrict gb, const In* __restric
 // $BITFAST_CPU_SUMS_IN_REGISTERS=1 or 0 (read once) overrides the choice, so that the tests
 // can run both versions on any CPU.
 inline bool regs_for_sums() {
-#if defined(BITFAST_FORCE_REGS_FOR_SUMS)  // (benchmarks/rows_bench.cpp: one clone's code on another CPU)
+#if defined(BITFAST_FORCE_REGS_FOR_SUMS)  // (tools/rows_bench.cpp: one clone's code on another CPU)
   return BITFAST_FORCE_REGS_FOR_SUMS;
 #else
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))

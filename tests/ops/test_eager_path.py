@@ -35,7 +35,7 @@ class Passthrough(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-# (device, backend); the CUDA ones run on a GPU machine (benchmarks/gpu_check.sh)
+# (device, backend); the CUDA ones run on a GPU machine (tools/gpu_check.sh)
 BACKENDS = [
     pytest.param(d, b, id=f"{d}-{b}") for d, b in (("cpu", "cpp"), ("cpu", "triton"), ("cuda", "cuda"), ("cuda", "triton"))
 ]

@@ -10,7 +10,7 @@ plus what only the CUDA kernels have: real BiT activation sizes in bf16 channels
 (the two-phase path), unaligned tensors and inner sizes that are not a multiple of the
 16-byte vector (the scalar paths), bitwise reproducibility, agreement with the CPU kernels,
 autograd through the public API and the current-stream contract. Every test needs a GPU and
-the CUDA build; they skip otherwise (benchmarks/gpu_check.sh runs them on a lent GPU).
+the CUDA build; they skip otherwise (tools/gpu_check.sh runs them on a lent GPU).
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@
 //   TI=$(python -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))")
 //   TL=$(python -c "import torch, os; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
 //   g++ -O3 -ffp-contract=off -fopenmp -std=c++20 -Icsrc $TI -c csrc/cpu/norm_rows.cpp -o /tmp/nr.o
-//   g++ -O3 -std=c++20 -Icsrc $TI benchmarks/rows_bench.cpp /tmp/nr.o csrc/cpu/convert.cpp -fopenmp \
+//   g++ -O3 -std=c++20 -Icsrc $TI tools/rows_bench.cpp /tmp/nr.o csrc/cpu/convert.cpp -fopenmp \
 //       -L$TL -lc10 -Wl,-rpath,$TL -o /tmp/rows_bench
 //   /tmp/rows_bench gn 256 64 16 bf16      # GroupNorm bwd: tasks, rows per group, L, fp32|bf16
 //   /tmp/rows_bench bn 2048 16 16          # BatchNorm stats: C, N, L (fp32)

@@ -4,7 +4,7 @@ with the same case factory as ``bitfast bench``, so that the slow drifts of a sh
 machine hit both sides alike. Prints one line per (shape, dtype, layout, mode) with the
 median time of each side and the ratio, then a markdown table.
 
-    python benchmarks/norm_ab.py [--ops group_norm_relu,batch_norm_relu] [--dtypes fp32,bf16]
+    python tools/norm_ab.py [--ops group_norm_relu,batch_norm_relu] [--dtypes fp32,bf16]
                                  [--shapes 16x1024x8x8,16x2048x4x4] [--rounds 5] [--threads 2]
 
 Without ``--shapes`` the shapes are those of ``bitfast bench`` on CPU.

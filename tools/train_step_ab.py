@@ -3,7 +3,7 @@ backends: the C++ kernels and FusedSGD) against the timm-style eager baseline, m
 interleaved rounds with the same case factory as ``bitfast bench`` (which, without
 ``--quick``, also compiles the whole model: minutes on 2 cores).
 
-    python benchmarks/train_step_ab.py [ROUNDS]
+    python tools/train_step_ab.py [ROUNDS]
 """
 
 import statistics

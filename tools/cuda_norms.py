@@ -4,7 +4,7 @@ baseline, in fp32 and bf16, NCHW and channels_last, forward + backward ("full") 
 grid without the ``torch.compile`` baseline (whose compile time a short GPU lease cannot
 spare). Same case factory, checks and timing as ``bitfast bench``.
 
-    python benchmarks/cuda_norms.py [--ops group_norm_relu,batch_norm_relu] [--modes full]
+    python tools/cuda_norms.py [--ops group_norm_relu,batch_norm_relu] [--modes full]
                                     [--dtypes fp32,bf16] [--layouts nchw,channels_last]
                                     [--shapes "R50x1 s1 mid,R50x1 s4 out"] [--json F] [--markdown F]
 """
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
                       for dt in split(args.dtypes) for lay in split(args.layouts)
                       for mode in split(args.modes) for impl in split(args.impls)]
     meta, results, skipped = bench.run(device=args.device, runs=args.runs, specs=specs, progress=False)
-    meta["command"] = "python " + " ".join(["benchmarks/cuda_norms.py"] + list(sys.argv[1:] if argv is None else argv))
+    meta["command"] = "python " + " ".join(["tools/cuda_norms.py"] + list(sys.argv[1:] if argv is None else argv))
     bench.write_reports(meta, results, skipped, json_path=args.json, markdown_path=args.markdown)
     print(f"cuda_norms on {meta['device']} (copy bandwidth {meta['copy_GBps']} GB/s)")
     for line in bench._skip_summary(skipped):

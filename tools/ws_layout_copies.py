@@ -7,7 +7,7 @@ at all. Prints each weight-sized ``aten::copy_`` that ``torch.profiler`` records
 forward+backward and their total time: every copy is a layout conversion that one of the
 pieces made.
 
-    python benchmarks/ws_layout_copies.py
+    python tools/ws_layout_copies.py
 """
 
 import torch

@@ -10,7 +10,7 @@ steadiest statistic) and the median, and the ratio of the minima. On the shared 
 development machine, an A/A run (a tree against itself) read up to 1.4x apart in medians of
 6 rounds: differences under about 10% need many rounds and an A/A run beside them.
 
-    python benchmarks/build_ab.py OTHER_TREE [--rounds 7] [--threads 2] [--dtypes fp32,bf16]
+    python tools/build_ab.py OTHER_TREE [--rounds 7] [--threads 2] [--dtypes fp32,bf16]
         [--layouts nchw,channels_last] [--gn-shapes 16x2048x4x4,...] [--bn-shapes ...]
 """
 

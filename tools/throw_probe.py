@@ -1,5 +1,5 @@
 """Does an error raised inside a C++ torch extension reach Python as a RuntimeError on this
-machine, or does it crash the process? A diagnostic for benchmarks/gpu_check.sh: on the
+machine, or does it crash the process? A diagnostic for tools/gpu_check.sh: on the
 lent H100 (torch 2.11, CUDA 13) bitfast's native ops crashed with a segmentation fault at
 their first argument error, in the CPU extension and the CUDA one alike, while the same
 code raises RuntimeErrors under torch 2.13 on CPU. This builds minimal extensions with the
@@ -7,7 +7,7 @@ machine's own compiler and torch (``torch.utils.cpp_extension.load_inline``), on
 variant, each raising a ``TORCH_CHECK`` error through a registered op, and runs each in a
 child process, so a crash is reported rather than suffered.
 
-    python benchmarks/throw_probe.py [--build-dir DIR]
+    python tools/throw_probe.py [--build-dir DIR]
 
 Three ways of raising (TORCH_CHECK, which captures a C++ backtrace as the c10::Error is
 made; a c10::Error made without one; a plain std::runtime_error), each in its own child

@@ -2,7 +2,7 @@
 # One-call check of bitfast on a lent GPU machine (H100/H200, torch + CUDA, triton, timm,
 # pytest-xdist, no internet): print the device and versions, build the CUDA extension, run
 # the CUDA tests, time the norm ops' CUDA and Triton kernels against eager in fp32/bf16,
-# NCHW/channels_last (benchmarks/cuda_norms.py), run `bitfast bench --quick` on the ops
+# NCHW/channels_last (tools/cuda_norms.py), run `bitfast bench --quick` on the ops
 # (every backend against the eager, torch.compile and torch.optim.SGD baselines), then the
 # BiT-R50x1 training step (224x224, bf16, channels_last, batch 128) if time is left. Logs and
 # results go to the output directory (first argument, else $OUT, else
@@ -15,13 +15,13 @@
 # (default "errors,tests,norms,ops,train"; errors: the native ops' argument errors on CPU
 # and CUDA in child processes; on a crash a cuda-gdb backtrace, the CPU checks again
 # under candidate workarounds, torch's own C++ errors as controls, and
-# benchmarks/throw_probe.py);
-# BITFAST_GPU_NORMS_ARGS passes arguments to benchmarks/cuda_norms.py.
+# tools/throw_probe.py);
+# BITFAST_GPU_NORMS_ARGS passes arguments to tools/cuda_norms.py.
 #
 # Without a GPU (a dry run on a developer machine) it says so, skips the build, the CUDA
 # tests and the CUDA norm timings, and runs the bench on the CPU.
 #
-#   bash benchmarks/gpu_check.sh [OUTDIR]
+#   bash tools/gpu_check.sh [OUTDIR]
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-benchmarks/results/local}}
@@ -104,7 +104,7 @@ fi
 errors_step() {
     # Bad arguments to the native ops must raise RuntimeErrors, not crash the process. On the
     # first crash: a backtrace under cuda-gdb (it debugs CPU-only programs too); after any,
-    # benchmarks/throw_probe.py, which tells whether any extension built here crashes so.
+    # tools/throw_probe.py, which tells whether any extension built here crashes so.
     local dev rc code bad=0
     for dev in cpu cuda; do
         code="import tests.ops.test_native_cpp as t; t.check_errors('$dev'); t.check_norm_errors('$dev'); print('argument errors on $dev: RuntimeErrors as expected')"
@@ -149,7 +149,7 @@ except RuntimeError:
     print('raised RuntimeError')" 2>&1)
             echo "control [$setup]: exit $?: $(echo "$r" | tail -1)"
         done
-        timeout 170 "$py" benchmarks/throw_probe.py
+        timeout 170 "$py" tools/throw_probe.py
     fi
     return $bad
 }
@@ -190,10 +190,10 @@ for s in $(echo "${BITFAST_GPU_STEPS:-errors,tests,norms,ops,train}" | tr ',' ' 
             echo "skipped (no GPU)"
         fi ;;
     norms)
-        step "CUDA norm kernels vs eager (benchmarks/cuda_norms.py ${BITFAST_GPU_NORMS_ARGS:-})"
+        step "CUDA norm kernels vs eager (tools/cuda_norms.py ${BITFAST_GPU_NORMS_ARGS:-})"
         if [ "$gpu" = 1 ]; then
             # shellcheck disable=SC2086
-            timed "cuda_norms" 150 40 "$py" benchmarks/cuda_norms.py ${BITFAST_GPU_NORMS_ARGS:-} \
+            timed "cuda_norms" 150 40 "$py" tools/cuda_norms.py ${BITFAST_GPU_NORMS_ARGS:-} \
                 --json "$out/cuda-norms.json" --markdown "$out/cuda-norms.md" > "$out/cuda-norms.txt" 2>&1
             tail -5 "$out/cuda-norms.txt"
         else
