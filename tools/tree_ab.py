@@ -19,25 +19,15 @@ import subprocess
 import sys
 
 CHILD = r"""
-import json, sys, time, torch
+import json, sys, torch
 threads, train_step = json.loads(sys.argv[1])
 torch.set_num_threads(threads)
 import bitfast
+from bitfast import bench
 from bitfast.ops import group_norm_relu
 
-def best(fn, total=0.4, reps=5):
-    for _ in range(3):
-        fn()
-    out = float("inf")
-    for _ in range(reps):
-        n, t0 = 0, time.perf_counter()
-        while True:
-            fn()
-            n += 1
-            if time.perf_counter() - t0 > total / reps:
-                break
-        out = min(out, (time.perf_counter() - t0) / n)
-    return out * 1e6
+def best(fn):
+    return min(bench.time_fn(fn, "cpu", min_time=0.4, min_reps=20, max_reps=2000, warmup=3)) * 1e6
 
 res = {"bitfast": bitfast.__file__}
 torch.manual_seed(0)
@@ -50,7 +40,6 @@ for shape in ((2, 64, 8, 8), (16, 512, 4, 4)):
         group_norm_relu(x, 32, w, b).backward(g)
     res["gn_relu_fwd_bwd " + "x".join(map(str, shape)) + " us"] = best(call)
 if train_step:
-    from bitfast import bench
     spec = bench.Spec("train_step", "R50x1 128px b16", "fp32", "channels_last", "step", "bitfast")
     case = bench.make_case(spec, "cpu", quick=False)
     ts = bench.time_fn(case.fn, "cpu", min_time=0.0, min_reps=3, max_reps=3, warmup=1)

@@ -11,14 +11,12 @@ weight-standardized convs and GroupNorm), for quick experiments and the tests.
 
 from __future__ import annotations
 
-import numbers
 import os
 from typing import NamedTuple
 
 import torch
 
-from bitfast import backends
-from bitfast.models.resnetv2 import ResNetV2, check_norm
+from bitfast.models.resnetv2 import ResNetV2
 
 __all__ = ["MODELS", "MODEL_SPECS", "ModelSpec", "create_model", "default_release", "list_models", "resolve_name"]
 
@@ -157,17 +155,8 @@ def create_model(
     """
     fn = "create_model"
     canonical = resolve_name(name)
-    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral):
-        raise TypeError(f"{fn}: num_classes must be an int >= 0; got {num_classes!r} ({type(num_classes).__name__})")
-    if num_classes < 0:
-        raise ValueError(f"{fn}: num_classes must be an int >= 0 (0: no classifier); got {num_classes}")
-    norm = check_norm(fn, norm)
-    if isinstance(ws_eps, bool) or not isinstance(ws_eps, numbers.Real):
-        raise TypeError(f"{fn}: ws_eps must be a float >= 0; got {ws_eps!r} ({type(ws_eps).__name__})")
-    if not ws_eps >= 0 or ws_eps == float("inf"):
-        raise ValueError(f"{fn}: ws_eps must be a finite float >= 0 (BiT: 1e-8 or 1e-10); got {ws_eps}")
-    if backend is not None:
-        backends.requested_backend(backend)
+    # num_classes, norm, ws_eps and backend are ResNetV2's to check (it is built before any
+    # download below).
     if "layers" in kwargs or "width_factor" in kwargs:
         raise TypeError(f"{fn}: layers/width_factor are fixed by the model name {name!r}; build ResNetV2 directly")
 

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import math
-import numbers
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 
@@ -25,27 +23,12 @@ from torch import nn
 
 from bitfast import backends
 from bitfast.nn.layers import BatchNormReLU, GroupNormReLU, StdConv2d
+from bitfast.ops import checks
 from bitfast.ops.reference import memory_format
 
 __all__ = ["ClassifierHead", "DownsampleConv", "PreActBottleneck", "ResNetStage", "ResNetV2", "NORMS"]
 
 NORMS: tuple[str, ...] = ("gn", "bn")
-
-
-def _int_at_least(cls: str, name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{cls}: {name} must be an int >= {low}; got {value!r} ({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{cls}: {name} must be an int >= {low}; got {value}")
-    return int(value)
-
-
-def _check_eps(cls: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{cls}: {name} must be a float >= 0; got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{cls}: {name} must be a finite float >= 0; got {value}")
-    return float(value)
 
 
 def check_norm(cls: str, norm) -> str:
@@ -294,13 +277,13 @@ class ResNetV2(nn.Module):
         cls = "ResNetV2"
         if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or len(layers) != 4:
             raise TypeError(f"{cls}: layers must be a sequence of 4 ints (units per stage); got {layers!r}")
-        layers = tuple(_int_at_least(cls, f"layers[{i}]", v, 1) for i, v in enumerate(layers))
-        width_factor = _int_at_least(cls, "width_factor", width_factor, 1)
-        base_width = _int_at_least(cls, "base_width", base_width, 1)
-        num_classes = _int_at_least(cls, "num_classes", num_classes, 0)
-        in_chans = _int_at_least(cls, "in_chans", in_chans, 1)
-        ws_eps = _check_eps(cls, "ws_eps", ws_eps)
-        drop_rate = _check_eps(cls, "drop_rate", drop_rate)
+        layers = tuple(checks.int_at_least(cls, f"layers[{i}]", v, 1) for i, v in enumerate(layers))
+        width_factor = checks.int_at_least(cls, "width_factor", width_factor, 1)
+        base_width = checks.int_at_least(cls, "base_width", base_width, 1)
+        num_classes = checks.int_at_least(cls, "num_classes", num_classes, 0)
+        in_chans = checks.int_at_least(cls, "in_chans", in_chans, 1)
+        ws_eps = checks.non_negative(cls, "ws_eps", ws_eps)
+        drop_rate = checks.non_negative(cls, "drop_rate", drop_rate)
         norm = check_norm(cls, norm)
         if backend is not None:
             backends.requested_backend(backend)  # raises on an unknown name
@@ -394,7 +377,7 @@ class ResNetV2(nn.Module):
         ``zero_head``), else normal(0, 0.01); it is placed on the device and dtype of the
         final norm's parameters.
         """
-        num_classes = _int_at_least("ResNetV2.reset_classifier", "num_classes", num_classes, 0)
+        num_classes = checks.int_at_least("ResNetV2.reset_classifier", "num_classes", num_classes, 0)
         ref = next(self.norm.parameters(), None)
         head = ClassifierHead(self.num_features, num_classes, self.drop_rate)
         if ref is not None:

@@ -7,21 +7,13 @@ import torch
 from torch import nn
 
 from bitfast import backends
-from bitfast.ops import batch_norm_relu, group_norm_relu, group_norm_relu_add, std_conv2d
+from bitfast.ops import batch_norm_relu, checks, group_norm_relu, group_norm_relu_add, std_conv2d
 
 
 def _check_backend(backend: str | None) -> str | None:
     if backend is not None:
         backends.requested_backend(backend)  # validates the name
     return backend
-
-
-def _int_pair(cls: str, name: str, v) -> tuple[int, int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return (v, v)
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        return tuple(v)
-    raise TypeError(f"{cls}: {name} must be an int or a pair of ints; got {v!r}")
 
 
 class StdConv2d(nn.Conv2d):
@@ -49,12 +41,12 @@ class StdConv2d(nn.Conv2d):
         device=None,
         dtype=None,
     ) -> None:
-        k = _int_pair("StdConv2d", "kernel_size", kernel_size)
-        s = _int_pair("StdConv2d", "stride", stride)
-        d = _int_pair("StdConv2d", "dilation", dilation)
+        k = checks.int_pair("StdConv2d", "kernel_size", kernel_size)
+        s = checks.int_pair("StdConv2d", "stride", stride)
+        d = checks.int_pair("StdConv2d", "dilation", dilation)
         if padding is None:
             padding = tuple(((si - 1) + di * (ki - 1)) // 2 for ki, si, di in zip(k, s, d))
-        p = _int_pair("StdConv2d", "padding", padding)
+        p = checks.int_pair("StdConv2d", "padding", padding)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
             raise ValueError(f"StdConv2d: eps must be a float >= 0; got {eps!r}")
         super().__init__(in_channels, out_channels, k, s, p, d, groups, bias, device=device, dtype=dtype)

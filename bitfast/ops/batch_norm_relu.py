@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from bitfast import backends
-from bitfast.ops import _checks, _register, reference
+from bitfast.ops import _register, checks, reference
 from bitfast.ops.reference import memory_format, stat_dtype
 
 FAMILY = "batch_norm_relu"
@@ -117,14 +117,14 @@ def batch_norm_relu(
         ``weight`` and ``bias``.
     """
     fn = "batch_norm_relu"
-    _checks.tensor(fn, "x", x)
-    _checks.floating(fn, "x", x)
-    _checks.ndim(fn, "x", x, 4, "(N, C, H, W)")
+    checks.tensor(fn, "x", x)
+    checks.floating(fn, "x", x)
+    checks.ndim(fn, "x", x, 4, "(N, C, H, W)")
     if x.numel() == 0:
         raise ValueError(f"{fn}: x has shape {tuple(x.shape)} with no elements; expected a non-empty input")
     c = x.shape[1]
     for arg, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
-        _checks.channel_vector(fn, arg, t, c, x)
+        checks.channel_vector(fn, arg, t, c, x)
     if (running_mean is None) != (running_var is None):
         raise ValueError(f"{fn}: running_mean and running_var must be given together or both be None")
     if not training and running_mean is None:
@@ -133,8 +133,8 @@ def batch_norm_relu(
         raise TypeError(f"{fn}: training must be a bool; got {type(training).__name__}")
     if not isinstance(relu, bool):
         raise TypeError(f"{fn}: relu must be a bool; got {type(relu).__name__}")
-    _checks.non_negative(fn, "momentum", momentum)
-    _checks.non_negative(fn, "eps", eps)
+    checks.non_negative(fn, "momentum", momentum)
+    checks.non_negative(fn, "eps", eps)
     count = x.numel() // c
     if training and count <= 1:
         raise ValueError(

@@ -14,7 +14,7 @@ import math
 import torch
 
 from bitfast import backends
-from bitfast.ops import _checks, _register, reference
+from bitfast.ops import _register, checks, reference
 from bitfast.ops.reference import memory_format, stat_dtype
 
 FAMILY = "group_norm_relu"
@@ -91,9 +91,9 @@ OP = _register.define_op(
 
 
 def _valid_channel_vector(t, c: int, x: torch.Tensor) -> bool:
-    # What _checks.channel_vector accepts, in a few attribute reads.
+    # What checks.channel_vector accepts, in a few attribute reads.
     return t is None or (
-        isinstance(t, torch.Tensor) and t.dtype in _checks.FLOAT_DTYPES and t.shape == (c,) and t.device == x.device
+        isinstance(t, torch.Tensor) and t.dtype in checks.FLOAT_DTYPES and t.shape == (c,) and t.device == x.device
     )
 
 
@@ -104,7 +104,7 @@ def _valid_args(x, num_groups, weight, bias, eps, relu) -> bool:
     if not (isinstance(x, torch.Tensor) and type(num_groups) is int and type(eps) is float and type(relu) is bool):
         return False
     shape = x.shape
-    if len(shape) != 4 or x.dtype not in _checks.FLOAT_DTYPES or num_groups < 1 or not 0.0 <= eps < math.inf:
+    if len(shape) != 4 or x.dtype not in checks.FLOAT_DTYPES or num_groups < 1 or not 0.0 <= eps < math.inf:
         return False
     n, c, h, w = shape
     if c % num_groups or n * c * h * w == 0 or (c // num_groups) * h * w < 2:
@@ -116,10 +116,10 @@ def _check_args(fn, xname, x, num_groups, weight, bias, eps, relu) -> None:
     # The checks every GroupNorm+ReLU entry point makes on its input ``x`` (named xname).
     if _valid_args(x, num_groups, weight, bias, eps, relu):
         return
-    _checks.tensor(fn, xname, x)
-    _checks.floating(fn, xname, x)
-    _checks.ndim(fn, xname, x, 4, "(N, C, H, W)")
-    _checks.positive_int(fn, "num_groups", num_groups)
+    checks.tensor(fn, xname, x)
+    checks.floating(fn, xname, x)
+    checks.ndim(fn, xname, x, 4, "(N, C, H, W)")
+    checks.positive_int(fn, "num_groups", num_groups)
     c = x.shape[1]
     if c % num_groups:
         raise ValueError(f"{fn}: {xname} has {c} channels, not divisible by num_groups={num_groups}")
@@ -130,9 +130,9 @@ def _check_args(fn, xname, x, num_groups, weight, bias, eps, relu) -> None:
             f"{fn}: each group of {xname} (shape {tuple(x.shape)}, num_groups={num_groups}) has a single "
             f"element; expected more than 1 value per group, as F.group_norm does"
         )
-    _checks.channel_vector(fn, "weight", weight, c, x)
-    _checks.channel_vector(fn, "bias", bias, c, x)
-    _checks.non_negative(fn, "eps", eps)
+    checks.channel_vector(fn, "weight", weight, c, x)
+    checks.channel_vector(fn, "bias", bias, c, x)
+    checks.non_negative(fn, "eps", eps)
     if not isinstance(relu, bool):
         raise TypeError(f"{fn}: relu must be a bool; got {type(relu).__name__}")
 
@@ -270,8 +270,8 @@ def group_norm_relu_add(
         ``a``, ``b``, ``weight`` and ``bias`` from ``s`` and from ``y``.
     """
     fn = "group_norm_relu_add"
-    _checks.tensor(fn, "a", a)
-    _checks.tensor(fn, "b", b)
+    checks.tensor(fn, "a", a)
+    checks.tensor(fn, "b", b)
     _check_args(fn, "a", a, num_groups, weight, bias, eps, relu)
     if b.shape != a.shape:
         raise ValueError(

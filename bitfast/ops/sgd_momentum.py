@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from bitfast import backends
-from bitfast.ops import _checks, _register, reference
+from bitfast.ops import _register, checks, reference
 
 FAMILY = "sgd_momentum"
 
@@ -94,12 +94,12 @@ def sgd_momentum_(
         if not isinstance(seq, (list, tuple)):
             raise TypeError(f"{fn}: {name} must be a list of tensors; got {type(seq).__name__}")
         for i, t in enumerate(seq):
-            _checks.tensor(fn, f"{name}[{i}]", t)
+            checks.tensor(fn, f"{name}[{i}]", t)
     lr_tensor = lr if isinstance(lr, torch.Tensor) else None
     if lr_tensor is None:
-        _checks.non_negative(fn, "lr", lr)
+        checks.non_negative(fn, "lr", lr)
     for name, v in (("momentum", momentum), ("weight_decay", weight_decay)):
-        _checks.non_negative(fn, name, v)
+        checks.non_negative(fn, name, v)
     if isinstance(dampening, bool) or not isinstance(dampening, (int, float)):
         raise TypeError(f"{fn}: dampening must be a float; got {type(dampening).__name__}")
     if isinstance(ema_decay, bool) or not isinstance(ema_decay, (int, float)):
@@ -117,7 +117,7 @@ def sgd_momentum_(
     if not params:
         return
     p0 = params[0]
-    _checks.floating(fn, "params[0]", p0)
+    checks.floating(fn, "params[0]", p0)
     if lr_tensor is not None:
         if lr_tensor.numel() != 1 or lr_tensor.dtype != torch.float32 or lr_tensor.device != p0.device:
             raise ValueError(

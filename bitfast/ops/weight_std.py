@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from bitfast import backends
-from bitfast.ops import _checks, _library, _register, reference
+from bitfast.ops import _library, _register, checks, reference
 
 FAMILY = "weight_standardize"
 
@@ -62,13 +62,13 @@ def _standardize(w: torch.Tensor, eps: float, backend: str) -> torch.Tensor:
 
 
 def _check_weight(fn: str, w, eps) -> None:
-    _checks.tensor(fn, "w", w)
-    _checks.floating(fn, "w", w)
+    checks.tensor(fn, "w", w)
+    checks.floating(fn, "w", w)
     if w.dim() < 2:
         raise ValueError(f"{fn}: w has {w.dim()} dims (shape {tuple(w.shape)}); expected (O, ...) with >= 2 dims")
     if w.numel() == 0:
         raise ValueError(f"{fn}: w has shape {tuple(w.shape)} with no elements; expected a non-empty weight")
-    _checks.non_negative(fn, "eps", eps)
+    checks.non_negative(fn, "eps", eps)
 
 
 def weight_standardize(w: torch.Tensor, eps: float = 1e-8, *, backend: str | None = None) -> torch.Tensor:
@@ -92,14 +92,6 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8, *, backend: str | Non
     if name == "reference":
         return reference.weight_standardize(w, eps)
     return _standardize(w, float(eps), name)
-
-
-def _pair(fn: str, name: str, v) -> list[int]:
-    if isinstance(v, int) and not isinstance(v, bool):
-        return [v, v]
-    if isinstance(v, (tuple, list)) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v):
-        return list(v)
-    raise TypeError(f"std_conv2d: {name} must be an int or a pair of ints; got {v!r}")
 
 
 def _std_conv2d_composite(x, weight, bias, stride, padding, dilation, groups, eps, backend):
@@ -140,22 +132,22 @@ def std_conv2d(
         backend: force the weight-standardization backend; default: auto.
     """
     fn = "std_conv2d"
-    _checks.tensor(fn, "x", x)
-    _checks.floating(fn, "x", x)
-    _checks.ndim(fn, "x", x, 4, "(N, C, H, W)")
+    checks.tensor(fn, "x", x)
+    checks.floating(fn, "x", x)
+    checks.ndim(fn, "x", x, 4, "(N, C, H, W)")
     _check_weight(fn, weight, eps)
     if weight.dim() != 4:
         raise ValueError(f"{fn}: weight has {weight.dim()} dims; expected (Cout, Cin/groups, kh, kw)")
-    _checks.positive_int(fn, "groups", groups)
+    checks.positive_int(fn, "groups", groups)
     if x.shape[1] != weight.shape[1] * groups:
         raise ValueError(
             f"{fn}: x has {x.shape[1]} channels but weight expects {weight.shape[1] * groups} "
             f"(weight.shape[1]={weight.shape[1]} x groups={groups})"
         )
-    _checks.tensor(fn, "bias", bias, optional=True)
+    checks.tensor(fn, "bias", bias, optional=True)
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"{fn}: bias has shape {tuple(bias.shape)}; expected ({weight.shape[0]},)")
-    stride, padding, dilation = (_pair(fn, n, v) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation)))
+    stride, padding, dilation = (list(checks.int_pair(fn, n, v)) for n, v in (("stride", stride), ("padding", padding), ("dilation", dilation)))
     name = backends.resolve(FAMILY, weight.device.type, weight.dtype, backend)
     if name == "reference":
         return reference.std_conv2d(x, weight, bias, stride, padding, dilation, groups, eps)

@@ -20,6 +20,8 @@ from collections.abc import Callable, Iterable, Sequence
 import torch
 import torch.nn.functional as F
 
+from bitfast.ops import checks
+
 __all__ = [
     "DEFAULT_LAMBDAS",
     "extract_features",
@@ -32,12 +34,6 @@ __all__ = [
 
 # A log grid 1e-3 .. 1e3, two points a decade.
 DEFAULT_LAMBDAS: tuple[float, ...] = tuple(10.0 ** (e / 2) for e in range(-6, 7))
-
-
-def _int_at_least(fn: str, name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{fn}: {name} must be an int >= {low}; got {value!r}")
-    return int(value)
 
 
 def _labels(fn: str, y) -> torch.Tensor:
@@ -57,7 +53,7 @@ def kshot_indices(targets, k: int, seed: int, classes: Iterable[int] | None = No
     raises ``ValueError`` naming a class with fewer than ``k`` examples.
     """
     targets = _labels("kshot_indices", targets).cpu()
-    k = _int_at_least("kshot_indices", "k", k, 1)
+    k = checks.int_at_least("kshot_indices", "k", k, 1)
     classes = torch.unique(targets).tolist() if classes is None else [int(c) for c in classes]
     if not classes:
         raise ValueError("kshot_indices: no classes to draw from")
@@ -289,7 +285,7 @@ def run_ridge_episodes(
     y_test_dev = y_test.to(Z_test.device)
     results: dict[int, dict] = {}
     for k in shots:
-        k = _int_at_least(fn, "each shot count", k, 1)
+        k = checks.int_at_least(fn, "each shot count", k, 1)
         accs, lams = [], []
         for seed in seeds:
             idx = kshot_indices(y_train, k, seed, classes).to(Z_train.device)

@@ -21,8 +21,9 @@ is the loop's business; :func:`settings` gathers the whole rule in one dict.
 
 from __future__ import annotations
 
-import math
 import numbers
+
+from bitfast.ops import checks
 
 __all__ = [
     "BASE_BATCH",
@@ -46,22 +47,6 @@ _SMALL_N = 20_000
 _MEDIUM_N = 500_000
 
 
-def _count(fn: str, name: str, value, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fn}: {name} must be an int >= {low}; got {value!r} ({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{fn}: {name} must be an int >= {low}; got {value}")
-    return int(value)
-
-
-def _positive(fn: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a number > 0; got {value!r} ({type(value).__name__})")
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{fn}: {name} must be a finite number > 0; got {value}")
-    return float(value)
-
-
 def resolution(image_size, variant: str = "release") -> tuple[int, int]:
     """The HyperRule's ``(resize, crop)`` for images of ``image_size = (h, w)`` (or one int).
 
@@ -75,8 +60,8 @@ def resolution(image_size, variant: str = "release") -> tuple[int, int]:
         image_size = (image_size, image_size)
     if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
         raise TypeError(f"resolution: image_size must be (height, width) or an int; got {image_size!r}")
-    h = _count("resolution", "height", image_size[0], 1)
-    w = _count("resolution", "width", image_size[1], 1)
+    h = checks.int_at_least("resolution", "height", image_size[0], 1)
+    w = checks.int_at_least("resolution", "width", image_size[1], 1)
     if variant not in VARIANTS:
         raise ValueError(f"resolution: variant must be one of {VARIANTS}; got {variant!r}")
     if h * w < _SMALL_AREA:
@@ -104,7 +89,7 @@ def schedule(n: int) -> list[int]:
     ``n < 20_000``: ``[100, 200, 300, 400, 500]``; ``n < 500_000``:
     ``[500, 3000, 6000, 9000, 10000]``; otherwise ``[500, 6000, 12000, 18000, 20000]``.
     """
-    n = _count("schedule", "n (the number of training examples)", n, 1)
+    n = checks.int_at_least("schedule", "n (the number of training examples)", n, 1)
     if n < _SMALL_N:
         return [100, 200, 300, 400, 500]
     if n < _MEDIUM_N:
@@ -122,9 +107,9 @@ def lr(step: int, n: int, base_lr: float = BASE_LR, batch_size: int = BASE_BATCH
     so with ``n = 50_000``: ``lr(0) = 0``, ``lr(500) = lr(3000) = 0.003``,
     ``lr(3001) = 0.0003``, ``lr(10000) is None``.
     """
-    step = _count("lr", "step", step, 0)
-    base_lr = _positive("lr", "base_lr", base_lr)
-    batch_size = _count("lr", "batch_size", batch_size, 1)
+    step = checks.int_at_least("lr", "step", step, 0)
+    base_lr = checks.real("lr", "base_lr", base_lr, strict=True)
+    batch_size = checks.int_at_least("lr", "batch_size", batch_size, 1)
     warmup, *decays, total = schedule(n)
     peak = base_lr * batch_size / BASE_BATCH
     if step >= total:
@@ -137,7 +122,7 @@ def lr(step: int, n: int, base_lr: float = BASE_LR, batch_size: int = BASE_BATCH
 def mixup_alpha(n: int) -> float:
     """The HyperRule's MixUp alpha for ``n`` training examples: 0.1 when ``n >= 20_000``,
     else 0.0 (no MixUp). One mixing weight ~ Beta(alpha, alpha) is drawn per step."""
-    n = _count("mixup_alpha", "n (the number of training examples)", n, 1)
+    n = checks.int_at_least("mixup_alpha", "n (the number of training examples)", n, 1)
     return 0.1 if n >= _SMALL_N else 0.0
 
 
@@ -156,11 +141,11 @@ def settings(
     ``image_size`` is given, ``resize`` and ``crop`` (see :func:`resolution`).
     """
     sched = schedule(n)
-    batch_size = _count("settings", "batch_size", batch_size, 1)
+    batch_size = checks.int_at_least("settings", "batch_size", batch_size, 1)
     out = {
         "schedule": sched,
         "steps": sched[-1],
-        "lr": _positive("settings", "base_lr", base_lr) * batch_size / BASE_BATCH,
+        "lr": checks.real("settings", "base_lr", base_lr, strict=True) * batch_size / BASE_BATCH,
         "batch_size": batch_size,
         "mixup_alpha": mixup_alpha(n),
         "momentum": 0.9,

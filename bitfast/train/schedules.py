@@ -13,36 +13,18 @@ Fine-tuning uses :mod:`bitfast.train.hyperrule` instead.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
+
+from bitfast.ops import checks
 
 __all__ = ["cosine_lr", "scaled_lr", "upstream_step_lr"]
 
 
-def _int(fn: str, name: str, value, low: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fn}: {name} must be an int >= {low}; got {value!r} ({type(value).__name__})")
-    if value < low:
-        raise ValueError(f"{fn}: {name} must be an int >= {low}; got {value}")
-    return int(value)
-
-
-def _real(fn: str, name: str, value, low: float = 0.0, strict: bool = True, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a number; got {value!r} ({type(value).__name__})")
-    value = float(value)
-    bad = not math.isfinite(value) or (value <= low if strict else value < low) or (high is not None and value > high)
-    if bad:
-        bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise ValueError(f"{fn}: {name} must be a finite number {bound}; got {value}")
-    return value
-
-
 def scaled_lr(base: float, batch_size: int, reference_batch: int = 256) -> float:
     """The linear scaling rule: ``base * batch_size / reference_batch``."""
-    base = _real("scaled_lr", "base", base)
-    batch_size = _int("scaled_lr", "batch_size", batch_size, 1)
-    reference_batch = _int("scaled_lr", "reference_batch", reference_batch, 1)
+    base = checks.real("scaled_lr", "base", base, strict=True)
+    batch_size = checks.int_at_least("scaled_lr", "batch_size", batch_size, 1)
+    reference_batch = checks.int_at_least("scaled_lr", "reference_batch", reference_batch, 1)
     return base * batch_size / reference_batch
 
 
@@ -65,12 +47,12 @@ def upstream_step_lr(
     ``warmup_steps=0`` disables the warm-up.
     """
     fn = "upstream_step_lr"
-    step = _int(fn, "step", step, 0)
-    steps_per_epoch = _int(fn, "steps_per_epoch", steps_per_epoch, 1)
+    step = checks.int_at_least(fn, "step", step, 0)
+    steps_per_epoch = checks.int_at_least(fn, "steps_per_epoch", steps_per_epoch, 1)
     peak = scaled_lr(base, batch_size, 256)
-    warmup_steps = _int(fn, "warmup_steps", warmup_steps, 0)
-    epochs = _int(fn, "epochs", epochs, 1)
-    decay_epochs = [_int(fn, "each of decay_epochs", e, 1) for e in decay_epochs]
+    warmup_steps = checks.int_at_least(fn, "warmup_steps", warmup_steps, 0)
+    epochs = checks.int_at_least(fn, "epochs", epochs, 1)
+    decay_epochs = [checks.int_at_least(fn, "each of decay_epochs", e, 1) for e in decay_epochs]
     if any(e >= epochs for e in decay_epochs):
         raise ValueError(f"{fn}: decay_epochs must all be < epochs ({epochs}); got {tuple(decay_epochs)}")
     if step >= epochs * steps_per_epoch:
@@ -96,11 +78,11 @@ def cosine_lr(
     upstream rule pass ``peak=scaled_lr(0.03, batch_size)``.
     """
     fn = "cosine_lr"
-    step = _int(fn, "step", step, 0)
-    total_steps = _int(fn, "total_steps", total_steps, 1)
-    peak = _real(fn, "peak", peak)
-    warmup_fraction = _real(fn, "warmup_fraction", warmup_fraction, 0.0, strict=False, high=1.0)
-    final = _real(fn, "final", final, 0.0, strict=False)
+    step = checks.int_at_least(fn, "step", step, 0)
+    total_steps = checks.int_at_least(fn, "total_steps", total_steps, 1)
+    peak = checks.real(fn, "peak", peak, strict=True)
+    warmup_fraction = checks.real(fn, "warmup_fraction", warmup_fraction, 0.0, strict=False, high=1.0)
+    final = checks.real(fn, "final", final, 0.0, strict=False)
     if final > peak:
         raise ValueError(f"{fn}: final ({final}) must be <= peak ({peak})")
     if step >= total_steps:

@@ -1,5 +1,7 @@
-"""Argument checks shared by the public ops: every message names the function, the
-argument, what was given and what was expected."""
+"""The argument validators of bitfast, defined once and used by the ops, the layers, the models
+and the training library: every message names the function, the argument, what was given
+and what was expected. A value of the wrong kind raises ``TypeError``, a value out of range
+``ValueError``; the validators return the value as the type they checked for."""
 
 from __future__ import annotations
 
@@ -46,19 +48,53 @@ def channel_vector(fn: str, name: str, t: torch.Tensor | None, c: int, x: torch.
         raise ValueError(f"{fn}: {name} is on {t.device} but x is on {x.device}")
 
 
-def non_negative(fn: str, name: str, value, *, integer: bool = False) -> None:
-    """A finite number >= 0 (an int when ``integer``)."""
+def non_negative(fn: str, name: str, value, *, integer: bool = False) -> float | int:
+    """A finite number >= 0 (an int when ``integer``); returns it as a float (int)."""
     kind = numbers.Integral if integer else numbers.Real
     if isinstance(value, bool) or not isinstance(value, kind):
         want = "an int" if integer else "a float"
         raise TypeError(f"{fn}: {name} must be {want}; got {type(value).__name__}")
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{fn}: {name} must be a finite value >= 0; got {value}")
+    return int(value) if integer else float(value)
 
 
-def positive_int(fn: str, name: str, value) -> None:
+def positive_int(fn: str, name: str, value) -> int:
     """An int >= 1."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{fn}: {name} must be an int; got {type(value).__name__}")
     if value < 1:
         raise ValueError(f"{fn}: {name} must be >= 1; got {value}")
+    return int(value)
+
+
+def int_at_least(fn: str, name: str, value, low: int) -> int:
+    """An int >= ``low`` (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{fn}: {name} must be an int >= {low}; got {value!r} ({type(value).__name__})")
+    if value < low:
+        raise ValueError(f"{fn}: {name} must be an int >= {low}; got {value}")
+    return int(value)
+
+
+def real(fn: str, name: str, value, low: float = 0.0, *, strict: bool = False, high: float | None = None) -> float:
+    """A finite number ``> low`` (``strict``) or ``>= low``, and ``<= high`` when given."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{fn}: {name} must be a number; got {value!r} ({type(value).__name__})")
+    value = float(value)
+    bad = not math.isfinite(value) or (value <= low if strict else value < low) or (high is not None and value > high)
+    if bad:
+        bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+        raise ValueError(f"{fn}: {name} must be a finite number {bound}; got {value}")
+    return value
+
+
+def int_pair(fn: str, name: str, value) -> tuple[int, int]:
+    """An int ``v`` (meaning ``(v, v)``) or a pair of ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2 and all(
+        isinstance(i, int) and not isinstance(i, bool) for i in value
+    ):
+        return (value[0], value[1])
+    raise TypeError(f"{fn}: {name} must be an int or a pair of ints; got {value!r}")
