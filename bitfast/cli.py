@@ -306,6 +306,17 @@ def _add_train_args(p: argparse.ArgumentParser, defaults, recipe: str) -> None:
     r.add_argument("--trust-checkpoint", action="store_true", default=defaults.trust_checkpoint, help=TRUST_HELP)
 
 
+def _add_hyperrule_args(p: argparse.ArgumentParser, defaults, what: str = "the ") -> None:
+    """--steps, --schedule and --variant: the HyperRule options of finetune, distill and fewshot."""
+    g = p.add_argument_group("BiT-HyperRule schedule and resolution")
+    g.add_argument("--steps", type=int, default=None,
+                   help=f"{what}total steps; rescales the HyperRule schedule (same fractions)")
+    g.add_argument("--schedule", type=int, nargs=5, default=None, metavar=("W", "D1", "D2", "D3", "TOTAL"),
+                   help=f"{what}step schedule [warmup, d1, d2, d3, total] (default: the HyperRule's for the data size)")
+    g.add_argument("--variant", default=defaults.variant, choices=["release", "paper"],
+                   help="HyperRule resolution table for large images: release 512/480, paper 448/384")
+
+
 TRUST_HELP = ("read training checkpoints (--resume, --pretrained, --teacher, --checkpoint) of the format of earlier "
               "bitfast versions, which unpickles them and so runs any code they carry: only for files you made or "
               "trust (once: `bitfast convert-checkpoint FILE`)")
@@ -347,153 +358,21 @@ def cmd_distill(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from bitfast.train import plots
-    from bitfast.train.build import checkpoint_eval_data, model_from_checkpoint, summary_table
-    from bitfast.train.evaluate import evaluate
-    from bitfast.train.options import check_device
+    from bitfast.train.evaluate import evaluate_checkpoints
 
-    check_device(args.device)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    models, states = [], []
-    for path in args.checkpoint:
-        model, state = model_from_checkpoint(path, use_ema=not args.no_ema, device=device, trusted=args.trust_checkpoint)
-        models.append(model)
-        states.append(state)
-    first = states[0]
-    classes = first.get("classes")
-    for path, st in zip(args.checkpoint[1:], states[1:]):
-        if st.get("num_classes") != first.get("num_classes") or st.get("classes") != classes:
-            raise ValueError(f"cannot ensemble {path} with {args.checkpoint[0]}: they were trained on other classes "
-                             f"({st.get('classes')} vs {classes}); pass checkpoints of the same task")
-    d, _ = checkpoint_eval_data(first, data=args.data, val_data=args.val_data, classes=args.classes, crop=args.crop)
-    res = evaluate(models, d.eval, d.num_classes, batch_size=args.batch_size, info=None, mode=args.ensemble)
-    os.makedirs(args.output, exist_ok=True)
-    with open(os.path.join(args.output, "eval.json"), "w") as f:
-        json.dump({**res, "checkpoints": args.checkpoint, "ema": [s["used_ema"] for s in states],
-                   "classes": d.class_names}, f)
-    written = []
-    if plots.available():
-        written.append(plots.plot_reliability(res["reliability"], os.path.join(args.output, "reliability.png"), ece=res["ece"]))
-        if d.num_classes <= 100:
-            written.append(plots.plot_confusion(res["confusion"], os.path.join(args.output, "confusion.png"), d.class_names))
-    else:
-        print(plots.missing_note())
-    what = f"ensemble of {len(models)} ({args.ensemble})" if len(models) > 1 else args.checkpoint[0]
-    kinds = ["EMA" if s["used_ema"] else "raw" for s in states]
-    ema = f"{kinds[0]} weights" if len(set(kinds)) == 1 else "weights: " + ", ".join(kinds)
-    print(f"bitfast eval: {what} ({ema}) on {d.description}")
-    rows = [["top-1", f"{100 * res['top1']:.2f}% of {res['n']}"], ["top-5", f"{100 * res['top5']:.2f}%"],
-            ["loss", f"{res['loss']:.4f}"], ["ECE (15 bins)", f"{100 * res['ece']:.2f}%"],
-            ["outputs", ", ".join(["eval.json"] + [os.path.basename(p) for p in written if p])]]
-    print(summary_table(rows, ["metric", "value"]))
-    if d.num_classes <= 20:
-        print("confusion matrix (rows: true, columns: predicted)")
-        width = max(len(n) for n in d.class_names + [str(max(map(max, res["confusion"])))])
-        print(" " * (width + 1) + " ".join(n.rjust(width) for n in d.class_names))
-        for name, row in zip(d.class_names, res["confusion"]):
-            print(name.rjust(width) + " " + " ".join(str(v).rjust(width) for v in row))
+    evaluate_checkpoints(args.checkpoint, output=args.output, data=args.data, val_data=args.val_data,
+                         classes=args.classes, crop=args.crop, ensemble=args.ensemble, use_ema=not args.no_ema,
+                         batch_size=args.batch_size, device=args.device, trusted=args.trust_checkpoint)
     return 0
 
 
-def _conv_sparsity(model) -> float:
-    """Zero weights over all conv weights outside the head (float or int8 convs)."""
-    from bitfast.plain_model import Int8Conv2d
-
-    zeros = total = 0
-    for name, m in model.named_modules():
-        if name.startswith("head"):
-            continue
-        w = m.weight_int8 if isinstance(m, Int8Conv2d) else (m.weight if isinstance(m, torch.nn.Conv2d) else None)
-        if w is not None:
-            zeros += int((w == 0).sum())
-            total += w.numel()
-    return zeros / max(total, 1)
-
-
 def cmd_export(args) -> int:
-    import copy
+    from bitfast.train.checkpoint_export import export_checkpoint
 
-    from bitfast.compress import prune_magnitude, quantize_int8
-    from bitfast.export import for_inference, write_plain_module
-    from bitfast.train.build import checkpoint_eval_data, model_from_checkpoint, summary_table
-    from bitfast.train.evaluate import evaluate
-    from bitfast.train.options import check_device
-
-    check_device(args.device)
-    if args.prune is not None and not 0.0 <= args.prune < 1.0:
-        raise ValueError(f"--prune must be a fraction in [0, 1); got {args.prune}")
-    if args.structured and args.prune is None:
-        raise ValueError("--structured applies to pruning: pass --prune AMOUNT too")
-    device = torch.device(args.device or "cpu")
-    model, state = model_from_checkpoint(args.checkpoint, use_ema=not args.no_ema, device=device,
-                                         trusted=args.trust_checkpoint)
-    exported = for_inference(model)
-    if not hasattr(exported, "config_json"):
-        raise ValueError(f"{args.checkpoint}: its model ({type(exported).__name__}) does not export to a PlainResNetV2")
-    os.makedirs(args.out, exist_ok=True)
-
-    # The evaluation data: the checkpoint's own (its digits, its ImageFolder's val/) unless given.
-    d, crop = None, args.crop or int(state.get("resolution") or 128)
-    if not args.no_eval:
-        d, crop = checkpoint_eval_data(state, data=args.data, val_data=args.val_data, classes=args.classes, crop=args.crop)
-
-    def accuracy(net) -> dict | None:
-        if d is None:
-            return None
-        res = evaluate(net, d.eval, d.num_classes, batch_size=args.batch_size)
-        return {k: res[k] for k in ("top1", "top5", "loss", "n")}
-
-    def save(net, name: str) -> str:
-        path = os.path.join(args.out, name)
-        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, path)
-        return path
-
-    with open(os.path.join(args.out, "config.json"), "w") as f:
-        f.write(exported.config_json)
-    write_plain_module(os.path.join(args.out, "bitfast_plain_model.py"))
-    rows = [{"variant": "training model (bitfast)", "file": None, "sparsity": _conv_sparsity(for_inference(model)),
-             "eval": accuracy(model)}]
-    rows.append({"variant": "exported float", "file": save(exported, "model.pt"), "sparsity": _conv_sparsity(exported),
-                 "eval": accuracy(exported)})
-    last, notes = exported, []
-    if args.prune is not None:
-        pruned = copy.deepcopy(exported)
-        rep = prune_magnitude(pruned, args.prune, structured=args.structured, scope=args.prune_scope)
-        kind = "structured" if args.structured else "unstructured"
-        rows.append({"variant": f"pruned {args.prune:g} ({kind}, {args.prune_scope})", "file": save(pruned, "model_pruned.pt"),
-                     "sparsity": _conv_sparsity(pruned), "eval": accuracy(pruned)})
-        last = pruned
-        notes.append(str(rep).splitlines()[0])
-    if args.int8:
-        q = copy.deepcopy(last)
-        rep = quantize_int8(q)
-        rows.append({"variant": "int8 weights" + (" (pruned)" if last is not exported else ""),
-                     "file": save(q, "model_int8.pt"), "sparsity": _conv_sparsity(q), "eval": accuracy(q)})
-        notes.append(str(rep))
-        rounded = rows[-1]["sparsity"] - _conv_sparsity(last)
-        if rounded > 0:
-            rows[-1]["rounding_zeros"] = rounded
-            notes.append(f"int8: {100 * rounded:.1f}% of the conv weights became 0 by rounding (|w| below half a "
-                         "quantization step); they are counted in its conv sparsity")
-    for r in rows:
-        r["MiB"] = os.path.getsize(r["file"]) / 2**20 if r["file"] else None
-    with open(os.path.join(args.out, "export.json"), "w") as f:
-        json.dump({"checkpoint": args.checkpoint, "ema": state["used_ema"], "classes": state.get("classes"),
-                   "resolution": crop, "data": d.description if d else None, "variants": rows}, f, indent=1)
-    print(f"bitfast export: {args.checkpoint} ({'EMA' if state['used_ema'] else 'raw'} weights) -> {args.out}"
-          + (f"; evaluated on {d.description}" if d else ""))
-    table = [[r["variant"], os.path.basename(r["file"]) if r["file"] else "-",
-              f"{r['MiB']:.2f}" if r["MiB"] is not None else "-",
-              f"{100 * r['sparsity']:.1f}%" + (f" ({100 * r['rounding_zeros']:.1f}% by rounding)"
-                                               if r.get("rounding_zeros") else ""),
-              f"{100 * r['eval']['top1']:.2f}%" if r["eval"] else "-", f"{r['eval']['loss']:.4f}" if r["eval"] else "-"]
-             for r in rows]
-    print(summary_table(table, ["model", "file", "MiB", "conv sparsity", "test top-1", "test loss"]))
-    for n in notes:
-        print(n)
-    print("load without bitfast: bitfast_plain_model.PlainResNetV2(**json.load(open('config.json'))), then "
-          "load_state_dict(torch.load('model.pt', weights_only=True))"
-          + (" or load_int8_state_dict(model, torch.load('model_int8.pt', weights_only=True))" if args.int8 else ""))
+    export_checkpoint(args.checkpoint, args.out, prune=args.prune, structured=args.structured,
+                      prune_scope=args.prune_scope, int8=args.int8, use_ema=not args.no_ema, data=args.data,
+                      val_data=args.val_data, classes=args.classes, crop=args.crop, evaluate_variants=not args.no_eval,
+                      batch_size=args.batch_size, device=args.device, trusted=args.trust_checkpoint)
     return 0
 
 
@@ -599,11 +478,7 @@ def _add_training_commands(sub) -> None:
                                    "momentum 0.9, no weight decay. Every value can be overridden. Under torchrun: DDP.")
     fd = FinetuneConfig()
     _add_train_args(f, fd, "finetune")
-    f.add_argument("--steps", type=int, default=None, help="total steps; rescales the HyperRule schedule (same fractions)")
-    f.add_argument("--schedule", type=int, nargs=5, default=None, metavar=("W", "D1", "D2", "D3", "TOTAL"),
-                   help="the step schedule [warmup, d1, d2, d3, total] (default: the HyperRule's for the data size)")
-    f.add_argument("--variant", default=fd.variant, choices=["release", "paper"],
-                   help="HyperRule resolution table for large images: release 512/480, paper 448/384")
+    _add_hyperrule_args(f, fd)
     f.add_argument("--lora-rank", type=int, default=fd.lora_rank, metavar="R",
                    help="LoRA: wrap every StdConv but the stem with a rank-R update, freeze the base, train the updates "
                         "and the head (0: full fine-tuning). last.pt keeps the LoRA factors (resumable); eval, export "
@@ -619,6 +494,7 @@ def _add_training_commands(sub) -> None:
                                     "every other option as in bitfast finetune. Reports teacher and student accuracy.")
     dd = DistillConfig()
     _add_train_args(ds, dd, "distill")
+    _add_hyperrule_args(ds, dd)
     ds.add_argument("--teacher", required=True,
                     help="a bitfast training checkpoint (RUN/last.pt; EMA weights when present) or a model name "
                          "(weights from --teacher-pretrained)")
@@ -626,11 +502,6 @@ def _add_training_commands(sub) -> None:
                     help="weights of a teacher given by model name (a release name, a file or a training checkpoint)")
     ds.add_argument("--alpha", type=float, default=dd.alpha, help="weight of the distillation term (0: plain CE)")
     ds.add_argument("--temperature", type=float, default=dd.temperature, help="softmax temperature T")
-    ds.add_argument("--steps", type=int, default=None, help="total steps; rescales the HyperRule schedule (same fractions)")
-    ds.add_argument("--schedule", type=int, nargs=5, default=None, metavar=("W", "D1", "D2", "D3", "TOTAL"),
-                    help="the step schedule [warmup, d1, d2, d3, total] (default: the HyperRule's for the data size)")
-    ds.add_argument("--variant", default=dd.variant, choices=["release", "paper"],
-                    help="HyperRule resolution table for large images: release 512/480, paper 448/384")
     ds.set_defaults(func=cmd_distill)
 
     pt = sub.add_parser("pretrain", formatter_class=fmt, help="upstream training (BiT-S/M recipe)",
@@ -655,15 +526,13 @@ def _add_training_commands(sub) -> None:
                                     "features and/or HyperRule fine-tuning on the subset; mean and std over seeds.")
     fsd = FewshotConfig()
     _add_train_args(fs, fsd, "fewshot")
+    _add_hyperrule_args(fs, fsd, what="the fine-tuning episodes' ")
     fs.add_argument("--checkpoint", default=None, help="a bitfast training checkpoint whose backbone is transferred "
                                                        "(else --model and --pretrained)")
     fs.add_argument("--shots", type=int, nargs="+", default=list(fsd.shots), metavar="K", help="examples per class")
     fs.add_argument("--seeds", type=int, nargs="+", default=list(fsd.seeds), metavar="S", help="one episode per seed")
     fs.add_argument("--methods", nargs="+", choices=["ridge", "finetune"], default=list(fsd.methods),
                     help="ridge (frozen features) and/or finetune (HyperRule on the subset)")
-    fs.add_argument("--steps", type=int, default=None, help="fine-tuning episodes: total steps (rescaled HyperRule schedule)")
-    fs.add_argument("--schedule", type=int, nargs=5, default=None, metavar=("W", "D1", "D2", "D3", "TOTAL"),
-                    help="fine-tuning episodes' schedule")
     fs.set_defaults(func=cmd_fewshot)
 
     ex = sub.add_parser("export", formatter_class=fmt, help="export a checkpoint for inference; optional pruning and int8",
@@ -738,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bitfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
-        from bitfast.train.loop import NonFiniteLossError, RunInterrupted
+        from bitfast.train.guards import NonFiniteLossError, RunInterrupted
 
         if isinstance(exc, RunInterrupted):
             if speak:

@@ -57,8 +57,10 @@ __all__ = [
 # The training procedures (bitfast/train/{loop,finetune,pretrain,transfer,story}.py), last:
 # they build on everything above. ``finetune`` and ``pretrain`` are the functions (their
 # modules stay importable as ``bitfast.train.finetune`` / ``.pretrain`` via ``from ... import``).
+from bitfast.train.config import TrainConfig  # noqa: E402
 from bitfast.train.finetune import FinetuneConfig, finetune  # noqa: E402
-from bitfast.train.loop import NonFiniteLossError, TrainConfig, train_loop  # noqa: E402
+from bitfast.train.guards import NonFiniteLossError  # noqa: E402
+from bitfast.train.loop import train_loop  # noqa: E402
 from bitfast.train.pretrain import PretrainConfig, pretrain  # noqa: E402
 from bitfast.train.story import StoryConfig  # noqa: E402
 from bitfast.train.transfer import FewshotConfig  # noqa: E402

@@ -14,9 +14,10 @@ from torch import nn
 
 from bitfast.train import plots
 from bitfast.train.checkpoint import CheckpointError, UntrustedCheckpointError, load_checkpoint
+from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import DistInfo
 from bitfast.train.evaluate import evaluate
-from bitfast.train.loop import TrainConfig, ema_state, unwrap
+from bitfast.train.loop import ema_state, unwrap
 
 __all__ = [
     "MIN_RESOLUTION",

@@ -27,12 +27,14 @@ from bitfast.train.build import (
     make_eval_fn,
     model_from_checkpoint,
 )
+from bitfast.train.config import TrainConfig
 from bitfast.train.distill import distill_loss
 from bitfast.train.distributed import DistInfo, init_distributed
 from bitfast.train.evaluate import evaluate
 from bitfast.train.finetune import FinetuneConfig, describe_lr, plan_finetune, step_lr
-from bitfast.train.loop import TrainConfig, start_run, train_loop
+from bitfast.train.loop import train_loop
 from bitfast.train.options import Options
+from bitfast.train.outputs import start_run
 
 __all__ = ["DistillConfig", "distill", "load_teacher"]
 

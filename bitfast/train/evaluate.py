@@ -9,6 +9,9 @@ single all-reduce gives exactly the metrics of the whole set.
 
 from __future__ import annotations
 
+import json
+import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -17,7 +20,7 @@ from torch import nn
 
 from bitfast.train.distributed import DistInfo, all_reduce_sum
 
-__all__ = ["EvalSums", "evaluate", "predict", "shard_indices"]
+__all__ = ["EvalSums", "evaluate", "evaluate_checkpoints", "predict", "shard_indices"]
 
 
 class EvalSums:
@@ -97,7 +100,8 @@ def predict(models: Sequence[nn.Module], dataset, *, batch_size: int = 256, info
     """Logits of this process's shard of ``dataset``, averaged over ``models`` (a logit
     ensemble; ``mode="probs"`` averages probabilities and returns their log). Returns
     ``(logits, targets)`` on the CPU, in shard order."""
-    from bitfast.train.loop import PRECISIONS, _collate
+    from bitfast.train.config import PRECISIONS
+    from bitfast.train.sampling import collate
 
     info = info or DistInfo()
     if not models:
@@ -107,7 +111,7 @@ def predict(models: Sequence[nn.Module], dataset, *, batch_size: int = 256, info
     device = info.device
     subset = torch.utils.data.Subset(dataset, shard_indices(len(dataset), info))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                         collate_fn=_collate, pin_memory=device.type == "cuda")
+                                         collate_fn=collate, pin_memory=device.type == "cuda")
     dtype = PRECISIONS[precision]
     was_training = [m.training for m in models]
     for m in models:
@@ -149,3 +153,62 @@ def evaluate(models: nn.Module | Sequence[nn.Module], dataset, num_classes: int,
     if len(targets):
         sums.add(logits.to(info.device), targets.to(info.device))
     return sums.all_reduce(info).result()
+
+
+def evaluate_checkpoints(checkpoints: Sequence[str], *, output: str = "runs/eval", data: str | None = None,
+                         val_data: str | None = None, classes: Sequence[int] | None = None, crop: int | None = None,
+                         ensemble: str = "logits", use_ema: bool = True, batch_size: int = 256,
+                         device: str | None = None, trusted: bool = False, stream=None) -> dict:
+    """Evaluate one training checkpoint, or a logit (``ensemble="probs"``: probability) ensemble
+    of several of the same task, on its own test data unless ``data`` / ``val_data`` /
+    ``classes`` say otherwise (see ``checkpoint_eval_data``): top-1/top-5, loss, ECE with a
+    reliability diagram and a confusion matrix, written to ``output`` (``eval.json`` and the
+    plots) and printed to ``stream``. EMA weights are used when present and ``use_ema``. The
+    command ``bitfast eval``. Returns the metrics."""
+    from bitfast.train import plots
+    from bitfast.train.build import checkpoint_eval_data, model_from_checkpoint, summary_table
+    from bitfast.train.options import check_device
+
+    stream = stream or sys.stdout
+    check_device(device)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoints = list(checkpoints)
+    models, states = [], []
+    for path in checkpoints:
+        model, state = model_from_checkpoint(path, use_ema=use_ema, device=device, trusted=trusted)
+        models.append(model)
+        states.append(state)
+    first = states[0]
+    names = first.get("classes")
+    for path, st in zip(checkpoints[1:], states[1:]):
+        if st.get("num_classes") != first.get("num_classes") or st.get("classes") != names:
+            raise ValueError(f"cannot ensemble {path} with {checkpoints[0]}: they were trained on other classes "
+                             f"({st.get('classes')} vs {names}); pass checkpoints of the same task")
+    d, _ = checkpoint_eval_data(first, data=data, val_data=val_data, classes=classes, crop=crop)
+    res = evaluate(models, d.eval, d.num_classes, batch_size=batch_size, info=None, mode=ensemble)
+    os.makedirs(output, exist_ok=True)
+    with open(os.path.join(output, "eval.json"), "w") as f:
+        json.dump({**res, "checkpoints": checkpoints, "ema": [s["used_ema"] for s in states],
+                   "classes": d.class_names}, f)
+    written = []
+    if plots.available():
+        written.append(plots.plot_reliability(res["reliability"], os.path.join(output, "reliability.png"), ece=res["ece"]))
+        if d.num_classes <= 100:
+            written.append(plots.plot_confusion(res["confusion"], os.path.join(output, "confusion.png"), d.class_names))
+    else:
+        print(plots.missing_note(), file=stream)
+    what = f"ensemble of {len(models)} ({ensemble})" if len(models) > 1 else checkpoints[0]
+    kinds = ["EMA" if s["used_ema"] else "raw" for s in states]
+    ema = f"{kinds[0]} weights" if len(set(kinds)) == 1 else "weights: " + ", ".join(kinds)
+    print(f"bitfast eval: {what} ({ema}) on {d.description}", file=stream)
+    rows = [["top-1", f"{100 * res['top1']:.2f}% of {res['n']}"], ["top-5", f"{100 * res['top5']:.2f}%"],
+            ["loss", f"{res['loss']:.4f}"], ["ECE (15 bins)", f"{100 * res['ece']:.2f}%"],
+            ["outputs", ", ".join(["eval.json"] + [os.path.basename(p) for p in written if p])]]
+    print(summary_table(rows, ["metric", "value"]), file=stream)
+    if d.num_classes <= 20:
+        print("confusion matrix (rows: true, columns: predicted)", file=stream)
+        width = max(len(n) for n in d.class_names + [str(max(map(max, res["confusion"])))])
+        print(" " * (width + 1) + " ".join(n.rjust(width) for n in d.class_names), file=stream)
+        for name, row in zip(d.class_names, res["confusion"]):
+            print(name.rjust(width) + " " + " ".join(str(v).rjust(width) for v in row), file=stream)
+    return res

@@ -19,9 +19,11 @@ import torch
 
 from bitfast.train import hyperrule
 from bitfast.train.build import build_model, build_planned_data, finish_run, make_eval_fn
+from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import DistInfo, init_distributed
-from bitfast.train.loop import TrainConfig, start_run, train_loop
+from bitfast.train.loop import train_loop
 from bitfast.train.options import Options
+from bitfast.train.outputs import start_run
 
 __all__ = ["FinetuneConfig", "describe_lr", "finetune", "plan_finetune", "step_lr"]
 

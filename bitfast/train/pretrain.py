@@ -17,9 +17,11 @@ import torch
 
 from bitfast.train import schedules
 from bitfast.train.build import build_data, build_model, finish_run, make_eval_fn
+from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import DistInfo, init_distributed
-from bitfast.train.loop import TrainConfig, start_run, train_loop
+from bitfast.train.loop import train_loop
 from bitfast.train.options import Options
+from bitfast.train.outputs import start_run
 
 __all__ = ["PretrainConfig", "make_upstream_lr", "pretrain"]
 

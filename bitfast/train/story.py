@@ -33,10 +33,11 @@ import torch
 
 from bitfast.train import plots
 from bitfast.train.build import TINY_MODEL, build_data, build_model, summary_table
+from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import DistInfo
 from bitfast.train.evaluate import evaluate
 from bitfast.train.finetune import FinetuneConfig, step_lr
-from bitfast.train.loop import TrainConfig, train_loop
+from bitfast.train.loop import train_loop
 from bitfast.train.transfer import _plain_train, backbone_features
 
 __all__ = ["StoryConfig", "story"]

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from bitfast.train.build import Data, build_data, build_model, model_from_checkpoint, summary_table
+from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import DistInfo, init_distributed
 from bitfast.train.evaluate import evaluate
 from bitfast.train.finetune import FinetuneConfig, plan_finetune, step_lr
-from bitfast.train.loop import TrainConfig, start_run, train_loop
+from bitfast.train.loop import train_loop
 from bitfast.train.options import Options
+from bitfast.train.outputs import start_run
 
 __all__ = ["FewshotConfig", "backbone_features", "fewshot", "finetune_episode", "format_fewshot"]
 
@@ -71,9 +73,9 @@ class FewshotConfig(FinetuneConfig):
 def backbone_features(model: nn.Module, dataset, *, batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logit features of ``dataset`` under the frozen ``model``: ``(Z (N, D), y (N,))``."""
     from bitfast.train.fewshot import extract_features
-    from bitfast.train.loop import _collate
+    from bitfast.train.sampling import collate
 
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_collate)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     was = model.training
     model.eval()
     try:

@@ -21,7 +21,7 @@ from bitfast.checkpoint.io import UnsafeFileError
 from bitfast.models import ResNetV2
 from bitfast.train import checkpoint as ckpt
 from bitfast.train.build import build_model, model_from_checkpoint
-from bitfast.train.loop import TrainConfig
+from bitfast.train.config import TrainConfig
 
 TINY = ["--model", "bit_tiny", "--crop", "32", "--resize", "36", "--batch-size", "8", "--no-progress", "--no-plots"]
 
@@ -234,7 +234,7 @@ def test_save_refuses_what_would_need_unpickling(tmp_path):
     path = tmp_path / "last.pt"
     for bad, where in ((np.zeros(3), "state['x'] is a numpy.ndarray"), (object(), "state['x'] is a builtins.object"),
                        ({1.5: 1}, "state['x'] has a key of type float"),
-                       ([TrainConfig()], "state['x'][0] is a bitfast.train.loop.TrainConfig")):
+                       ([TrainConfig()], "state['x'][0] is a bitfast.train.config.TrainConfig")):
         with pytest.raises(TypeError, match=re.escape(where)):
             ckpt.save_checkpoint(path, {"x": bad})
     assert not path.exists() and os.listdir(tmp_path) == []

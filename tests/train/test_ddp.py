@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import DistInfo, init_distributed, shutdown
 from bitfast.train.evaluate import evaluate
-from bitfast.train.loop import TrainConfig, train_loop
+from bitfast.train.loop import train_loop
 
 
 @pytest.fixture(autouse=True)

@@ -11,10 +11,14 @@ from bitfast.models import ResNetV2
 from bitfast.train import hyperrule
 from bitfast.train.build import check_resolution
 from bitfast.train.checkpoint import load_checkpoint
+from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import check_batch
 from bitfast.train.evaluate import EvalSums
 from bitfast.train.finetune import FinetuneConfig, plan_finetune, step_lr
-from bitfast.train.loop import MetricsLog, NonFiniteLossError, ProgressBar, StepSampler, TrainConfig, train_loop
+from bitfast.train.guards import NonFiniteLossError
+from bitfast.train.loop import train_loop
+from bitfast.train.progress import MetricsLog, ProgressBar
+from bitfast.train.sampling import StepSampler
 
 
 @pytest.fixture(autouse=True)
@@ -241,3 +245,17 @@ def test_ema_weights_are_checkpointed_and_used_for_eval(tmp_path):
     assert st["used_ema"] and torch.equal(model.state_dict()[w], state["ema"][w])
     raw, st = model_from_checkpoint(str(tmp_path / "last.pt"), use_ema=False)
     assert not st["used_ema"] and torch.equal(raw.state_dict()[w], params(res["model"])[w])
+
+
+def test_moved_names_still_import_from_the_loop_with_a_deprecation_warning():
+    import importlib
+
+    from bitfast.train import loop
+
+    for name, home in (("TrainConfig", "config"), ("StepSampler", "sampling"), ("MetricsLog", "progress"),
+                       ("NonFiniteLossError", "guards"), ("start_run", "outputs")):
+        with pytest.warns(DeprecationWarning, match=f"moved to bitfast.train.{home}"):
+            obj = getattr(loop, name)
+        assert obj is getattr(importlib.import_module(f"bitfast.train.{home}"), name)
+    with pytest.raises(AttributeError):
+        loop.no_such_name  # noqa: B018

@@ -13,7 +13,8 @@ import time
 import torch
 
 from bitfast.train.checkpoint import load_checkpoint
-from bitfast.train.loop import INTERRUPT_EXIT_STATUS, MetricsLog
+from bitfast.train.guards import INTERRUPT_EXIT_STATUS
+from bitfast.train.progress import MetricsLog
 
 TINY = ["--model", "bit_tiny", "--crop", "32", "--resize", "36", "--batch-size", "8", "--classes", "5", "6",
         "--base-lr", "0.3", "--no-progress", "--no-plots", "--log-every", "1"]
@@ -133,11 +134,11 @@ import os
 import sys
 
 from bitfast import cli
-from bitfast.train import loop
+from bitfast.train import progress
 
 die_after = int(os.environ.get("DIE_AFTER_STEP") or 0)
 if die_after and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
-    write = loop.MetricsLog.write  # called every logged step on every rank (a no-op off rank 0)
+    write = progress.MetricsLog.write  # called every logged step on every rank (a no-op off rank 0)
 
     def write_then_die(self, **record):
         write(self, **record)
@@ -145,7 +146,7 @@ if die_after and os.environ["RANK"] == "1" and os.environ["TORCHELASTIC_RESTART_
             print(f"rank 1: dying after step {die_after}", file=sys.stderr, flush=True)
             os._exit(1)
 
-    loop.MetricsLog.write = write_then_die
+    progress.MetricsLog.write = write_then_die
 sys.exit(cli.main(["finetune", *sys.argv[1:]]))
 """
 
