@@ -330,28 +330,28 @@ def _config_from_args(cls, args):
 
 
 def cmd_finetune(args) -> int:
-    from bitfast.train.finetune import FinetuneConfig, finetune
+    from bitfast.train.recipes.finetune import FinetuneConfig, finetune
 
     finetune(_config_from_args(FinetuneConfig, args))
     return 0
 
 
 def cmd_pretrain(args) -> int:
-    from bitfast.train.pretrain import PretrainConfig, pretrain
+    from bitfast.train.recipes.pretrain import PretrainConfig, pretrain
 
     pretrain(_config_from_args(PretrainConfig, args))
     return 0
 
 
 def cmd_fewshot(args) -> int:
-    from bitfast.train.transfer import FewshotConfig, fewshot
+    from bitfast.train.recipes.fewshot import FewshotConfig, fewshot
 
     fewshot(_config_from_args(FewshotConfig, args))
     return 0
 
 
 def cmd_distill(args) -> int:
-    from bitfast.train.distillation import DistillConfig, distill
+    from bitfast.train.recipes.distill import DistillConfig, distill
 
     distill(_config_from_args(DistillConfig, args))
     return 0
@@ -392,7 +392,7 @@ def cmd_convert_checkpoint(args) -> int:
 
 
 def cmd_story(args) -> int:
-    from bitfast.train.story import StoryConfig, story
+    from bitfast.train.recipes.story import StoryConfig, story
 
     cfg = StoryConfig(output=args.output, seed=args.seed, device=args.device, progress=args.progress, smoke=args.smoke,
                       plots=args.plots)
@@ -451,10 +451,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_training_commands(sub) -> None:
-    from bitfast.train.distillation import DistillConfig
-    from bitfast.train.finetune import FinetuneConfig
-    from bitfast.train.pretrain import PretrainConfig
-    from bitfast.train.transfer import FewshotConfig
+    from bitfast.train.recipes.distill import DistillConfig
+    from bitfast.train.recipes.fewshot import FewshotConfig
+    from bitfast.train.recipes.finetune import FinetuneConfig
+    from bitfast.train.recipes.pretrain import PretrainConfig
 
     fmt = _DefaultsFormatter
     s = sub.add_parser("story", formatter_class=fmt,

@@ -164,7 +164,7 @@ def _story(record: dict, mode: str) -> None:
     import torch
 
     from bitfast.train.checkpoint import load_checkpoint
-    from bitfast.train.story import StoryConfig, story
+    from bitfast.train.recipes.story import StoryConfig, story
 
     with tempfile.TemporaryDirectory() as out:
         story(StoryConfig(output=out, smoke=mode == "smoke", progress=False, plots=False), stream=open(os.devnull, "w"))

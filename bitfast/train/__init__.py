@@ -1,23 +1,23 @@
-"""Training building blocks: BiT-HyperRule, upstream schedules, MixUp, metrics, few-shot heads.
+"""bitfast's training library and the recipes built on it.
 
-Plain functions, importable without the training loops:
-``hyperrule`` (the fine-tuning rule), ``schedules`` (upstream step and cosine schedules),
-``mixup``, ``metrics`` (top-k, ECE, confusion matrix, ensembling) and ``fewshot`` (k-shot
-subsets, feature extraction, closed-form ridge heads).
+The library (importable without running anything): ``config`` (``TrainConfig``, every option
+checked by ``validate``), ``loop`` (``train_loop``), ``checkpoint`` (training checkpoints),
+``outputs`` (output directories and resume), ``guards`` (the finite-step check, signals),
+``progress`` (progress bar, metrics file), ``sampling`` (the data order), ``distributed``,
+``evaluate``, ``build`` (data and models of a run), ``hyperrule`` (BiT-HyperRule),
+``schedules`` (upstream schedules), ``mixup``, ``metrics``, ``losses`` (distillation),
+``ridge`` (k-shot subsets, features, closed-form ridge heads), ``plots``.
+
+The recipes, thin over the library, in ``bitfast.train.recipes``: ``finetune``, ``pretrain``,
+``distill``, ``fewshot``, ``story``. (The earlier module paths ``bitfast.train.finetune``,
+``.pretrain``, ``.distillation``, ``.transfer``, ``.story``, ``.distill`` and ``.fewshot`` still
+import, with a DeprecationWarning.)
 """
 
 # ``mixup`` stays the module (``bitfast.train.mixup.mixup`` is the function), so that
 # ``import bitfast.train.mixup`` and ``from bitfast.train import mixup`` agree.
-from bitfast.train import fewshot, hyperrule, metrics, mixup, schedules
-from bitfast.train.distill import distill_loss
-from bitfast.train.fewshot import (
-    extract_features,
-    kshot_indices,
-    ridge_head,
-    ridge_predict,
-    run_ridge_episodes,
-    select_lambda,
-)
+from bitfast.train import hyperrule, metrics, mixup, ridge, schedules
+from bitfast.train.losses import distill_loss
 from bitfast.train.metrics import (
     confusion_matrix,
     ensemble_logits,
@@ -27,6 +27,14 @@ from bitfast.train.metrics import (
     topk_correct,
 )
 from bitfast.train.mixup import soft_cross_entropy
+from bitfast.train.ridge import (
+    extract_features,
+    kshot_indices,
+    ridge_head,
+    ridge_predict,
+    run_ridge_episodes,
+    select_lambda,
+)
 from bitfast.train.schedules import cosine_lr, scaled_lr, upstream_step_lr
 
 __all__ = [
@@ -36,12 +44,12 @@ __all__ = [
     "ensemble_logits",
     "expected_calibration_error",
     "extract_features",
-    "fewshot",
     "hyperrule",
     "kshot_indices",
     "metrics",
     "mixup",
     "reliability_bins",
+    "ridge",
     "ridge_head",
     "ridge_predict",
     "run_ridge_episodes",
@@ -54,16 +62,15 @@ __all__ = [
     "upstream_step_lr",
 ]
 
-# The training procedures (bitfast/train/{loop,finetune,pretrain,transfer,story}.py), last:
-# they build on everything above. ``finetune`` and ``pretrain`` are the functions (their
-# modules stay importable as ``bitfast.train.finetune`` / ``.pretrain`` via ``from ... import``).
+# The loop and the recipes, last: they build on everything above. ``finetune`` and
+# ``pretrain`` here are the recipes' functions.
 from bitfast.train.config import TrainConfig  # noqa: E402
-from bitfast.train.finetune import FinetuneConfig, finetune  # noqa: E402
 from bitfast.train.guards import NonFiniteLossError  # noqa: E402
 from bitfast.train.loop import train_loop  # noqa: E402
-from bitfast.train.pretrain import PretrainConfig, pretrain  # noqa: E402
-from bitfast.train.story import StoryConfig  # noqa: E402
-from bitfast.train.transfer import FewshotConfig  # noqa: E402
+from bitfast.train.recipes.fewshot import FewshotConfig  # noqa: E402
+from bitfast.train.recipes.finetune import FinetuneConfig, finetune  # noqa: E402
+from bitfast.train.recipes.pretrain import PretrainConfig, pretrain  # noqa: E402
+from bitfast.train.recipes.story import StoryConfig  # noqa: E402
 
 __all__ += [
     "FewshotConfig",
@@ -76,3 +83,12 @@ __all__ += [
     "pretrain",
     "train_loop",
 ]
+
+
+def __getattr__(name: str):
+    # ``bitfast.train.fewshot`` was the ridge module: the deprecated path still resolves.
+    if name == "fewshot":
+        import importlib
+
+        return importlib.import_module("bitfast.train.fewshot")
+    raise AttributeError(f"module 'bitfast.train' has no attribute {name!r}")

@@ -1,11 +1,11 @@
-"""bitfast.train.distill.distill_loss against a hand computation, gradcheck, bad input."""
+"""bitfast.train.losses.distill_loss against a hand computation, gradcheck, bad input."""
 
 import math
 
 import pytest
 import torch
 
-from bitfast.train.distill import distill_loss
+from bitfast.train.losses import distill_loss
 
 
 def _hand(s, t, y, alpha, T):

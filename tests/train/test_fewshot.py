@@ -10,8 +10,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from bitfast.data import DigitsDataset
 from bitfast.models import ResNetV2
-from bitfast.train import fewshot
-from bitfast.train.fewshot import (
+from bitfast.train import ridge as fewshot
+from bitfast.train.ridge import (
     extract_features,
     kshot_indices,
     ridge_head,

@@ -14,10 +14,10 @@ from bitfast.train.checkpoint import load_checkpoint
 from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import check_batch
 from bitfast.train.evaluate import EvalSums
-from bitfast.train.finetune import FinetuneConfig, plan_finetune, step_lr
 from bitfast.train.guards import NonFiniteLossError
 from bitfast.train.loop import train_loop
 from bitfast.train.progress import MetricsLog, ProgressBar
+from bitfast.train.recipes.finetune import FinetuneConfig, plan_finetune, step_lr
 from bitfast.train.sampling import StepSampler
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bitfast import cli
-from bitfast.train.story import StoryConfig
+from bitfast.train.recipes.story import StoryConfig
 
 
 @pytest.fixture(autouse=True)
