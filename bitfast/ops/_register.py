@@ -127,8 +127,12 @@ class OpFamily:
     ops, and the two ways public functions run them (``__call__`` for the differentiable
     forward, ``run`` for the others)."""
 
-    def __init__(self, family: str, ops: tuple[str, ...], forward: str | None, function) -> None:
+    def __init__(self, family: str, ops: tuple[str, ...], forward: str | None, function,
+                 tensor_positions: tuple[int, ...] = ()) -> None:
         self.family, self.ops, self.forward, self._function = family, ops, forward, function
+        # The forward's tensor arguments, by position (read from its schema once: this runs on
+        # every call of the op, where a scan of the arguments costs a few microseconds).
+        self._tensor_positions = tensor_positions
 
     def __call__(self, backend: str, *args):
         """The forward op's outputs for ``args`` on ``backend``, recording its backward when an
@@ -136,7 +140,7 @@ class OpFamily:
         (the native op records its own backward when ``bitfast._C`` provides C++ autograd;
         else the Function built from the formula does); otherwise the registered op runs.
         Same kernels, same results either way."""
-        tensors = _tensors(args)
+        tensors = [args[i] for i in self._tensor_positions]
         if not eager(*tensors):
             return getattr(torch.ops.bitfast, self.forward)(*args, backend)
         if backend in ("cpp", "cuda") and native_autograd(self.forward):
@@ -226,7 +230,18 @@ def define_op(
         torch.library.register_autograd(_library.qualname(forward), registered_backward,
                                         setup_context=registered_setup, lib=_library.lib)
         function = _eager_function(f"Eager_{forward}", forward, setup_context, backward, materialize_grads)
-    return OpFamily(family, ops, forward, function)
+    positions = _tensor_positions(schemas[forward]) if forward is not None else ()
+    return OpFamily(family, ops, forward, function, positions)
+
+
+def _tensor_positions(schema: str) -> tuple[int, ...]:
+    """The positions of the (optional) Tensor arguments of ``schema`` (lists are not)."""
+    args = schema[schema.index("(") + 1: schema.index(") ->")]
+    kinds = [a.strip().split(" ")[0] for a in args.split(",")]
+    positions = tuple(i for i, k in enumerate(kinds) if k.startswith("Tensor") and not k.endswith("[]"))
+    if any(k.endswith("[]") and k.startswith("Tensor") for k in kinds):
+        raise ValueError(f"define_op: a differentiable forward takes no tensor lists; got {schema}")
+    return positions
 
 
 def _register_kernel_and_fakes(op: str, fake: Callable) -> None:
