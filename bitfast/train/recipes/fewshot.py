@@ -34,7 +34,7 @@ from bitfast.train.options import Options
 from bitfast.train.outputs import start_run
 from bitfast.train.recipes.finetune import FinetuneConfig, plan_finetune, step_lr
 
-__all__ = ["FewshotConfig", "backbone_features", "fewshot", "finetune_episode", "format_fewshot"]
+__all__ = ["FewshotConfig", "backbone_features", "fewshot", "finetune_episode", "format_fewshot", "plain_train"]
 
 METHODS = ("ridge", "finetune")
 
@@ -86,7 +86,7 @@ def backbone_features(model: nn.Module, dataset, *, batch_size: int = 256, devic
         model.train(was)
 
 
-def _plain_train(cfg: TrainConfig, crop: int, data: Data):
+def plain_train(cfg: TrainConfig, crop: int, data: Data):
     """The training images without augmentation (resized straight to ``crop``), for features."""
     if cfg.data in (None, "digits"):
         from bitfast.data.digits import DigitsDataset
@@ -165,7 +165,7 @@ def fewshot(cfg: FewshotConfig, info: DistInfo | None = None, stream=None) -> di
     results: dict = {}
     targets = torch.as_tensor(data.train.targets)
     if "ridge" in cfg.methods:
-        ztr, ytr = backbone_features(init, _plain_train(cfg, crop, data), batch_size=cfg.feature_batch_size, device=info.device)
+        ztr, ytr = backbone_features(init, plain_train(cfg, crop, data), batch_size=cfg.feature_batch_size, device=info.device)
         zte, yte = backbone_features(init, data.eval, batch_size=cfg.feature_batch_size, device=info.device)
         ridge = run_ridge_episodes(ztr, ytr, zte, yte, shots=[int(k) for k in cfg.shots], seeds=[int(s) for s in cfg.seeds])
         results["ridge"] = {k: {"mean": r["mean"], "std": r["std"], "accuracies": r["accuracies"]} for k, r in ridge.items()}

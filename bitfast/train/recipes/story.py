@@ -37,7 +37,7 @@ from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import DistInfo
 from bitfast.train.evaluate import evaluate
 from bitfast.train.loop import train_loop
-from bitfast.train.recipes.fewshot import _plain_train, backbone_features
+from bitfast.train.recipes.fewshot import backbone_features, plain_train
 from bitfast.train.recipes.finetune import FinetuneConfig, step_lr
 
 __all__ = ["StoryConfig", "story"]
@@ -145,7 +145,7 @@ def story(cfg: StoryConfig, stream=None) -> dict:
     t0 = time.perf_counter()
     from bitfast.train.ridge import ridge_head, ridge_predict, run_ridge_episodes, select_lambda
 
-    ztr, ytr = backbone_features(upstream_model, _plain_train(down_cfg, cfg.crop, down), device=device)
+    ztr, ytr = backbone_features(upstream_model, plain_train(down_cfg, cfg.crop, down), device=device)
     zte, yte = backbone_features(upstream_model, down.eval, device=device)
     ridge = run_ridge_episodes(ztr, ytr, zte, yte, shots=list(cfg.shots), seeds=list(cfg.seeds))
     lam = select_lambda(ztr, ytr, seed=cfg.seed)
