@@ -101,6 +101,7 @@ class BenchOp:
 
 
 _REGISTRY: dict[str, BenchOp] = {}
+_DISCOVERED: list[bool] = []  # set once every definition module has been imported
 
 
 def register(op: BenchOp) -> BenchOp:
@@ -112,13 +113,15 @@ def register(op: BenchOp) -> BenchOp:
 
 
 def _discover() -> None:
-    """Import every definition module of ``bitfast/bench/ops`` (once)."""
-    if _REGISTRY:
+    """Import every definition module of ``bitfast/bench/ops`` (once; a definition imported
+    on its own before does not stop the others from being found)."""
+    if _DISCOVERED:
         return
     package = importlib.import_module("bitfast.bench.ops")
     for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
         if not info.name.startswith("_"):
             importlib.import_module(f"{package.__name__}.{info.name}")
+    _DISCOVERED.append(True)
 
 
 def op_names() -> tuple[str, ...]:

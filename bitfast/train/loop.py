@@ -354,25 +354,25 @@ def train_loop(
                     # processes, so the gradient is that of the mean loss over the global batch.
                     scaler.scale(loss_sum / local_batch).backward()
                 loss_total += loss_sum.detach()
+            # Every step is checked before it writes the weights: the state saved as the last good
+            # one is then always finite. (DDP: every process holds the same weights and reduced
+            # gradients, so all reach the same verdict.) The check's bound is read back with the
+            # loss, in one transfer.
+            if scaler.is_enabled():
+                scaler.unscale_(opt)
+            ratio_t, grads_finite = guards.step_overflow_ratio(opt)
             if info.enabled:
                 # The loss and the stop flag in one reduction: every process learns of a signal
                 # that reached any of them, and all stop after the same step.
                 got = [float(signalled["signum"] == s) for s in (signal.SIGTERM, signal.SIGINT)]
                 packet = torch.cat([loss_total.reshape(1), torch.tensor(got, device=device)])
                 all_reduce_sum(packet, info)
-                loss_value = float(packet[0]) / cfg.batch_size
-                counts = packet[1:].tolist()
-                stop_signal = signal.SIGTERM if counts[0] else (signal.SIGINT if counts[1] else 0)
+                loss_sum, term, intr, ratio = torch.cat([packet.double(), ratio_t.reshape(1).to(device)]).tolist()
+                stop_signal = signal.SIGTERM if term else (signal.SIGINT if intr else 0)
             else:
-                loss_value = float(loss_total) / cfg.batch_size
+                loss_sum, ratio = torch.stack([loss_total.double(), ratio_t.to(device)]).tolist()
                 stop_signal = signalled["signum"] or 0
-            # Every step is checked before it writes the weights: the state saved as the last good
-            # one is then always finite. (DDP: every process holds the same weights and reduced
-            # gradients, so all reach the same verdict.)
-            if scaler.is_enabled():
-                scaler.unscale_(opt)
-            ratio, grads_finite = guards.step_overflow_ratio(opt)
-            ratio = float(ratio)
+            loss_value = loss_sum / cfg.batch_size
             # Under fp16 an overflowing gradient is the GradScaler's business: it skips the step.
             unsafe = not ratio < 0.5 and not (scaler.is_enabled() and not bool(grads_finite))
             if not math.isfinite(loss_value) or unsafe:
