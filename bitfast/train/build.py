@@ -372,14 +372,12 @@ def finish_run(result: dict, data: Data, cfg: TrainConfig, info: DistInfo, title
 
 
 def checkpoint_eval_data(state: dict, *, data: str | None = None, val_data: str | None = None,
-                         classes: Sequence[int] | None = None, crop: int | None = None,
-                         required: bool = True) -> tuple[Data | None, int]:
+                         classes: Sequence[int] | None = None, crop: int | None = None) -> tuple[Data, int]:
     """The data to evaluate a training checkpoint on, and the resolution: ``val_data`` (an
     ImageFolder evaluated as it is) when given, else the test split of ``data`` (default: the
     checkpoint's own training data, which it stores as a resolved path; ``classes`` picks
     digits). ``crop`` defaults to the checkpoint's resolution. Refuses data whose class names
-    differ from the checkpoint's (a model scored against another task's labels), naming both.
-    Returns ``(None, crop)`` when nothing can be evaluated and not ``required``."""
+    differ from the checkpoint's (a model scored against another task's labels), naming both."""
     from bitfast.data import ImageFolder, transforms
 
     saved = state.get("config") or {}
@@ -401,8 +399,6 @@ def checkpoint_eval_data(state: dict, *, data: str | None = None, val_data: str 
         cfg = TrainConfig(data=source, classes=digits, flip=False)
         d = build_data(cfg, crop, crop, min_classes=1)
         if d.eval is None:
-            if not required:
-                return None, crop
             raise ValueError(f"--data {source!r} has no evaluation images: pass --val-data or a folder with val/")
         eval_set, names, desc = d.eval, d.class_names, d.description
     if len(names) != int(state.get("num_classes", len(names))):
