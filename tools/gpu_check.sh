@@ -107,7 +107,7 @@ errors_step() {
     # tools/throw_probe.py, which tells whether any extension built here crashes so.
     local dev rc code bad=0
     for dev in cpu cuda; do
-        code="import tests.ops.test_native_cpp as t; t.check_errors('$dev'); t.check_norm_errors('$dev'); print('argument errors on $dev: RuntimeErrors as expected')"
+        code="import tests.ops._native_cases as t; t.check_errors('$dev'); t.check_norm_errors('$dev'); print('argument errors on $dev: RuntimeErrors as expected')"
         "$py" -X faulthandler -c "$code"
         rc=$?
         if [ "$rc" != 0 ]; then
@@ -129,7 +129,7 @@ errors_step() {
         # Candidate workarounds, each the CPU checks again in a child: no C++ backtrace
         # symbolization; the compiler's own C++ runtime and unwinder loaded first; one
         # OpenMP thread. A variant that passes names the cause and the fix.
-        code="import tests.ops.test_native_cpp as t; t.check_errors('cpu'); t.check_norm_errors('cpu')"
+        code="import tests.ops._native_cases as t; t.check_errors('cpu'); t.check_norm_errors('cpu')"
         workaround() {  # workaround VAR=VALUE...: the exit status of the CPU checks under them
             echo "workaround $*: exit $(env "$@" timeout 60 "$py" -c "$code" >/dev/null 2>&1; echo $?)"
         }

@@ -210,7 +210,7 @@ def to_markdown(meta: dict, results: Sequence[Result], skipped: Sequence[tuple[h
 def ops_table() -> str:
     """The markdown table of what is benchmarked (op, modes, bitfast's implementations, the
     baselines), from the registry: README.md and benchmarks/README.md hold it verbatim
-    between ``<!-- bench-ops:begin/end -->`` markers (tests/test_bench.py checks that they agree)."""
+    between ``<!-- bench-ops:begin/end -->`` markers (tests/bench/test_bench.py checks that they agree)."""
     lines = ["| op | modes | bitfast | baselines |", "|---|---|---|---|"]
     for name in harness.op_names():
         d = harness.definition(name)

@@ -6,12 +6,15 @@
   eval preprocessing (torch ops; Pillow only for PIL input).
 * :class:`ImageFolder`: ``root/<class>/<image>`` trees (needs Pillow), corrupt files skipped.
 * :func:`make_loader`, :func:`set_epoch`: deterministic, optionally distributed DataLoaders.
+* :class:`StepSampler`, :class:`SeededDataset`: the same order addressed by training step
+  (what the training loop uses; ``bitfast.data.sampling``).
 """
 
 from bitfast.data import transforms
 from bitfast.data.digits import DigitsDataset, load_digits, split_indices
 from bitfast.data.folder import IMG_EXTENSIONS, ImageFolder
 from bitfast.data.loader import EpochSampler, default_workers, make_loader, set_epoch
+from bitfast.data.sampling import SeededDataset, StepSampler, epoch_permutation
 from bitfast.data.transforms import augment_tensor, eval_transform, to_tensor, train_transform
 
 __all__ = [
@@ -19,8 +22,11 @@ __all__ = [
     "DigitsDataset",
     "EpochSampler",
     "ImageFolder",
+    "SeededDataset",
+    "StepSampler",
     "augment_tensor",
     "default_workers",
+    "epoch_permutation",
     "eval_transform",
     "load_digits",
     "make_loader",

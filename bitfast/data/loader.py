@@ -2,7 +2,9 @@
 
 * The order of an epoch is a function of ``(seed, epoch)`` only (:class:`EpochSampler`), in
   one process or sharded over the ranks of ``torch.distributed``, so a run resumed at
-  epoch ``e`` sees the same batches as an uninterrupted one. Call
+  epoch ``e`` sees the same batches as an uninterrupted one. It is the training loop's order
+  (``bitfast.data.sampling.epoch_permutation``): epoch ``e`` of ``make_loader(seed=s)`` holds
+  the examples of epoch ``e`` of a training run with seed ``s``. Call
   :func:`set_epoch(loader, e) <set_epoch>` (or ``loader.sampler.set_epoch(e)``) before each
   epoch; it also reseeds the worker processes' random streams (augmentation) from
   ``(seed, e)``.
@@ -24,19 +26,16 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler, TensorDataset
 
+from bitfast.data.sampling import epoch_permutation, epoch_seed
+
 __all__ = ["EpochSampler", "default_workers", "make_loader", "set_epoch"]
-
-
-def _mix(seed: int, epoch: int) -> int:
-    """One 63-bit seed from (seed, epoch), so that (seed, epoch + 1) and (seed + 1, epoch) differ."""
-    return (int(seed) * 0x9E3779B97F4A7C15 + int(epoch) * 0xBF58476D1CE4E5B9 + 1) % (2**63)
 
 
 class EpochSampler(Sampler[int]):
     """The indices of one rank's share of each epoch.
 
-    With ``shuffle``, epoch ``e`` is a permutation drawn from ``(seed, e)``; otherwise the
-    dataset order. Rank ``r`` of ``num_replicas`` takes positions ``r, r + R, r + 2R, ...``.
+    With ``shuffle``, epoch ``e`` is ``epoch_permutation(size, seed, e)`` (the training
+    loop's order); otherwise the dataset order. Rank ``r`` of ``num_replicas`` takes positions ``r, r + R, r + 2R, ...``.
     With ``pad`` (default: ``shuffle``) the epoch is extended by repeating its first indices to
     a multiple of ``num_replicas``, so every rank gets ``ceil(n / R)`` indices.
     """
@@ -65,11 +64,7 @@ class EpochSampler(Sampler[int]):
         self.epoch = int(epoch)
 
     def _order(self) -> torch.Tensor:
-        if self.shuffle:
-            g = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
-            order = torch.randperm(self.size, generator=g)
-        else:
-            order = torch.arange(self.size)
+        order = epoch_permutation(self.size, self.seed, self.epoch, shuffle=self.shuffle)
         if self.pad and self.size % self.num_replicas:
             total = math.ceil(self.size / self.num_replicas) * self.num_replicas
             order = order.repeat(math.ceil(total / self.size))[:total]
@@ -164,7 +159,7 @@ def make_loader(
         drop_last = bool(train) and len(sampler) >= batch_size
     if pin_memory is None:
         pin_memory = torch.cuda.is_available()
-    generator = torch.Generator().manual_seed(_mix(seed, 0))
+    generator = torch.Generator().manual_seed(epoch_seed(seed, 0))
     loader = DataLoader(
         dataset,
         batch_size=batch_size,
@@ -188,4 +183,4 @@ def set_epoch(loader: DataLoader, epoch: int) -> None:
         raise TypeError(f"set_epoch: the loader's sampler ({type(sampler).__name__}) has no set_epoch")
     sampler.set_epoch(epoch)
     if loader.generator is not None and isinstance(sampler, EpochSampler):
-        loader.generator.manual_seed(_mix(sampler.seed, epoch))
+        loader.generator.manual_seed(epoch_seed(sampler.seed, epoch))

@@ -1,17 +1,18 @@
 """bitfast's training library and the recipes built on it.
 
 The library (importable without running anything): ``config`` (``TrainConfig``, every option
-checked by ``validate``), ``loop`` (``train_loop``), ``checkpoint`` (training checkpoints),
-``outputs`` (output directories and resume), ``guards`` (the finite-step check, signals),
-``progress`` (progress bar, metrics file), ``sampling`` (the data order), ``distributed``,
+checked by ``validate``), ``loop`` (``train_loop``), ``task`` (how a batch becomes a loss:
+``Task``, ``Classification``), ``step`` (one training step), ``checkpoint`` (training
+checkpoints), ``outputs`` (output directories and resume), ``guards`` (the finite-step check,
+signals), ``progress`` (progress bar, metrics file), ``distributed``,
 ``evaluate``, ``build`` (data and models of a run), ``hyperrule`` (BiT-HyperRule),
 ``schedules`` (upstream schedules), ``mixup``, ``metrics``, ``losses`` (distillation),
 ``ridge`` (k-shot subsets, features, closed-form ridge heads), ``plots``.
 
 The recipes, thin over the library, in ``bitfast.train.recipes``: ``finetune``, ``pretrain``,
 ``distill``, ``fewshot``, ``story``. (The earlier module paths ``bitfast.train.finetune``,
-``.pretrain``, ``.distillation``, ``.transfer``, ``.story``, ``.distill`` and ``.fewshot`` still
-import, with a DeprecationWarning.)
+``.pretrain``, ``.distillation``, ``.transfer``, ``.story``, ``.distill``, ``.fewshot`` and
+``.sampling`` (now ``bitfast.data.sampling``) still import, with a DeprecationWarning.)
 """
 
 # ``mixup`` stays the module (``bitfast.train.mixup.mixup`` is the function), so that
@@ -71,13 +72,16 @@ from bitfast.train.recipes.fewshot import FewshotConfig  # noqa: E402
 from bitfast.train.recipes.finetune import FinetuneConfig, finetune  # noqa: E402
 from bitfast.train.recipes.pretrain import PretrainConfig, pretrain  # noqa: E402
 from bitfast.train.recipes.story import StoryConfig  # noqa: E402
+from bitfast.train.task import Classification, Task  # noqa: E402
 
 __all__ += [
+    "Classification",
     "FewshotConfig",
     "FinetuneConfig",
     "NonFiniteLossError",
     "PretrainConfig",
     "StoryConfig",
+    "Task",
     "TrainConfig",
     "finetune",
     "pretrain",

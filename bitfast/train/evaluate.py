@@ -100,8 +100,8 @@ def predict(models: Sequence[nn.Module], dataset, *, batch_size: int = 256, info
     """Logits of this process's shard of ``dataset``, averaged over ``models`` (a logit
     ensemble; ``mode="probs"`` averages probabilities and returns their log). Returns
     ``(logits, targets)`` on the CPU, in shard order."""
+    from bitfast.data.sampling import collate
     from bitfast.train.config import PRECISIONS
-    from bitfast.train.sampling import collate
 
     info = info or DistInfo()
     if not models:

@@ -13,14 +13,8 @@ from bitfast.train.distributed import DistInfo, init_distributed, shutdown
 from bitfast.train.evaluate import evaluate
 from bitfast.train.loop import train_loop
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches gain nothing from a second thread, and a busy machine slows OpenMP a lot.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread for every test here (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dataset():

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from bitfast.data.sampling import StepSampler
 from bitfast.models import ResNetV2
 from bitfast.train import hyperrule
 from bitfast.train.build import check_resolution
@@ -18,16 +19,9 @@ from bitfast.train.guards import NonFiniteLossError
 from bitfast.train.loop import train_loop
 from bitfast.train.progress import MetricsLog, ProgressBar
 from bitfast.train.recipes.finetune import FinetuneConfig, plan_finetune, step_lr
-from bitfast.train.sampling import StepSampler
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches gain nothing from a second thread, and a busy machine slows OpenMP a lot.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread for every test here (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny(num_classes=3, norm="gn", seed=1):
@@ -235,7 +229,8 @@ def test_ema_weights_are_checkpointed_and_used_for_eval(tmp_path):
     from bitfast.train.build import model_from_checkpoint
     from bitfast.train.loop import ema_supported
 
-    assert ema_supported()  # bitfast's FusedSGD keeps the average (ema_decay)
+    with pytest.warns(DeprecationWarning, match="always True"):
+        assert ema_supported()  # bitfast's FusedSGD keeps the average (ema_decay)
     res = run(tmp_path, steps=2, ema_decay=0.5)
     state = load_checkpoint(tmp_path / "last.pt")
     assert state["ema"] is not None and state["ema"].keys() == state["model"].keys()
@@ -252,10 +247,11 @@ def test_moved_names_still_import_from_the_loop_with_a_deprecation_warning():
 
     from bitfast.train import loop
 
-    for name, home in (("TrainConfig", "config"), ("StepSampler", "sampling"), ("MetricsLog", "progress"),
-                       ("NonFiniteLossError", "guards"), ("start_run", "outputs")):
-        with pytest.warns(DeprecationWarning, match=f"moved to bitfast.train.{home}"):
+    for name, home in (("TrainConfig", "train.config"), ("StepSampler", "data.sampling"),
+                       ("SeededDataset", "data.sampling"), ("MetricsLog", "train.progress"),
+                       ("NonFiniteLossError", "train.guards"), ("start_run", "train.outputs")):
+        with pytest.warns(DeprecationWarning, match=f"moved to bitfast.{home}"):
             obj = getattr(loop, name)
-        assert obj is getattr(importlib.import_module(f"bitfast.train.{home}"), name)
+        assert obj is getattr(importlib.import_module(f"bitfast.{home}"), name)
     with pytest.raises(AttributeError):
         loop.no_such_name  # noqa: B018

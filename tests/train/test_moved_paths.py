@@ -17,7 +17,12 @@ MOVED = {
     "story": ("recipes.story", "StoryConfig"),
     "distill": ("losses", "distill_loss"),
     "fewshot": ("ridge", "ridge_head"),
+    "sampling": ("bitfast.data.sampling", "StepSampler"),
 }
+
+
+def _full(new: str) -> str:
+    return new if new.startswith("bitfast.") else f"bitfast.train.{new}"
 
 
 @pytest.mark.parametrize("old", sorted(MOVED))
@@ -26,9 +31,9 @@ def test_old_paths_warn_and_resolve(old):
     saved = {k: getattr(train, k) for k in ("finetune", "pretrain") if hasattr(train, k)}
     sys.modules.pop(f"bitfast.train.{old}", None)
     try:
-        with pytest.warns(DeprecationWarning, match=f"bitfast.train.{old} moved to bitfast.train.{new}"):
+        with pytest.warns(DeprecationWarning, match=f"bitfast.train.{old} moved to {_full(new)}"):
             module = importlib.import_module(f"bitfast.train.{old}")
-        assert getattr(module, name) is getattr(importlib.import_module(f"bitfast.train.{new}"), name)
+        assert getattr(module, name) is getattr(importlib.import_module(_full(new)), name)
     finally:
         # Importing a submodule sets the package attribute of its name; keep the functions.
         for k, v in saved.items():

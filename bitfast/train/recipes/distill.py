@@ -35,8 +35,9 @@ from bitfast.train.losses import distill_loss
 from bitfast.train.options import Options
 from bitfast.train.outputs import start_run
 from bitfast.train.recipes.finetune import FinetuneConfig, describe_lr, plan_finetune, step_lr
+from bitfast.train.task import Classification
 
-__all__ = ["DistillConfig", "distill", "load_teacher"]
+__all__ = ["DistillConfig", "DistillTask", "distill", "load_teacher"]
 
 
 @dataclass
@@ -107,6 +108,28 @@ def load_teacher(cfg: DistillConfig, num_classes: int, class_names: list[str],
     return teacher, desc
 
 
+class DistillTask(Classification):
+    """Classification trained on a frozen teacher's soft targets as well as the labels:
+    ``(1 - alpha) CE + alpha T^2 KL(teacher_T || student_T)`` summed over the micro-batch
+    (``bitfast.train.losses.distill_loss``), MixUp as in ``Classification`` (the teacher sees
+    the mixed images). The teacher's forward runs without gradients, under ``teacher_autocast``
+    (a dtype; None: float32)."""
+
+    def __init__(self, teacher: nn.Module, num_classes: int, *, alpha: float, temperature: float,
+                 mixup_alpha: float = 0.0, label_smoothing: float = 0.0, seed: int = 0,
+                 teacher_autocast: torch.dtype | None = None) -> None:
+        super().__init__(num_classes, mixup_alpha=mixup_alpha, label_smoothing=label_smoothing, seed=seed)
+        self.teacher, self.alpha, self.temperature = teacher, alpha, temperature
+        self.teacher_autocast = teacher_autocast
+
+    def loss(self, output: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """The distillation loss of the micro-batch, summed."""
+        dtype = self.teacher_autocast
+        with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype is not None):
+            t = self.teacher(x)
+        return distill_loss(output.float(), t.float(), y, alpha=self.alpha, T=self.temperature, reduction="sum"), {}
+
+
 def distill(cfg: DistillConfig, info: DistInfo | None = None, stream=None) -> dict:
     """Train ``cfg.model`` (the student) on ``cfg.data`` from the teacher's soft targets with
     the HyperRule's schedule (see ``bitfast.train.recipes.finetune``), evaluate teacher and student,
@@ -133,10 +156,9 @@ def distill(cfg: DistillConfig, info: DistInfo | None = None, stream=None) -> di
     device = info.device
     half = device.type == "cuda"  # the teacher's forward in bf16 on a GPU; float32 on a CPU
 
-    def loss_fn(x: torch.Tensor, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=half):
-            t = teacher(x)
-        return distill_loss(logits.float(), t.float(), y, alpha=cfg.alpha, T=cfg.temperature, reduction="sum")
+    task = DistillTask(teacher, data.num_classes, alpha=cfg.alpha, temperature=cfg.temperature,
+                       mixup_alpha=cfg.mixup_alpha, label_smoothing=cfg.label_smoothing, seed=cfg.seed,
+                       teacher_autocast=torch.bfloat16 if half else None)
 
     n_t = sum(p.numel() for p in teacher.parameters())
     n_s = sum(p.numel() for p in student.parameters())
@@ -151,10 +173,9 @@ def distill(cfg: DistillConfig, info: DistInfo | None = None, stream=None) -> di
             print(f"  {size_note}", file=stream)
     result = train_loop(
         student, data.train, cfg=cfg, total_steps=sched[-1], lr_at=lambda s: step_lr(s, sched, peak),
-        num_classes=data.num_classes, info=info, eval_fn=make_eval_fn(data, cfg, info), desc="distill",
+        task=task, info=info, eval_fn=make_eval_fn(data, cfg, info), desc="distill",
         run_meta={"model": cfg.model, "classes": data.class_names, "resolution": plan["crop"], "plan": {
             k: v for k, v in plan.items() if k != "hyperrule"}, "teacher": cfg.teacher},
-        loss_fn=loss_fn,
     )
     final = finish_run(result, data, cfg, info, "bitfast distill: student summary", stream=stream)
     teacher_eval = {}

@@ -72,8 +72,8 @@ class FewshotConfig(FinetuneConfig):
 
 def backbone_features(model: nn.Module, dataset, *, batch_size: int = 256, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled pre-logit features of ``dataset`` under the frozen ``model``: ``(Z (N, D), y (N,))``."""
+    from bitfast.data.sampling import collate
     from bitfast.train.ridge import extract_features
-    from bitfast.train.sampling import collate
 
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate)
     was = model.training

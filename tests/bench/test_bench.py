@@ -180,7 +180,7 @@ def test_op_tables_of_the_docs_are_the_registry(doc):
     `bitfast bench --list` when the registry changes)."""
     import os
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert _between_markers(os.path.join(root, doc)) == bench.ops_table()
 
 

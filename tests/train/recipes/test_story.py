@@ -4,19 +4,12 @@ full story is measured by hand and reported in the README, not run in the tests)
 import json
 
 import pytest
-import torch
 
 from bitfast import cli
 from bitfast.train.recipes.story import StoryConfig
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches gain nothing from a second thread, and a busy machine slows OpenMP a lot.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread for every test here (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_story_smoke_prints_the_table_and_writes_plots(tmp_path, capsys):

@@ -5,20 +5,14 @@ import json
 import os
 
 import pytest
-import torch
 
 from bitfast import cli
 
 TINY = ["--model", "bit_tiny", "--crop", "32", "--resize", "36", "--batch-size", "8", "--no-progress", "--log-every", "1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny batches gain nothing from a second thread, and a busy machine slows OpenMP a lot.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+# One torch thread for every test here (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 backend, csrc/cuda/group_norm_relu.cu and batch_norm_relu.cu) with the spec in
 ``bitfast.ops.reference``.
 
-The cases of tests/ops/test_native_cpp.py on CUDA tensors (every dtype, NCHW,
+The cases of tests/ops/_native_cases.py on CUDA tensors (every dtype, NCHW,
 channels_last and other layouts, float32 parameters with half-precision inputs, affine and
 ReLU options, training and eval, the running-statistics update, opcheck, error messages),
 plus what only the CUDA kernels have: real BiT activation sizes in bf16 channels_last
@@ -21,8 +21,7 @@ import torch
 import bitfast
 from bitfast import backends
 from bitfast.ops import reference
-from tests.ops._util import assert_parity
-from tests.ops.test_native_cpp import (
+from tests.ops._native_cases import (
     ALL_DTYPES,
     BN_SHAPES,
     GN_SHAPES,
@@ -37,6 +36,7 @@ from tests.ops.test_native_cpp import (
     run_in_child,
     stat_dtype,
 )
+from tests.ops._util import assert_parity
 
 DEVICE, BACKEND = "cuda", "cuda"
 
@@ -410,9 +410,9 @@ def test_opcheck_norms(layout, dtype):
 
 
 def test_norm_errors():
-    # In a child process, as test_native_cuda.py::test_errors: the CUDA extension's error
+    # In a child process, as test_cuda_backend.py::test_errors: the CUDA extension's error
     # path crashed the process once.
-    run_in_child("tests.ops.test_native_cpp", "check_norm_errors", DEVICE)
+    run_in_child("tests.ops._native_cases", "check_norm_errors", DEVICE)
 
 
 def test_auto_prefers_triton_until_validated():

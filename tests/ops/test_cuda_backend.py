@@ -1,5 +1,5 @@
 """Parity of bitfast's CUDA kernels (the ``cuda`` backend, ``bitfast._C_cuda``) with the
-spec in ``bitfast.ops.reference``: the cases of tests/ops/test_native_cpp.py on CUDA
+spec in ``bitfast.ops.reference``: the cases of tests/ops/_native_cases.py (as test_cpp_backend.py runs them on the CPU) on CUDA
 tensors, plus BiT-sized weights, a whole BiT-R50x1 SGD step (multi-tensor launches over
 about 150 tensors) checked against the CPU kernel, unaligned tensors (the scalar path of
 the vectorized SGD kernel) and the current-stream contract. Every test needs a GPU and the
@@ -14,7 +14,7 @@ import torch
 import bitfast
 from bitfast import backends
 from bitfast.ops import reference
-from tests.ops.test_native_cpp import (
+from tests.ops._native_cases import (
     ALL_DTYPES,
     SGD_OPTIONS,
     WS_SHAPES,
