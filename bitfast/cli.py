@@ -161,7 +161,7 @@ def _time_forward(model, x, repeats: int) -> tuple[torch.Tensor, float]:
 
 def cmd_demo(args) -> int:
     import bitfast
-    from bitfast.checkpoint.export import save_npz
+    from bitfast.checkpoint.npz_writer import save_npz
 
     device = torch.device(args.device)
     print(f"bitfast {bitfast.__version__} demo: {args.model}, {args.batch} images of {args.size}x{args.size} on {device}")

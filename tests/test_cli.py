@@ -6,7 +6,7 @@ import torch
 
 import bitfast
 from bitfast import cli
-from bitfast.checkpoint.export import save_npz, timm_to_npz_key
+from bitfast.checkpoint.npz_writer import save_npz, timm_to_npz_key
 
 
 def test_env_json(capsys):

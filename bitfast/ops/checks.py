@@ -77,15 +77,31 @@ def int_at_least(fn: str, name: str, value, low: int) -> int:
     return int(value)
 
 
+def within(value: float, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+           high_open: bool = False) -> bool:
+    """Whether ``value`` is finite and within the bounds (``low_open``/``high_open``: strict)."""
+    if not math.isfinite(value):
+        return False
+    if low is not None and (value <= low if low_open else value < low):
+        return False
+    return not (high is not None and (value >= high if high_open else value > high))
+
+
+def bounds_text(low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                high_open: bool = False) -> str:
+    """The bounds as a message says them: ``">= 0 and < 1"`` (``"finite"`` for none)."""
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    return " and ".join(p for p in (lo, hi) if p) or "finite"
+
+
 def real(fn: str, name: str, value, low: float = 0.0, *, strict: bool = False, high: float | None = None) -> float:
     """A finite number ``> low`` (``strict``) or ``>= low``, and ``<= high`` when given."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{fn}: {name} must be a number; got {value!r} ({type(value).__name__})")
     value = float(value)
-    bad = not math.isfinite(value) or (value <= low if strict else value < low) or (high is not None and value > high)
-    if bad:
-        bound = f"{'>' if strict else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-        raise ValueError(f"{fn}: {name} must be a finite number {bound}; got {value}")
+    if not within(value, low, high, low_open=strict):
+        raise ValueError(f"{fn}: {name} must be a finite number {bounds_text(low, high, low_open=strict)}; got {value}")
     return value
 
 

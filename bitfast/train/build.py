@@ -126,11 +126,12 @@ def retransform(data: Data, cfg: TrainConfig, resize: int, crop: int, *, incepti
 
 def checkpoint_resolution(source: str | None, trusted: bool = False) -> int | None:
     """The resolution a bitfast training checkpoint was trained at, when ``source`` is one
-    (else None): runs that start from it default to it."""
+    (else None): runs that start from it default to it. The file's tensors are mapped, not
+    read (``mmap``): the run reads them once, when it builds its model from the file."""
     if not source or not os.path.isfile(source):
         return None
     try:
-        state = load_checkpoint(source, trusted=trusted)
+        state = load_checkpoint(source, trusted=trusted, mmap=True)
     except UntrustedCheckpointError:
         raise
     except CheckpointError:

@@ -186,7 +186,7 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu", *,
-                    trusted: bool = False) -> dict:
+                    trusted: bool = False, mmap: bool = False) -> dict:
     """Read a training checkpoint written by ``save_checkpoint``, without running any code.
 
     The file is read with ``torch.load(..., weights_only=True)``: only tensors and plain
@@ -195,6 +195,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     unless ``trusted=True``: then, and only then, it is unpickled in full, which runs whatever
     code the file carries, so pass it only for files you made or can vouch for. A legacy
     checkpoint comes back converted to the current layout (``convert_checkpoint`` writes it).
+
+    ``mmap=True`` maps the tensors of a zip-format file (every file ``save_checkpoint``
+    writes) instead of reading them: what reads only a checkpoint's small entries (its
+    resolution, config, step) then costs no more than those (other files are read in full).
 
     Raises ``FileNotFoundError`` for a missing file and ``CheckpointError`` for a file that is
     not a bitfast training checkpoint (e.g. released weights: load those with
@@ -214,13 +218,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         )
     if container is None:
         raise CheckpointError(f"checkpoint {path!r} could not be read: its content is not a torch.save file")
+    if mmap:
+        with open(path, "rb") as f:
+            mmap = f.read(2) == b"PK"  # torch maps zip-format files only
     try:
-        state = safe_torch_load(path, map_location=map_location)
+        state = safe_torch_load(path, map_location=map_location, mmap=mmap)
     except UnsafeFileError as exc:
         if not trusted:
             raise UntrustedCheckpointError(f"checkpoint {exc}. {_trust_hint(path)}") from None
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False)  # the caller vouched for the file
+            # the caller vouched for the file
+            state = torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
         except Exception as exc2:  # noqa: BLE001 - any unreadable file gets the same clear message
             raise CheckpointError(f"checkpoint {path!r} could not be read ({type(exc2).__name__}: {exc2})") from exc2
     except Exception as exc:  # noqa: BLE001 - any unreadable file gets the same clear message

@@ -7,12 +7,13 @@ command-line flag (``--momentum``, not the config field), what was given and wha
 
 from __future__ import annotations
 
-import math
 import numbers
 import os
 from collections.abc import Iterable
 
 import torch
+
+from bitfast.ops.checks import bounds_text, within
 
 __all__ = ["Options", "check_device", "flag"]
 
@@ -57,13 +58,8 @@ class Options:
         kind = numbers.Integral if integer else numbers.Real
         if isinstance(value, bool) or not isinstance(value, kind):
             raise TypeError(f"{flag(name)} must be {'an integer' if integer else 'a number'}; got {value!r}")
-        bad = not math.isfinite(value)
-        bad |= low is not None and (value <= low if low_open else value < low)
-        bad |= high is not None and (value >= high if high_open else value > high)
-        if bad:
-            lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-            hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-            rng = " and ".join(p for p in (lo, hi) if p) or "finite"
+        if not within(value, low, high, low_open=low_open, high_open=high_open):
+            rng = bounds_text(low, high, low_open=low_open, high_open=high_open)
             kind = "an integer" if integer else "a finite number"
             raise ValueError(f"{flag(name)} must be {rng} ({kind}); got {value}")
 

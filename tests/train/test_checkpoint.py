@@ -94,3 +94,21 @@ def test_probe_output_dir_unwritable(tmp_path, monkeypatch):
     monkeypatch.setattr("builtins.open", no_space)
     with pytest.raises(ckpt.CheckpointError, match="not writable \\(No space left on device\\)"):
         ckpt.probe_output_dir(tmp_path)
+
+
+def test_mmap_reads_the_same_checkpoint(tmp_path, monkeypatch):
+    """``mmap=True`` (what reading a checkpoint's resolution uses) gives the same entries, maps
+    zip-format files and reads the others in full."""
+    state = {"model": {"w": torch.randn(64, 3)}, "step": 7, "resolution": 32}
+    path = ckpt.save_checkpoint(str(tmp_path / "a.pt"), state)
+    seen = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **kw: seen.append(kw.get("mmap")) or real_load(*a, **kw))
+    mapped = ckpt.load_checkpoint(path, mmap=True)
+    assert mapped["step"] == 7 and mapped["resolution"] == 32 and torch.equal(mapped["model"]["w"], state["model"]["w"])
+    legacy = str(tmp_path / "legacy.pt")  # the pre-zip torch.save format cannot be mapped
+    real_save = torch.save
+    real_save(real_load(path, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    again = ckpt.load_checkpoint(legacy, mmap=True)
+    assert torch.equal(again["model"]["w"], state["model"]["w"])
+    assert seen == [True, False]
