@@ -215,7 +215,10 @@ def skip_reason(spec: Spec, device: str, quick: bool = False) -> str | None:
         if spec.impl == "triton" and dev == "cpu":
             return "triton: the Triton interpreter on CPU is a testing tool, far too slow to time"
         return None
-    if spec.impl == "compile":
+    if "compile" in spec.impl:  # compile, compile-<mode>, bitfast-compile
+        if spec.impl in ("compile-max-autotune", "compile-reduce-overhead") and dev == "cpu":
+            return (f"{spec.impl}: GPU only (reduce-overhead is CUDA graphs; max-autotune's tuning takes far too long "
+                    "on 2 CPU cores)")
         return _compile_policy(spec, device, quick)
     if spec.impl == "timm":
         try:

@@ -72,12 +72,22 @@ class Result:
 
 def speedups(results: Sequence[Result]) -> dict[int, dict[str, float]]:
     """For each result (by index): baseline impl -> baseline time / this time, over the
-    baselines measured for the same op, shape, dtype, layout and mode."""
+    baselines measured for the same op, shape, dtype, layout and mode; with more than one
+    compiled baseline (``compile``, ``compile-<mode>``) also ``"best compile"``, the fastest
+    of them."""
     base: dict[tuple, dict[str, float]] = {}
     for r in results:
         if r.baseline:
             base.setdefault(r.group, {})[r.impl] = r.time_s
-    return {i: {b: t / r.time_s for b, t in base.get(r.group, {}).items() if b != r.impl} for i, r in enumerate(results)}
+    out = {}
+    for i, r in enumerate(results):
+        times = base.get(r.group, {})
+        ups = {b: t / r.time_s for b, t in times.items() if b != r.impl}
+        compiled = [t for b, t in times.items() if b == "compile" or b.startswith("compile-")]
+        if len(compiled) > 1:
+            ups["best compile"] = min(compiled) / r.time_s
+        out[i] = ups
+    return out
 
 
 def _fmt(v, spec: str, empty: str = "") -> str:

@@ -84,6 +84,37 @@ def test_skips_carry_reasons():
     with pytest.raises(bench.Skip):
         bench.make_case(_spec("group_norm_relu", "cuda"), "cpu", shape=TINY["group_norm_relu"])
     assert "compile" in bench.skip_reason(bench.Spec("train_step", "x", "fp32", "channels_last", "step", "compile"), "cpu", quick=True)
+    for impl in ("compile-max-autotune", "compile-reduce-overhead"):  # GPU-only compile modes
+        why = bench.skip_reason(bench.Spec("train_step", "x", "fp32", "channels_last", "step", impl), "cpu")
+        assert why and "GPU only" in why
+        assert bench.skip_reason(bench.Spec("train_step", "x", "bf16", "channels_last", "step", impl), "cuda") is None
+    spec = bench.Spec("train_step", "x", "fp32", "channels_last", "step", "bitfast-compile")
+    plain = bench.Spec("train_step", "x", "fp32", "channels_last", "step", "compile")
+    assert bench.skip_reason(spec, "cpu", quick=True) == bench.skip_reason(plain, "cpu", quick=True)
+
+
+def test_train_step_variants_build_the_models_they_name():
+    """bitfast-compile is bitfast's model and FusedSGD under torch.compile (a tiny model here,
+    run for real); the compile-<mode> baselines compile the eager model in that mode."""
+    import torch
+
+    from bitfast.bench.ops.train_step import COMPILE_MODES, train_model
+
+    case = bench.make_case(bench.Spec("train_step", "x", "fp32", "channels_last", "step", "bitfast-compile"), "cpu",
+                           shape=("bit_tiny", 2, 32))
+    case.check()  # compiles (inductor), trains one step, checks the loss
+    model, opt = train_model("bitfast-compile", "bit_tiny", "cpu", channels_last=False)
+    assert hasattr(model, "_orig_mod") and type(opt).__name__ == "FusedSGD"
+    seen = []
+    real = torch.compile
+    try:
+        torch.compile = lambda m, **kw: seen.append(kw.get("mode")) or m
+        for impl in COMPILE_MODES:
+            _, opt = train_model(impl, "bit_tiny", "cpu", channels_last=False)
+            assert isinstance(opt, torch.optim.SGD)
+    finally:
+        torch.compile = real
+    assert seen == [None, "max-autotune-no-cudagraphs", "reduce-overhead"]
 
 
 def test_grid_covers_every_backend_and_baseline():
@@ -110,7 +141,9 @@ def test_gbps_pct_and_speedups():
     rs = [r, _result("eager", 0.006, True, bytes_floor=4_000_000), _result("compile", 0.003, True)]
     ups = bench.speedups(rs)
     assert math.isclose(ups[0]["eager"], 3.0) and math.isclose(ups[0]["compile"], 1.5)
-    assert "eager" not in ups[1]
+    assert "eager" not in ups[1] and "best compile" not in ups[0]  # one compiled baseline: nothing to pick
+    rs.append(_result("compile-max-autotune", 0.0025, True))
+    assert math.isclose(bench.speedups(rs)[0]["best compile"], 1.25)  # the fastest compiled baseline
     step = bench.Result("train_step", "s", "bf16", "channels_last", "step", "bitfast", False, [0.5], items=128)
     assert math.isclose(step.img_per_s, 256.0) and step.gbps is None
 

@@ -1,5 +1,6 @@
 """torch.compile(fullgraph=True) of a full BiT-R50x1: one graph, no graph breaks, forward
-and backward matching eager.
+and backward matching eager; and a compiled bitfast model training several FusedSGD steps
+(tensor learning rate) without recompiling, equal to eager training.
 
 Compiler choice, measured on the 2-core CI machine (cold caches): inductor takes about
 140 s for R50x1 forward + backward (and still 90-120 s for a one-unit-per-stage model),
@@ -94,3 +95,59 @@ def test_compile_fullgraph_r50x1_aot_eager(backend):
 @pytest.mark.slow
 def test_compile_fullgraph_r50x1_inductor():
     _check("inductor", None, exact=False)
+
+
+def _train_steps(compile_backend: str | None, steps: int = 4) -> tuple[torch.nn.Module, list[float]]:
+    """``steps`` training steps of ``bit_tiny`` (channels_last) with FusedSGD (a tensor learning
+    rate that changes every step, EMA on), the model run through ``torch.compile`` with
+    ``compile_backend`` (None: eager)."""
+    torch.manual_seed(0)
+    model = create_model("bit_tiny", num_classes=10).to(memory_format=torch.channels_last)
+    opt = bitfast.optim.FusedSGD(model.parameters(), lr=torch.tensor(0.01), momentum=0.9, weight_decay=1e-4,
+                                 ema_decay=0.9)
+    run = model if compile_backend is None else torch.compile(model, backend=compile_backend, fullgraph=True)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for i in range(steps):
+        for group in opt.param_groups:
+            group["lr"].fill_(0.01 * (i + 1))  # a schedule: the compiled model must not care
+        x = torch.randn(4, 3, 32, 32, generator=g).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (4,), generator=g)
+        loss = F.cross_entropy(run(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return model, losses
+
+
+def test_compiled_bitfast_model_trains_without_recompiling():
+    """torch.compile of a bitfast model trains several FusedSGD steps (tensor lr changing every
+    step) from one graph: a recompile after the first step is an error, Dynamo counts one
+    graph, and the weights equal eager training's bit for bit (aot_eager runs the same
+    kernels)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled, losses_c = _train_steps("aot_eager")
+    assert counters["stats"]["unique_graphs"] == 1
+    eager, losses_e = _train_steps(None)
+    assert losses_c == losses_e
+    for (k, a), b in zip(compiled.state_dict().items(), eager.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.slow
+def test_inductor_compiled_bitfast_model_trains_without_recompiling():
+    """As above with inductor (generated kernels: close to eager, not bitwise)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled, losses_c = _train_steps("inductor")
+    assert counters["stats"]["unique_graphs"] == 1
+    eager, losses_e = _train_steps(None)
+    torch.testing.assert_close(torch.tensor(losses_c), torch.tensor(losses_e), rtol=1e-3, atol=1e-4)

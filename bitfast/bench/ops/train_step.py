@@ -1,6 +1,8 @@
 """The benchmark of a BiT-R50x1 training step (forward, backward, optimizer): bitfast's model with
-``FusedSGD`` against a timm-style eager model with ``torch.optim.SGD``, its ``torch.compile``, and
-timm's own model when timm is installed."""
+``FusedSGD``, eager and under ``torch.compile`` (``bitfast-compile``), against a timm-style eager
+model with ``torch.optim.SGD``, its ``torch.compile`` in the default mode, in
+``max-autotune-no-cudagraphs`` and in ``reduce-overhead`` (CUDA graphs; the last two on GPUs
+only), and timm's own model when timm is installed."""
 
 from __future__ import annotations
 
@@ -21,6 +23,11 @@ SIZES = {
 }
 
 
+# The compiled baselines: implementation -> torch.compile mode.
+COMPILE_MODES = {"compile": None, "compile-max-autotune": "max-autotune-no-cudagraphs",
+                 "compile-reduce-overhead": "reduce-overhead"}
+
+
 def _shapes(device: str, quick: bool) -> dict:
     model, batch, size = SIZES[(device, quick)]
     return {f"R50x1 {size}px b{batch}": (model, batch, size)}
@@ -30,9 +37,9 @@ def train_model(impl: str, model_name: str, device: str, channels_last: bool):
     """The model and optimizer of a train-step variant."""
     import bitfast
 
-    if impl == "bitfast":
+    if impl in ("bitfast", "bitfast-compile"):
         model = bitfast.create_model(model_name)
-    elif impl in ("eager", "compile"):
+    elif impl in ("eager", *COMPILE_MODES):
         model = bitfast.create_model(model_name, conv_layer=EagerStdConv2d, norm_layer=EagerGroupNormAct)
     elif impl == "timm":
         import timm
@@ -43,12 +50,14 @@ def train_model(impl: str, model_name: str, device: str, channels_last: bool):
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if impl == "bitfast":
+    if impl.startswith("bitfast"):
         opt = bitfast.optim.FusedSGD(model.parameters(), lr=h.LR, momentum=h.MOMENTUM, weight_decay=h.WEIGHT_DECAY)
     else:
         opt = torch.optim.SGD(model.parameters(), lr=h.LR, momentum=h.MOMENTUM, weight_decay=h.WEIGHT_DECAY)
-    if impl == "compile":
+    if impl == "bitfast-compile":
         model = torch.compile(model, dynamic=False)
+    elif impl in COMPILE_MODES:
+        model = torch.compile(model, dynamic=False, mode=COMPILE_MODES[impl])
     return model, opt
 
 
@@ -80,10 +89,12 @@ def _case(spec: h.Spec, device: str, value, quick: bool) -> h.Case:
 
 
 h.register(h.BenchOp(
-    "train_step", modes=("step",), baselines=("eager", "compile", "timm"), own=("bitfast",),
+    "train_step", modes=("step",), baselines=("eager", *COMPILE_MODES, "timm"), own=("bitfast", "bitfast-compile"),
     shapes=_shapes, dtypes=lambda device, quick: ["bf16"] if device == "cuda" else ["fp32"],
     layouts=lambda device, quick: ["channels_last"], factory=_case,
     title="`train_step` (BiT-R50x1: forward, backward, optimizer)",
-    own_notes="`bitfast` (auto backends + `FusedSGD`)",
-    baseline_notes="`eager` (timm-style layers + `torch.optim.SGD`), `compile`, `timm` (when installed)", order=90,
+    own_notes="`bitfast` (auto backends + `FusedSGD`), `bitfast-compile` (its model under `torch.compile`)",
+    baseline_notes="`eager` (timm-style layers + `torch.optim.SGD`), `compile` (default mode), "
+                   "`compile-max-autotune` (`max-autotune-no-cudagraphs`), `compile-reduce-overhead` (CUDA graphs), "
+                   "`timm` (when installed)", order=90,
 ))
