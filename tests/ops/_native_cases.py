@@ -1,10 +1,17 @@
-"""Case builders and checks of the native backends (``cpp`` on the CPU, ``cuda`` on a GPU),
-shared by tests/ops/test_cpp_backend.py, test_cuda_backend.py and test_cuda_backend_norms.py.
+"""Case builders and checks of the native backends (``cpp`` on the CPU, ``cuda`` on a GPU).
+
+Used by the per-op files, whose native-op tests run on both native backends
+(``tests/ops/_util.native_backends``): tests/ops/test_weight_std.py, test_sgd_momentum.py,
+test_group_norm_relu.py and test_batch_norm_relu.py; and by the backend files, which hold
+what only one backend has: test_cpp_backend.py, test_cuda_backend.py and
+test_cuda_backend_norms.py. The error checks (check_errors, check_cuda_errors,
+check_norm_errors) and short_row_backward_outputs also run in child processes
+(``run_in_child``, and tools/gpu_check.sh), so they live here, in a helper module.
 
 The checks compare the native ops (``torch.ops.bitfast.native_*``) and the public API with a
 native backend against the spec in ``bitfast.ops.reference``, evaluated in float64, with
 PyTorch's own math in the same dtype as the error baseline (the tolerance rule of
-tests/ops/_util.py). They take a device and a backend, so each backend's file runs the same
+tests/ops/_util.py). They take a device and a backend, so every backend runs the same
 cases.
 """
 
@@ -478,6 +485,22 @@ def check_errors(device: str) -> None:
     for fn, pattern in cases:
         with pytest.raises(RuntimeError, match=pattern):
             fn()
+
+
+def check_cuda_errors(device: str) -> None:
+    """check_errors on CUDA, plus a list whose first tensor is on the GPU: it reaches the
+    CUDA kernel, which checks the rest."""
+    check_errors(device)
+    p = [torch.randn(3, device=device), torch.randn(3)]
+    with pytest.raises(RuntimeError, match=r"one dtype and device per call"):
+        torch.ops.bitfast.native_sgd_momentum_(
+            p, [t.clone() for t in p], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0
+        )
+    q = [torch.randn(3, device=device)]
+    with pytest.raises(RuntimeError, match=r"lr_tensor is Float \[\] on cpu; expected one Float element on cuda"):
+        torch.ops.bitfast.native_sgd_momentum_(
+            q, [q[0].clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, torch.tensor(0.1), [], 0.0
+        )
 
 
 def run_in_child(module: str, function: str, device: str) -> None:

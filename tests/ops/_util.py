@@ -64,6 +64,17 @@ def device_backends() -> list:
     return [pytest.param(d, b, id=f"{d}-{b}") for d, b in pairs]
 
 
+def native_backends() -> list:
+    """(device, backend) pairs of the native backends, for the tests of their ops
+    (``torch.ops.bitfast.native_*``): ``cpp`` on the CPU, and ``cuda`` marked ``cuda`` (so
+    that tests/conftest.py skips it without a GPU). Each test also skips, saying why, when
+    its backend is not built here (``require`` in tests/ops/_native_cases.py)."""
+    return [
+        pytest.param("cpu", "cpp", id="cpu-cpp"),
+        pytest.param("cuda", "cuda", id="cuda-cuda", marks=pytest.mark.cuda),
+    ]
+
+
 # "reference-op" runs the registered op with the reference kernels (the explicit
 # forward/backward formulas of bitfast.ops.reference), while "reference" through the public
 # API runs the differentiable PyTorch composite. Both are tested.

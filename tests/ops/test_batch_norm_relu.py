@@ -1,5 +1,16 @@
 """Parity of BatchNorm+ReLU on every backend: training (batch statistics and the
-running-statistics update) and eval, against F.batch_norm."""
+running-statistics update) and eval, against F.batch_norm.
+
+Then the native ops (``torch.ops.bitfast.native_batch_norm_relu_fwd/bwd`` and
+``native_batch_norm_update_stats_``) on the native backends (``cpp`` on the CPU, ``cuda``
+with a GPU; tests/ops/_util.py's ``native_backends``): every dtype, NCHW, channels_last
+and other layouts, training and eval, float32 parameters with half-precision inputs, with
+and without affine and ReLU, and the running-statistics update; against a float64
+evaluation of the reference with the reference in the input's dtype as the error baseline
+(the cases of tests/ops/_native_cases.py). The tests of both native norms (short rows,
+opcheck, error messages) are in test_group_norm_relu.py; what only one backend's kernels
+have is in test_cpp_backend.py and test_cuda_backend_norms.py.
+"""
 
 import pytest
 import torch
@@ -8,7 +19,17 @@ import torch.nn.functional as F
 import bitfast
 from bitfast.nn import BatchNormReLU
 from tests.ops import _util as U
-from tests.ops._util import DTYPES, assert_parity, device_backends, require_backend
+from tests.ops._native_cases import (
+    ALL_DTYPES,
+    BN_SHAPES,
+    NORM_LAYOUTS,
+    check_bn_native,
+    check_bn_update_stats,
+    make_activation,
+    norm_params,
+    require,
+)
+from tests.ops._util import DTYPES, assert_parity, device_backends, native_backends, require_backend
 
 FAMILY = "batch_norm_relu"
 
@@ -139,3 +160,54 @@ def test_bad_input_messages():
         f(torch.randn(2, 3), torch.zeros(3), torch.ones(3))
     with pytest.raises(ValueError, match=r"momentum must be a finite value >= 0"):
         f(x, torch.zeros(3), torch.ones(3), training=True, momentum=-1.0)
+
+
+# --------------------------------------------------------------------------------------
+# The native ops on the native backends
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", NORM_LAYOUTS)
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("shape,label", BN_SHAPES, ids=[s[1] for s in BN_SHAPES])
+def test_bn_native_parity(device, backend, dtype, layout, training, shape, label):
+    require(backend, FAMILY, device)
+    c = shape[1]
+    x = make_activation(shape, dtype, layout, device)
+    rm, rv = torch.randn(c, device=device) * 0.1, torch.rand(c, device=device) + 0.5
+    weight, bias = norm_params(c, device)
+    check_bn_native(x, rm, rv, weight.to(dtype), bias.to(dtype), training, relu=True)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_bn_native_options(device, backend, layout, relu, affine, training):
+    require(backend, FAMILY, device)
+    x = make_activation((3, 24, 5, 6), torch.float32, layout, device)
+    if training and affine:
+        rm, rv = None, None
+    else:
+        rm, rv = torch.randn(24, device=device) * 0.1, torch.rand(24, device=device) + 0.5
+    check_bn_native(x, rm, rv, *norm_params(24, device, affine=affine), training, relu)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_bn_native_float32_params(device, backend, dtype, layout):
+    require(backend, FAMILY, device)
+    x = make_activation((4, 16, 5, 5), dtype, layout, device)
+    rm, rv = torch.zeros(16, device=device), torch.ones(16, device=device)
+    check_bn_native(x, rm, rv, *norm_params(16, device), True, True)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_bn_native_update_stats(device, backend, dtype):
+    require(backend, FAMILY, device)
+    check_bn_update_stats(device, dtype)

@@ -1,9 +1,16 @@
-"""Parity of bitfast's CUDA kernels (the ``cuda`` backend, ``bitfast._C_cuda``) with the
-spec in ``bitfast.ops.reference``: the cases of tests/ops/_native_cases.py (as test_cpp_backend.py runs them on the CPU) on CUDA
-tensors, plus BiT-sized weights, a whole BiT-R50x1 SGD step (multi-tensor launches over
-about 150 tensors) checked against the CPU kernel, unaligned tensors (the scalar path of
-the vectorized SGD kernel) and the current-stream contract. Every test needs a GPU and the
-CUDA build; they skip otherwise.
+"""What only bitfast's CUDA kernels for weight standardization and the SGD step (the
+``cuda`` backend, ``bitfast._C_cuda``) have.
+
+The tests that every native backend shares (the cases of tests/ops/_native_cases.py:
+parity with the spec in ``bitfast.ops.reference``, opcheck, error messages) are in
+test_weight_std.py and test_sgd_momentum.py, parametrized over
+``tests/ops/_util.native_backends``. Here: BiT-sized weights (the largest of BiT-R50x1 and
+one beyond a block's threads), agreement with the CPU kernel, whole BiT-R50x1 SGD steps
+(multi-tensor launches over about 150 tensors) against the reference and the CPU kernel,
+the learning rate in a tensor and the moving average over the kernel's vector and scalar
+paths, a step captured in a CUDA graph, the current-stream contract, and the backend's
+selection. Every test needs a GPU and the CUDA build; they skip otherwise. The norms' are in
+test_cuda_backend_norms.py.
 """
 
 from __future__ import annotations
@@ -16,20 +23,12 @@ from bitfast import backends
 from bitfast.ops import reference
 from tests.ops._native_cases import (
     ALL_DTYPES,
-    SGD_OPTIONS,
-    WS_SHAPES,
-    check_errors,
     check_sgd,
-    check_sgd_matches_torch_optim,
     check_ws_autograd,
     check_ws_native,
-    layouts,
     make_strided,
-    opcheck_sgd,
-    opcheck_ws,
     random_weight,
     require,
-    run_in_child,
 )
 
 DEVICE, BACKEND = "cuda", "cuda"
@@ -71,31 +70,11 @@ def _needs_cuda():
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape,label", WS_SHAPES + BIT_WS_SHAPES, ids=[s[1] for s in WS_SHAPES + BIT_WS_SHAPES])
-def test_ws_native_parity(dtype, shape, label):
+@pytest.mark.parametrize("shape,label", BIT_WS_SHAPES, ids=[s[1] for s in BIT_WS_SHAPES])
+def test_ws_native_bit_shapes(dtype, shape, label):
+    """test_weight_std.py::test_ws_native_parity at BiT's sizes."""
     w = random_weight(shape, dtype, DEVICE)
     check_ws_native(w, torch.randn(shape, device=DEVICE).to(dtype))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
-def test_ws_native_non_contiguous(dtype, layout):
-    w = layouts(random_weight((32, 16, 3, 3), dtype, DEVICE))[layout]
-    g = layouts(torch.randn(32, 16, 3, 3, device=DEVICE).to(dtype))[layout]
-    check_ws_native(w, g)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("w_layout,g_layout", [("channels_last", "contiguous"), ("contiguous", "channels_last")])
-def test_ws_native_gradient_in_another_layout(dtype, w_layout, g_layout):
-    w = layouts(random_weight((32, 16, 3, 3), dtype, DEVICE))[w_layout]
-    g = layouts(torch.randn(32, 16, 3, 3, device=DEVICE).to(dtype))[g_layout]
-    check_ws_native(w, g)
-
-
-def test_ws_autograd_channels_last():
-    w = random_weight((64, 32, 3, 3), torch.float32, DEVICE).contiguous(memory_format=torch.channels_last)
-    check_ws_autograd(w, BACKEND)
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
@@ -118,53 +97,10 @@ def test_ws_matches_cpu_kernel(dtype):
 
 
 @pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("shape,label", WS_SHAPES[:4] + BIT_WS_SHAPES[:2], ids=[s[1] for s in WS_SHAPES[:4] + BIT_WS_SHAPES[:2]])
-def test_ws_autograd_parity(dtype, shape, label):
+@pytest.mark.parametrize("shape,label", BIT_WS_SHAPES[:2], ids=[s[1] for s in BIT_WS_SHAPES[:2]])
+def test_ws_autograd_bit_shapes(dtype, shape, label):
+    """test_weight_std.py::test_ws_autograd_parity at BiT's sizes."""
     check_ws_autograd(random_weight(shape, dtype, DEVICE), BACKEND)
-
-
-def test_ws_gradcheck_float64():
-    w = torch.randn(3, 2, 2, 2, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: bitfast.ops.weight_standardize(t, 1e-5, backend=BACKEND), (w,))
-
-
-def test_ws_constant_rows_are_finite():
-    w = torch.zeros(4, 3, 3, 3, device=DEVICE)
-    w[1] = 0.5
-    w[2] = -3.0
-    w[3] = torch.randn(3, 3, 3)
-    for dtype in ALL_DTYPES:
-        out, mean, rstd = torch.ops.bitfast.native_weight_standardize_fwd(w.to(dtype), 1e-8)
-        dw = torch.ops.bitfast.native_weight_standardize_bwd(torch.ones_like(out), w.to(dtype), mean, rstd)
-        assert torch.isfinite(out).all() and torch.isfinite(dw).all(), dtype
-        assert (out[:3] == 0).all(), dtype
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_sgd_parity(dtype, opts):
-    # sizes around the 16-byte vector, the 32768-element chunk and the 256-thread block
-    shapes = [(1,), (7,), (33, 17), (64, 3, 7, 7), (32769,), (256, 64, 1, 1), (100003,)]
-    check_sgd(shapes, dtype, DEVICE, BACKEND, opts)
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_sgd_native_op_parity(dtype):
-    opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True, maximize=False)
-    check_sgd([(5,), (40000,), (64, 3, 7, 7)], dtype, DEVICE, BACKEND, opts, native=True)
-
-
-@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "offset"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_sgd_non_contiguous_and_unaligned(layout, dtype):
-    opts = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=False)
-    shapes = [(6, 5), (64, 3, 7, 7), (300, 70)]
-    check_sgd(shapes, dtype, DEVICE, BACKEND, opts, make=make_strided(layout))
-
-
-@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
-def test_sgd_matches_torch_optim(opts):
-    check_sgd_matches_torch_optim(DEVICE, BACKEND, opts)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -266,45 +202,6 @@ def test_runs_on_the_current_stream():
     torch.testing.assert_close(out, reference.weight_standardize_forward(w, 1e-8)[0], rtol=1e-5, atol=1e-5)
     reference.sgd_momentum_([p64], [g64], [b64], 0.1, 0.9, 0.0, 0.0, False, False, False)
     torch.testing.assert_close(p, p64.float(), rtol=1e-6, atol=1e-6)
-
-
-@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_ws(layout, dtype):
-    opcheck_ws(DEVICE, layout, dtype)
-
-
-@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_opcheck_sgd(non_contiguous, momentum):
-    opcheck_sgd(DEVICE, non_contiguous, momentum)
-
-
-@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
-def test_opcheck_sgd_lr_tensor_and_ema(non_contiguous):
-    opcheck_sgd(DEVICE, non_contiguous, 0.9, lr_tensor_and_ema=True)
-
-
-def check_cuda_errors(device: str) -> None:
-    """check_errors on CUDA, plus a list whose first tensor is on the GPU: it reaches the
-    CUDA kernel, which checks the rest."""
-    check_errors(device)
-    p = [torch.randn(3, device=device), torch.randn(3)]
-    with pytest.raises(RuntimeError, match=r"one dtype and device per call"):
-        torch.ops.bitfast.native_sgd_momentum_(
-            p, [t.clone() for t in p], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0
-        )
-    q = [torch.randn(3, device=device)]
-    with pytest.raises(RuntimeError, match=r"lr_tensor is Float \[\] on cpu; expected one Float element on cuda"):
-        torch.ops.bitfast.native_sgd_momentum_(
-            q, [q[0].clone()], [], 0.1, 0.0, 0.0, 0.0, False, False, False, torch.tensor(0.1), [], 0.0
-        )
-
-
-def test_errors():
-    # In a child process: the CUDA extension's error path crashed the process once (see
-    # run_in_child); a crash now fails this test alone, with a backtrace.
-    run_in_child(__name__, "check_cuda_errors", DEVICE)
 
 
 def test_backend_is_available_with_a_gpu():

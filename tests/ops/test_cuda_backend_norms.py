@@ -1,16 +1,18 @@
-"""Parity of bitfast's CUDA GroupNorm+ReLU and BatchNorm+ReLU kernels (the ``cuda``
-backend, csrc/cuda/group_norm_relu.cu and batch_norm_relu.cu) with the spec in
-``bitfast.ops.reference``.
+"""What only bitfast's CUDA GroupNorm+ReLU and BatchNorm+ReLU kernels (the ``cuda``
+backend, csrc/cuda/group_norm_relu.cu and batch_norm_relu.cu) have.
 
-The cases of tests/ops/_native_cases.py on CUDA tensors (every dtype, NCHW,
-channels_last and other layouts, float32 parameters with half-precision inputs, affine and
-ReLU options, training and eval, the running-statistics update, opcheck, error messages),
-plus what only the CUDA kernels have: real BiT activation sizes in bf16 channels_last
-(C = 256 ... 2048, 56x56 ... 7x7, 32 groups), GroupNorm groups too large for shared memory
-(the two-phase path), unaligned tensors and inner sizes that are not a multiple of the
-16-byte vector (the scalar paths), bitwise reproducibility, agreement with the CPU kernels,
-autograd through the public API and the current-stream contract. Every test needs a GPU and
-the CUDA build; they skip otherwise (tools/gpu_check.sh runs them on a lent GPU).
+The tests that every native backend shares (the cases of tests/ops/_native_cases.py: every
+dtype, NCHW, channels_last and other layouts, float32 parameters with half-precision
+inputs, affine and ReLU options, training and eval, the running-statistics update,
+opcheck, error messages) are in test_group_norm_relu.py and test_batch_norm_relu.py,
+parametrized over ``tests/ops/_util.native_backends``. Here: real BiT activation sizes in
+bf16 channels_last (C = 256 ... 2048, 56x56 ... 7x7, 32 groups), GroupNorm groups too large
+for shared memory (the two-phase path), the residual add fused with GroupNorm, unaligned
+tensors and inner sizes that are not a multiple of the 16-byte vector (the scalar paths),
+half-precision and strided running statistics, bitwise reproducibility, agreement with the
+CPU kernels, autograd through the public API, the current-stream contract, the backend's
+selection and the statistics' dtypes. Every test needs a GPU and the CUDA build; they skip
+otherwise (tools/gpu_check.sh runs them on a lent GPU).
 """
 
 from __future__ import annotations
@@ -23,17 +25,11 @@ from bitfast import backends
 from bitfast.ops import reference
 from tests.ops._native_cases import (
     ALL_DTYPES,
-    BN_SHAPES,
-    GN_SHAPES,
-    NORM_LAYOUTS,
     check_bn_native,
-    check_bn_update_stats,
     check_gn_native,
     make_activation,
     norm_params,
-    opcheck_norms,
     require,
-    run_in_child,
     stat_dtype,
 )
 from tests.ops._util import assert_parity
@@ -97,35 +93,6 @@ def _unaligned(x: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------
 # GroupNorm+ReLU
 # ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("layout", NORM_LAYOUTS)
-@pytest.mark.parametrize("shape,groups,label", GN_SHAPES, ids=[s[2] for s in GN_SHAPES])
-def test_gn_native_parity(dtype, layout, shape, groups, label):
-    x = make_activation(shape, dtype, layout, DEVICE)
-    check_gn_native(x, *_params(shape[1], dtype), groups, relu=True)
-
-
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
-def test_gn_native_options(layout, relu, affine):
-    x = make_activation((3, 24, 5, 6), torch.float32, layout, DEVICE)
-    check_gn_native(x, *norm_params(24, DEVICE, affine=affine), 6, relu)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_gn_native_float32_params(dtype, layout):
-    x = make_activation((2, 32, 6, 6), dtype, layout, DEVICE)
-    check_gn_native(x, *norm_params(32, DEVICE), 8, relu=True)
-
-
-@pytest.mark.parametrize("eps", [1e-10, 1e-5, 0.5])
-def test_gn_native_eps(eps):
-    check_gn_native(make_activation((2, 16, 4, 4), torch.float32, "nchw", DEVICE), *norm_params(16, DEVICE), 4,
-                    True, eps)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
@@ -200,30 +167,6 @@ def test_gn_native_inner_not_a_vector_multiple(layout, shape, groups):
     check_gn_native(x, *_params(shape[1]), groups, relu=True)
 
 
-def test_gn_native_constant_groups_are_finite():
-    x = torch.zeros(2, 8, 3, 3, device=DEVICE)
-    x[1, 4:] = 2.5
-    for fmt in (torch.contiguous_format, torch.channels_last):
-        for dtype in ALL_DTYPES:
-            xx = x.to(dtype).contiguous(memory_format=fmt)
-            y, mean, rstd = torch.ops.bitfast.native_group_norm_relu_fwd(xx, None, None, 2, 1e-5, True)
-            dx, dw, db = torch.ops.bitfast.native_group_norm_relu_bwd(torch.ones_like(y), xx, None, None, mean, rstd,
-                                                                       2, True)
-            for t in (y, dx, dw, db):
-                assert torch.isfinite(t).all(), (fmt, dtype)
-
-
-def test_gn_gradcheck_float64():
-    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    w = torch.randn(6, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    b = torch.randn(6, dtype=torch.float64, device=DEVICE, requires_grad=True)
-    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
-    for inp in (x, xl):
-        assert torch.autograd.gradcheck(
-            lambda a, ww, bb: bitfast.ops.group_norm_relu(a, 3, ww, bb, backend=BACKEND), (inp, w, b)
-        )
-
-
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 def test_gn_autograd_through_public_api(layout):
     """bitfast.ops.group_norm_relu(backend="cuda") forward and backward against the float64
@@ -250,34 +193,6 @@ def test_gn_autograd_through_public_api(layout):
 # ----------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("layout", NORM_LAYOUTS)
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-@pytest.mark.parametrize("shape,label", BN_SHAPES, ids=[s[1] for s in BN_SHAPES])
-def test_bn_native_parity(dtype, layout, training, shape, label):
-    c = shape[1]
-    x = make_activation(shape, dtype, layout, DEVICE)
-    check_bn_native(x, *_running(c), *_params(c, dtype), training, relu=True)
-
-
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
-@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
-@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_bn_native_options(layout, relu, affine, training):
-    x = make_activation((3, 24, 5, 6), torch.float32, layout, DEVICE)
-    rm, rv = (None, None) if training and affine else _running(24)
-    check_bn_native(x, rm, rv, *norm_params(24, DEVICE, affine=affine), training, relu)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_bn_native_float32_params(dtype, layout):
-    x = make_activation((4, 16, 5, 5), dtype, layout, DEVICE)
-    rm, rv = torch.zeros(16, device=DEVICE), torch.ones(16, device=DEVICE)
-    check_bn_native(x, rm, rv, *norm_params(16, DEVICE), True, True)
-
-
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 @pytest.mark.parametrize("layout", ["channels_last", "nchw"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -294,11 +209,6 @@ def test_bn_native_bit_shapes(dtype, layout, training, shape, label):
 def test_bn_native_unaligned(dtype, layout, shape):
     x = _unaligned(make_activation(shape, dtype, layout, DEVICE))
     check_bn_native(x, *_running(shape[1]), *_params(shape[1]), True, relu=True)
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-def test_bn_native_update_stats(dtype):
-    check_bn_update_stats(DEVICE, dtype)
 
 
 @pytest.mark.parametrize("stats_dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -401,18 +311,6 @@ def test_runs_on_the_current_stream():
     ref_bn = reference.batch_norm_relu_forward(x, None, None, w, b, True, 1e-5, True)[0]
     torch.testing.assert_close(y_gn, ref_gn, rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(y_bn, ref_bn, rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.parametrize("layout", NORM_LAYOUTS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_opcheck_norms(layout, dtype):
-    opcheck_norms(DEVICE, layout, dtype)
-
-
-def test_norm_errors():
-    # In a child process, as test_cuda_backend.py::test_errors: the CUDA extension's error
-    # path crashed the process once.
-    run_in_child("tests.ops._native_cases", "check_norm_errors", DEVICE)
 
 
 def test_auto_prefers_triton_until_validated():

@@ -1,4 +1,18 @@
-"""Parity of GroupNorm+ReLU on every backend, over a shape grid of labelled edge cases and BiT's real shapes."""
+"""Parity of GroupNorm+ReLU on every backend, over a shape grid of labelled edge cases and BiT's real shapes.
+
+Then the native ops (``torch.ops.bitfast.native_group_norm_relu_fwd/bwd``) on the native
+backends (``cpp`` on the CPU, ``cuda`` with a GPU; tests/ops/_util.py's
+``native_backends``): every dtype, NCHW, channels_last and other layouts, float32
+parameters with half-precision inputs, with and without affine and ReLU, eps, constant
+groups and fp64 gradcheck through the public API; against a float64 evaluation of the
+reference with the reference in the input's dtype as the error baseline (the cases of
+tests/ops/_native_cases.py). The tests of both native norms are here too: short NCHW rows
+of GroupNorm and BatchNorm, ``torch.library.opcheck`` of the native GroupNorm+ReLU and
+BatchNorm+ReLU ops, and the error messages of bad calls of the native norm ops
+(test_batch_norm_relu.py has BatchNorm's own). What only one backend's kernels have
+(thread counts, CUDA's shared-memory paths, ...) is in test_cpp_backend.py and
+test_cuda_backend_norms.py.
+"""
 
 import importlib
 
@@ -8,7 +22,19 @@ import torch.nn.functional as F
 
 import bitfast
 from tests.ops import _util as U
-from tests.ops._util import DTYPES, assert_parity, device_backends, require_backend
+from tests.ops._native_cases import (
+    ALL_DTYPES,
+    GN_SHAPES,
+    NORM_LAYOUTS,
+    check_bn_native,
+    check_gn_native,
+    make_activation,
+    norm_params,
+    opcheck_norms,
+    require,
+    run_in_child,
+)
+from tests.ops._util import DTYPES, assert_parity, device_backends, native_backends, require_backend
 
 FAMILY = "group_norm_relu"
 
@@ -172,3 +198,118 @@ def test_quick_argument_check_agrees_with_the_full_checks():
         assert not module._valid_args(*args)
         with pytest.raises((TypeError, ValueError)):
             module._check_args("group_norm_relu", "x", *args)
+
+
+# --------------------------------------------------------------------------------------
+# The native ops on the native backends
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("layout", NORM_LAYOUTS)
+@pytest.mark.parametrize("shape,groups,label", GN_SHAPES, ids=[s[2] for s in GN_SHAPES])
+def test_gn_native_parity(device, backend, dtype, layout, shape, groups, label):
+    require(backend, FAMILY, device)
+    x = make_activation(shape, dtype, layout, device)
+    weight, bias = norm_params(shape[1], device)
+    check_gn_native(x, weight.to(dtype), bias.to(dtype), groups, relu=True)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "noaffine"])
+def test_gn_native_options(device, backend, layout, relu, affine):
+    require(backend, FAMILY, device)
+    x = make_activation((3, 24, 5, 6), torch.float32, layout, device)
+    check_gn_native(x, *norm_params(24, device, affine=affine), 6, relu)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_gn_native_float32_params(device, backend, dtype, layout):
+    """Half-precision activations with float32 parameters (autocast); the parameter
+    gradients come back in float32."""
+    require(backend, FAMILY, device)
+    x = make_activation((2, 32, 6, 6), dtype, layout, device)
+    check_gn_native(x, *norm_params(32, device), 8, relu=True)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("eps", [1e-10, 1e-5, 0.5])
+def test_gn_native_eps(device, backend, eps):
+    require(backend, FAMILY, device)
+    check_gn_native(make_activation((2, 16, 4, 4), torch.float32, "nchw", device), *norm_params(16, device), 4,
+                    True, eps)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_gn_native_constant_groups_are_finite(device, backend):
+    require(backend, FAMILY, device)
+    x = torch.zeros(2, 8, 3, 3, device=device)
+    x[1, 4:] = 2.5
+    for layout in ("nchw", "channels_last"):
+        for dtype in ALL_DTYPES:
+            xx = x.to(dtype).contiguous(memory_format=torch.channels_last if layout == "channels_last" else
+                                        torch.contiguous_format)
+            y, mean, rstd = torch.ops.bitfast.native_group_norm_relu_fwd(xx, None, None, 2, 1e-5, True)
+            dx, dw, db = torch.ops.bitfast.native_group_norm_relu_bwd(torch.ones_like(y), xx, None, None, mean, rstd,
+                                                                       2, True)
+            for t in (y, dx, dw, db):
+                assert torch.isfinite(t).all(), (layout, dtype)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_gn_gradcheck_float64_native(device, backend):
+    require(backend, FAMILY, device)
+    x = torch.randn(2, 6, 3, 3, dtype=torch.float64, device=device, requires_grad=True)
+    w = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(6, dtype=torch.float64, device=device, requires_grad=True)
+    xl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    for inp in (x, xl):
+        assert torch.autograd.gradcheck(
+            lambda a, ww, bb: bitfast.ops.group_norm_relu(a, 3, ww, bb, backend=backend), (inp, w, b)
+        )
+
+
+# Both native norms
+
+
+def _require_norms(backend, device):
+    require(backend, FAMILY, device)
+    require(backend, "batch_norm_relu", device)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("relu", [True, False], ids=["relu", "norelu"])
+def test_norms_native_short_row_blocks(device, backend, dtype, relu):
+    """The NCHW backward sums of short rows, 16 rows at a time (two GroupNorm groups of 32
+    rows of 4x4; a BatchNorm channel of 17 rows: one block and one row), with and without
+    the ReLU."""
+    _require_norms(backend, device)
+    x = make_activation((2, 64, 4, 4), dtype, "nchw", device)
+    weight, bias = norm_params(64, device)
+    check_gn_native(x, weight.to(dtype), bias.to(dtype), 2, relu)
+    x = make_activation((17, 8, 4, 4), dtype, "nchw", device)
+    weight, bias = norm_params(8, device)
+    check_bn_native(x, None, None, weight.to(dtype), bias.to(dtype), True, relu)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("layout", NORM_LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_norms(device, backend, layout, dtype):
+    _require_norms(backend, device)
+    opcheck_norms(device, layout, dtype)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_norm_errors(device, backend):
+    """Bad calls of the native norm ops raise RuntimeErrors that say what was wrong. In a
+    child process, as test_sgd_momentum.py::test_errors: the CUDA extension's error path
+    crashed the process once."""
+    _require_norms(backend, device)
+    run_in_child("tests.ops._native_cases", "check_norm_errors", device)

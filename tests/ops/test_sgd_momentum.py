@@ -2,26 +2,38 @@
 the reference over many steps, with PyTorch's own SGD in the same dtype as the baseline;
 the learning rate as a tensor (identical results to the same number as a float), and the
 moving average of the parameters (against a hand-written float64 average of
-torch.optim.SGD's steps)."""
+torch.optim.SGD's steps).
 
-import itertools
+Then the native op (``torch.ops.bitfast.native_sgd_momentum_``) and the public API on the
+native backends (``cpp`` on the CPU, ``cuda`` with a GPU; tests/ops/_util.py's
+``native_backends``): every option combination and dtype over several steps at sizes around
+each kernel's vector, chunk and block sizes, non-contiguous, unaligned and mixed layouts,
+the learning rate in a tensor and the moving average, empty lists and tensors, agreement
+with torch.optim.SGD, ``torch.library.opcheck`` and the error messages of bad calls (the
+cases of tests/ops/_native_cases.py). What only one kernel has is in test_cpp_backend.py
+and test_cuda_backend.py (whole BiT-R50x1 steps, CUDA graphs, streams).
+"""
 
 import pytest
 import torch
 
 import bitfast
 from bitfast.ops import reference
-from tests.ops._util import DTYPES, assert_parity, device_backends, require_backend
+from tests.ops._native_cases import (
+    ALL_DTYPES,
+    SGD_OPTIONS,
+    check_sgd,
+    check_sgd_matches_torch_optim,
+    make_strided,
+    opcheck_sgd,
+    require,
+    run_in_child,
+)
+from tests.ops._util import DTYPES, assert_parity, device_backends, native_backends, require_backend
 
 FAMILY = "sgd_momentum"
 
 SHAPES = [(1,), (7,), (64, 3, 7, 7), (33, 17), (256, 64, 1, 1), (1000,)]
-
-OPTIONS = [
-    dict(momentum=m, dampening=d, weight_decay=wd, nesterov=n, maximize=mx)
-    for m, d, wd, n, mx in itertools.product((0.0, 0.9), (0.0, 0.1), (0.0, 1e-2), (False, True), (False, True))
-    if not (n and (m == 0 or d != 0))
-]
 
 
 def _ids(o):
@@ -30,7 +42,7 @@ def _ids(o):
 
 @pytest.mark.parametrize("device,backend", device_backends())
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("opts", OPTIONS, ids=_ids)
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=_ids)
 def test_sgd_momentum_parity(device, backend, dtype, opts):
     require_backend("reference" if backend.startswith("reference") else backend, FAMILY, device, dtype)
     torch.manual_seed(1)
@@ -283,3 +295,139 @@ def test_ema_any_layout(device, backend):
     assert [t.stride() for t in p + e] == strides
     for i, (a, r) in enumerate(zip(p + e, p64 + e64)):
         assert_parity(a, r, None, torch.float32, f"tensor {i}")
+
+
+# --------------------------------------------------------------------------------------
+# The native op on the native backends
+# --------------------------------------------------------------------------------------
+
+# Sizes around each kernel's vector width and chunk (cpp: 16384 elements; cuda: the 16-byte
+# vector, the 32768-element chunk and the 256-thread block)
+NATIVE_SHAPES = {
+    "cpp": [(1,), (7,), (33, 17), (64, 3, 7, 7), (16389,), (256, 64, 1, 1)],
+    "cuda": [(1,), (7,), (33, 17), (64, 3, 7, 7), (32769,), (256, 64, 1, 1), (100003,)],
+}
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=_ids)
+def test_sgd_parity(device, backend, dtype, opts):
+    require(backend, FAMILY, device)
+    check_sgd(NATIVE_SHAPES[backend], dtype, device, backend, opts)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+def test_sgd_native_op_parity(device, backend, dtype):
+    require(backend, FAMILY, device)
+    opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True, maximize=False)
+    check_sgd([(5,), (40000,), (64, 3, 7, 7)], dtype, device, backend, opts, native=True)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced", "offset"])
+def test_sgd_non_contiguous(device, backend, dtype, layout):
+    """Non-contiguous tensors, and unaligned ones (``offset``: the scalar paths)."""
+    require(backend, FAMILY, device)
+    opts = dict(momentum=0.9, dampening=0.1, weight_decay=1e-2, nesterov=False, maximize=False)
+    shapes = [(6, 5), (64, 3, 7, 7), (300, 70)]
+    check_sgd(shapes, dtype, device, backend, opts, make=make_strided(layout))
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_sgd_mixed_layouts(device, backend):
+    """A grad and a buffer laid out unlike their channels_last parameter."""
+    require(backend, FAMILY, device)
+    p = torch.randn(8, 4, 3, 3, device=device).contiguous(memory_format=torch.channels_last)
+    g, buf = torch.randn(8, 4, 3, 3, device=device), torch.randn(3, 3, 4, 8, device=device).permute(3, 2, 0, 1)
+    p64, g64, b64 = p.double(), g.double(), buf.double()
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.9, 0.0, 0.01, True, False, False, None, [], 0.0)
+    reference.sgd_momentum_([p64], [g64], [b64], 0.1, 0.9, 0.0, 0.01, True, False, False)
+    assert p.is_contiguous(memory_format=torch.channels_last) and buf.stride() == (1, 8, 96, 32)
+    torch.testing.assert_close(p, p64.float(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(buf, b64.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("opts", SGD_OPTIONS, ids=_ids)
+def test_sgd_matches_torch_optim(device, backend, opts):
+    require(backend, FAMILY, device)
+    check_sgd_matches_torch_optim(device, backend, opts)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_sgd_empty_list_and_zero_size(device, backend):
+    require(backend, FAMILY, device)
+    # an empty list has no device to dispatch on: the public API returns before the op
+    bitfast.ops.sgd_momentum_([], [], [], lr=0.1, momentum=0.9, backend=backend)
+    p, g = torch.randn(0, 3, device=device), torch.randn(0, 3, device=device)
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0)
+    e = torch.randn(0, 3, device=device)
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [e], 0.5)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_sgd_without_momentum_ignores_buffers(device, backend):
+    require(backend, FAMILY, device)
+    p, g, buf = (torch.randn(10, device=device) for _ in range(3))
+    expect, buf0 = p - 0.1 * g, buf.clone()
+    torch.ops.bitfast.native_sgd_momentum_([p], [g], [buf], 0.1, 0.0, 0.0, 0.0, False, False, False, None, [], 0.0)
+    torch.testing.assert_close(p, expect)
+    assert torch.equal(buf, buf0)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_sgd_ema_non_contiguous(device, backend, layout):
+    require(backend, FAMILY, device)
+    opts = dict(momentum=0.9, dampening=0.0, weight_decay=1e-2, nesterov=True, maximize=False)
+    check_sgd([(6, 5), (8, 4, 3, 3), (300, 70)], torch.bfloat16, device, backend, opts, make=make_strided(layout),
+              lr_tensor=True, ema_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_sgd_lr_tensor_equals_float_lr_bitwise(device, backend):
+    """The kernel reads the tensor: the same float32 value gives bitwise the same step."""
+    require(backend, FAMILY, device)
+    for dtype in ALL_DTYPES:
+        p = [torch.randn(s, device=device).to(dtype) for s in [(3,), (40000,), (7, 9)]]
+        q = [t.clone() for t in p]
+        g = [torch.randn_like(t) for t in p]
+        m, n = [torch.zeros_like(t) for t in p], [torch.zeros_like(t) for t in p]
+        lr_t = torch.tensor(0.03, device=device)
+        args = (0.9, 0.0, 1e-3, True, False, True)
+        torch.ops.bitfast.native_sgd_momentum_(p, g, m, float(lr_t), *args, None, [], 0.0)
+        torch.ops.bitfast.native_sgd_momentum_(q, g, n, 123.0, *args, lr_t, [], 0.0)  # the tensor wins
+        for a, b in zip(p + m, q + n):
+            assert torch.equal(a, b), dtype
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_opcheck_sgd(device, backend, non_contiguous, momentum):
+    require(backend, FAMILY, device)
+    opcheck_sgd(device, non_contiguous, momentum)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("non_contiguous", [False, True], ids=["contig", "noncontig"])
+def test_opcheck_sgd_lr_tensor_and_ema(device, backend, non_contiguous):
+    require(backend, FAMILY, device)
+    opcheck_sgd(device, non_contiguous, 0.9, lr_tensor_and_ema=True)
+
+
+# The error checks of each backend: cuda adds a list whose first tensor is on the GPU
+NATIVE_ERRORS = {"cpp": "check_errors", "cuda": "check_cuda_errors"}
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_errors(device, backend):
+    """Bad calls of the native weight-standardization and SGD ops raise RuntimeErrors that
+    say what was wrong. In a child process: the CUDA extension's error path crashed the
+    process once (see run_in_child); a crash now fails this test alone, with a backtrace."""
+    require(backend, "weight_standardize", device)
+    require(backend, FAMILY, device)
+    run_in_child("tests.ops._native_cases", NATIVE_ERRORS[backend], device)

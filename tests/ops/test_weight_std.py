@@ -1,4 +1,13 @@
-"""Parity of weight standardization and std_conv2d on every backend."""
+"""Parity of weight standardization and std_conv2d on every backend.
+
+Then the native ops (``torch.ops.bitfast.native_weight_standardize_fwd/bwd``) and the public
+API on the native backends (``cpp`` on the CPU, ``cuda`` with a GPU; tests/ops/_util.py's
+``native_backends``): fp32, fp64, bf16 and fp16, BiT and edge shapes, non-contiguous weights
+and gradients, eps, constant rows, autograd and fp64 gradcheck, and ``torch.library.opcheck``;
+against a float64 evaluation of the reference with the reference in the weight's dtype as
+the error baseline (the cases of tests/ops/_native_cases.py). What only the CUDA kernel has
+(BiT-sized weights, agreement with the CPU kernel) is in test_cuda_backend.py.
+"""
 
 import pytest
 import torch
@@ -7,7 +16,18 @@ import torch.nn.functional as F
 import bitfast
 from bitfast.ops import reference
 from tests.ops import _util as U
-from tests.ops._util import DTYPES, assert_parity, device_backends, require_backend
+from tests.ops._native_cases import (
+    ALL_DTYPES,
+    EPS,
+    WS_SHAPES,
+    check_ws_autograd,
+    check_ws_native,
+    layouts,
+    opcheck_ws,
+    random_weight,
+    require,
+)
+from tests.ops._util import DTYPES, assert_parity, device_backends, native_backends, require_backend
 
 FAMILY = "weight_standardize"
 
@@ -171,3 +191,100 @@ def test_bad_input_messages():
         bitfast.ops.std_conv2d(torch.randn(6, 4, 4), torch.randn(3, 6, 1, 1))
     with pytest.raises(ValueError, match=r"bias has shape \(2,\); expected \(3,\)"):
         bitfast.ops.std_conv2d(torch.randn(1, 6, 4, 4), torch.randn(3, 6, 1, 1), torch.randn(2))
+
+
+# --------------------------------------------------------------------------------------
+# The native ops on the native backends
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,label", WS_SHAPES, ids=[s[1] for s in WS_SHAPES])
+def test_ws_native_parity(device, backend, dtype, shape, label):
+    require(backend, FAMILY, device)
+    w = random_weight(shape, dtype, device)
+    check_ws_native(w, torch.randn(shape, device=device).to(dtype))
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
+def test_ws_native_non_contiguous(device, backend, dtype, layout):
+    require(backend, FAMILY, device)
+    w = layouts(random_weight((32, 16, 3, 3), dtype, device))[layout]
+    g = layouts(torch.randn(32, 16, 3, 3, device=device).to(dtype))[layout]
+    assert not w.is_contiguous()
+    check_ws_native(w, g)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("w_layout,g_layout", [("channels_last", "contiguous"), ("contiguous", "channels_last")])
+def test_ws_native_gradient_in_another_layout(device, backend, dtype, w_layout, g_layout):
+    # the gradient comes in w's layout whatever the incoming gradient's
+    require(backend, FAMILY, device)
+    w = layouts(random_weight((32, 16, 3, 3), dtype, device))[w_layout]
+    g = layouts(torch.randn(32, 16, 3, 3, device=device).to(dtype))[g_layout]
+    check_ws_native(w, g)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_ws_autograd_channels_last(device, backend):
+    require(backend, FAMILY, device)
+    w = random_weight((64, 32, 3, 3), torch.float32, device).contiguous(memory_format=torch.channels_last)
+    check_ws_autograd(w, backend)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("eps", [1e-10, 1e-5, 0.5])
+def test_ws_native_eps(device, backend, eps):
+    require(backend, FAMILY, device)
+    w = random_weight((16, 8, 3, 3), torch.float32, device)
+    check_ws_native(w, torch.randn(16, 8, 3, 3, device=device), eps)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_ws_native_constant_rows_are_finite(device, backend):
+    require(backend, FAMILY, device)
+    w = torch.zeros(4, 3, 3, 3, device=device)
+    w[1] = 0.5
+    w[2] = -3.0
+    w[3] = torch.randn(3, 3, 3)
+    for dtype in ALL_DTYPES:
+        out, mean, rstd = torch.ops.bitfast.native_weight_standardize_fwd(w.to(dtype), EPS)
+        dw = torch.ops.bitfast.native_weight_standardize_bwd(
+            torch.ones(w.shape, dtype=dtype, device=device), w.to(dtype), mean, rstd
+        )
+        assert torch.isfinite(out).all() and torch.isfinite(dw).all(), dtype
+        assert (out[:3] == 0).all(), dtype
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("shape,label", WS_SHAPES[:4], ids=[s[1] for s in WS_SHAPES[:4]])
+def test_ws_autograd_parity(device, backend, dtype, shape, label):
+    require(backend, FAMILY, device)
+    check_ws_autograd(random_weight(shape, dtype, device), backend)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_ws_autograd_non_contiguous(device, backend):
+    require(backend, FAMILY, device)
+    w = torch.randn(3, 3, 12, 16, device=device).permute(3, 2, 0, 1)  # (16, 12, 3, 3)
+    check_ws_autograd(w, backend)
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+def test_ws_gradcheck_float64(device, backend):
+    require(backend, FAMILY, device)
+    w = torch.randn(3, 2, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: bitfast.ops.weight_standardize(t, 1e-5, backend=backend), (w,))
+
+
+@pytest.mark.parametrize("device,backend", native_backends())
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_opcheck_ws(device, backend, layout, dtype):
+    require(backend, FAMILY, device)
+    opcheck_ws(device, layout, dtype)
