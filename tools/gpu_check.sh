@@ -12,10 +12,11 @@
 # 480), most important first; a failing step is reported and the next one still runs; the
 # exit status is non-zero if any step failed. On an H100: build about 1.5 min, tests about
 # 1.5 min, benches 3-4 min. BITFAST_GPU_STEPS picks and orders the steps after the build
-# (default "errors,tests,norms,ops,train"; errors: the native ops' argument errors on CPU
-# and CUDA in child processes; on a crash a cuda-gdb backtrace, the CPU checks again
-# under candidate workarounds, torch's own C++ errors as controls, and
-# tools/throw_probe.py);
+# (default "tests,train,ops,norms": the CUDA tests, the train-step table, the op benchmarks,
+# the norm kernels; errors: the native ops' argument errors on CPU and CUDA in child
+# processes, with on a crash a cuda-gdb backtrace, the CPU checks again under candidate
+# workarounds, torch's own C++ errors as controls, and tools/throw_probe.py; it runs by
+# itself right after the tests when their log shows a crash, or when listed);
 # BITFAST_GPU_NORMS_ARGS passes arguments to tools/cuda_norms.py.
 #
 # Without a GPU (a dry run on a developer machine) it says so, skips the build, the CUDA
@@ -171,7 +172,8 @@ tests_step() {
 export py out
 export -f errors_step tests_step
 unset TRITON_INTERPRET
-for s in $(echo "${BITFAST_GPU_STEPS:-errors,tests,norms,ops,train}" | tr ',' ' '); do
+steps=${BITFAST_GPU_STEPS:-tests,train,ops,norms}
+for s in $(echo "$steps" | tr ',' ' '); do
     case "$s" in
     errors)
         step "argument errors of the native ops (CPU, CUDA)"
@@ -186,6 +188,12 @@ for s in $(echo "${BITFAST_GPU_STEPS:-errors,tests,norms,ops,train}" | tr ',' ' 
         if [ "$gpu" = 1 ]; then
             timed "CUDA tests" 300 60 bash -c tests_step
             grep -E "^(FAILED|ERROR)|passed|failed" "$out/cuda-tests.log" | tail -40
+            # A crashed test (a killed worker, a fatal signal): the diagnostics now, unless listed.
+            if grep -qE "Segmentation fault|Fatal Python error|crashed|node down|signal 11" "$out/cuda-tests.log" \
+                && ! echo ",$steps," | grep -q ",errors,"; then
+                step "the CUDA tests crashed: argument-error diagnostics"
+                timed "argument errors" 330 20 bash -c errors_step 2>&1 | tee "$out/errors.log"
+            fi
         else
             echo "skipped (no GPU)"
         fi ;;
