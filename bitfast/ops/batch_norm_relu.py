@@ -15,6 +15,8 @@ from bitfast import backends
 from bitfast.ops import _register, checks, reference
 from bitfast.ops.reference import memory_format, stat_dtype
 
+__all__ = ["batch_norm_relu"]
+
 FAMILY = "batch_norm_relu"
 
 SCHEMAS = {

@@ -17,6 +17,8 @@ from bitfast import backends
 from bitfast.ops import _register, checks, reference
 from bitfast.ops.reference import memory_format, stat_dtype
 
+__all__ = ["group_norm_relu", "group_norm_relu_add"]
+
 FAMILY = "group_norm_relu"
 ADD_FAMILY = "group_norm_relu_add"
 

@@ -9,6 +9,8 @@ import torch
 from bitfast import backends
 from bitfast.ops import _register, checks, reference
 
+__all__ = ["sgd_momentum_"]
+
 FAMILY = "sgd_momentum"
 
 SCHEMAS = {

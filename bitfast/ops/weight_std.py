@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from bitfast import backends
 from bitfast.ops import _library, _register, checks, reference
 
+__all__ = ["std_conv2d", "weight_standardize"]
+
 FAMILY = "weight_standardize"
 
 SCHEMAS = {

@@ -23,7 +23,7 @@ inline bool is_kernel_dtype(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-// Statistics are float32, or float64 for float64 inputs (bitfast/ops/reference.py).
+// Statistics are float32, or float64 for float64 inputs (bitfast/ops/reference/common.py).
 inline at::ScalarType stat_dtype(at::ScalarType t) {
   return t == at::kDouble ? at::kDouble : at::kFloat;
 }

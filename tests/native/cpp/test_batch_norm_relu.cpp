@@ -1,5 +1,5 @@
 // C++ unit test of bitfast::cpu::batch_norm_relu_fwd/bwd and batch_norm_update_stats_
-// against straightforward loops in float64 (the math of bitfast/ops/reference.py), for fp32
+// against straightforward loops in float64 (the math of bitfast/ops/reference/batch_norm_relu_ref.py), for fp32
 // and fp64 inputs in NCHW and channels_last, training and eval, with and without ReLU.
 #include "cpu/batch_norm_relu.h"
 

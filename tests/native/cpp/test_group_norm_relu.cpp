@@ -1,5 +1,5 @@
 // C++ unit test of bitfast::cpu::group_norm_relu_fwd/bwd against straightforward loops in
-// float64 (the math of bitfast/ops/reference.py), for fp32 and fp64 inputs in NCHW and
+// float64 (the math of bitfast/ops/reference/group_norm_relu_ref.py), for fp32 and fp64 inputs in NCHW and
 // channels_last, with and without affine parameters and ReLU, at edge and BiT shapes.
 #include "cpu/group_norm_relu.h"
 

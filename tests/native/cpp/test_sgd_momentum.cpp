@@ -1,5 +1,5 @@
 // C++ unit test of bitfast::cpu::sgd_momentum_ against a straightforward loop with
-// torch.optim.SGD's math (bitfast/ops/reference.py), for fp32 and fp64, every option
+// torch.optim.SGD's math (bitfast/ops/reference/sgd_momentum_ref.py), for fp32 and fp64, every option
 // combination, several steps, tensor sizes around the vector width and the chunk size,
 // and non-contiguous tensors; with the learning rate as a float or in a tensor, with and
 // without a moving average of the parameters.

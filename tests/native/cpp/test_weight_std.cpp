@@ -1,5 +1,5 @@
 // C++ unit test of bitfast::cpu::weight_standardize_fwd/bwd against straightforward loops
-// in float64 (the math of bitfast/ops/reference.py), for fp32 and fp64 weights of BiT
+// in float64 (the math of bitfast/ops/reference/weight_std_ref.py), for fp32 and fp64 weights of BiT
 // shapes, edge shapes and non-contiguous layouts (results in the weight's memory format).
 #include "cpu/weight_std.h"
 
