@@ -23,7 +23,7 @@ import shutil
 import sys
 import warnings
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -161,18 +161,9 @@ def extensions():
 ext_modules, cmdclass = extensions()
 
 setup(
-    packages=[
-        "bitfast",
-        "bitfast.adapt",
-        "bitfast.ops",
-        "bitfast.nn",
-        "bitfast.models",
-        "bitfast.optim",
-        "bitfast.checkpoint",
-        "bitfast.data",
-        "bitfast.train",
-        "bitfast.kernels",
-    ],
+    # Every package under bitfast/ (found, so a new folder cannot be left out of the wheel),
+    # and the Triton kernels, installed as bitfast.kernels.
+    packages=[*find_packages(include=["bitfast", "bitfast.*"]), "bitfast.kernels"],
     package_dir={"bitfast.kernels": "kernels"},
     # The embedded default dataset (UCI handwritten digits, CC BY 4.0) and its license.
     package_data={"bitfast.data": ["digits.csv.gz", "DIGITS_LICENSE.txt"]},
