@@ -302,6 +302,11 @@ def compiled(key: tuple, fn: Callable) -> Callable:
         for name in ("recompile_limit", "cache_size_limit"):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), 512))
+        # The bwd mode runs one graph's backward again and again (retain_graph), which a
+        # backward compiled with donated buffers refuses: compile without them.
+        functorch_cfg = torch._functorch.config
+        if hasattr(functorch_cfg, "donated_buffer"):
+            functorch_cfg.donated_buffer = False
         _COMPILED[key] = torch.compile(fn, dynamic=False)
     return _COMPILED[key]
 

@@ -227,3 +227,13 @@ def test_the_registry_drives_the_cli_and_the_benchmark_files(capsys):
     assert capsys.readouterr().out.strip() == bench.ops_table()
     with pytest.raises(ValueError, match="registered twice"):
         bench.register(bench.definition("sgd_momentum"))
+
+
+def test_compiled_baseline_runs_its_backward_again():
+    """The bwd mode replays one graph's backward (retain_graph): the compiled baseline must
+    allow it (compiled without donated buffers), on every call after the first too."""
+    spec = bench.Spec("weight_standardize", "R50x1 s1 conv2 3x3", "fp32", "-", "bwd", "compile")
+    case = bench.make_case(spec, "cpu")  # one 64x64x3x3 weight
+    case.check()
+    case.fn()
+    case.fn()
