@@ -38,7 +38,7 @@ from bitfast.data import sampling
 from bitfast.train import checkpoint as ckpt
 from bitfast.train import config, guards, outputs, progress
 from bitfast.train.distributed import DistInfo, barrier, check_batch
-from bitfast.train.step import TrainState, apply_update, check_step, forward_backward
+from bitfast.train.step import TrainState, apply_update, check_step, forward_backward, unwrap_ddp
 from bitfast.train.task import Classification, Task
 
 __all__ = [
@@ -419,11 +419,6 @@ def train_loop(
             "final_eval": final_eval, "checkpoint": saved, "seconds": seconds, "optimizer": opt,
             "stopped_early": step < total_steps,
             "img_per_s": (step - start_step) * cfg.batch_size / max(seconds, 1e-9)}
-
-
-def unwrap_ddp(model: nn.Module) -> nn.Module:
-    """The DDP module inside a ``torch.compile`` wrapper (for ``no_sync``)."""
-    return model._orig_mod if hasattr(model, "_orig_mod") else model
 
 
 def _jsonable(v) -> bool:

@@ -25,7 +25,7 @@ from bitfast.train import guards
 from bitfast.train.distributed import DistInfo, all_reduce_sum
 from bitfast.train.task import Task
 
-__all__ = ["StepCheck", "TrainState", "apply_update", "check_step", "forward_backward"]
+__all__ = ["StepCheck", "TrainState", "apply_update", "check_step", "forward_backward", "unwrap_ddp"]
 
 
 @dataclass
@@ -69,9 +69,9 @@ class StepCheck:
     parts: dict[str, float] = field(default_factory=dict)
 
 
-def _no_sync(net: nn.Module):
-    # DDP's no_sync, through a torch.compile wrapper.
-    return getattr(net, "_orig_mod", net).no_sync()
+def unwrap_ddp(model: nn.Module) -> nn.Module:
+    """The DDP module inside a ``torch.compile`` wrapper (for ``no_sync``)."""
+    return model._orig_mod if hasattr(model, "_orig_mod") else model
 
 
 def forward_backward(state: TrainState, x: torch.Tensor, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -89,7 +89,7 @@ def forward_backward(state: TrainState, x: torch.Tensor, y) -> tuple[torch.Tenso
         xs, ys = x[i * micro:(i + 1) * micro], y[i * micro:(i + 1) * micro]
         sync = contextlib.nullcontext()
         if state.info.enabled and i < state.batch_split - 1:
-            sync = _no_sync(state.net)
+            sync = unwrap_ddp(state.net).no_sync()
         with sync:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 out = state.task.forward(state.net, xs)
