@@ -17,6 +17,7 @@ FORBIDDEN = {
     "bitfast._native": ["bitfast.backends", "bitfast.ops", "bitfast.nn", "bitfast.models", "bitfast.optim",
                         "bitfast.train", "bitfast.data", "bitfast.checkpoint", "bitfast.cli", "bitfast.kernels"],
     "bitfast._schemas": ["bitfast"],
+    "bitfast._exports": ["bitfast"],
     "bitfast.backends": ["bitfast.ops", "bitfast.nn", "bitfast.models", "bitfast.optim", "bitfast.train",
                          "bitfast.data", "bitfast.checkpoint", "bitfast.cli"],
     "bitfast.ops": ["bitfast.nn", "bitfast.models", "bitfast.optim", "bitfast.train", "bitfast.data",

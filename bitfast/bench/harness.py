@@ -10,13 +10,11 @@ definitions' ``order``).
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Callable, Sequence
 
 import torch
 
-from bitfast import backends
+from bitfast import _exports, backends
 from bitfast.bench.timing import input_sets
 
 __all__ = [
@@ -117,10 +115,7 @@ def _discover() -> None:
     on its own before does not stop the others from being found)."""
     if _DISCOVERED:
         return
-    package = importlib.import_module("bitfast.bench.ops")
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{package.__name__}.{info.name}")
+    _exports.import_submodules("bitfast.bench.ops", lambda name: not name.startswith("_"))
     _DISCOVERED.append(True)
 
 

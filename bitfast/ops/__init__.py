@@ -11,21 +11,10 @@ and exports the names of each one's ``__all__``: an op's module is all it needs 
 Then, with every schema defined, the native builds attach their kernels.
 """
 
-import importlib as _importlib
-import pkgutil as _pkgutil
-
-from bitfast import _native
+from bitfast import _exports, _native
 from bitfast.ops import reference
 
-__all__ = ["reference"]
-
-for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name.startswith("_") or _info.name == "reference":
-        continue
-    _module = _importlib.import_module(f"{__name__}.{_info.name}")
-    for _name in getattr(_module, "__all__", ()):
-        globals()[_name] = getattr(_module, _name)
-        __all__.append(_name)
+__all__ = ["reference", *_exports.export_submodules(globals(), lambda n: not n.startswith("_") and n != "reference")]
 
 # Every op module has defined its schemas (define_op): now the native builds may attach their
 # kernels to them.

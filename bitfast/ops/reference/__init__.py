@@ -22,16 +22,8 @@ One module per op family (``<op module>_ref.py``, e.g. ``group_norm_relu_ref.py`
 functions, found by scanning the folder, so adding an op's reference is adding its own file.
 """
 
-import importlib as _importlib
-import pkgutil as _pkgutil
-
+from bitfast import _exports
 from bitfast.ops.reference.common import channel_view, memory_format, stat_dtype
 
-__all__ = ["channel_view", "memory_format", "stat_dtype"]
-
-for _info in sorted(_pkgutil.iter_modules(__path__), key=lambda m: m.name):
-    if _info.name.endswith("_ref"):
-        _module = _importlib.import_module(f"{__name__}.{_info.name}")
-        for _name in _module.__all__:
-            globals()[_name] = getattr(_module, _name)
-            __all__.append(_name)
+__all__ = ["channel_view", "memory_format", "stat_dtype",
+           *_exports.export_submodules(globals(), lambda name: name.endswith("_ref"))]
