@@ -128,11 +128,13 @@ class OpFamily:
     forward, ``run`` for the others)."""
 
     def __init__(self, family: str, ops: tuple[str, ...], forward: str | None, function,
-                 tensor_positions: tuple[int, ...] = ()) -> None:
+                 tensor_positions: tuple[int, ...] = (), list_positions: tuple[int, ...] = ()) -> None:
         self.family, self.ops, self.forward, self._function = family, ops, forward, function
-        # The forward's tensor arguments, by position (read from its schema once: this runs on
-        # every call of the op, where a scan of the arguments costs a few microseconds).
+        # The forward's tensor (and tensor-list) arguments, by position (read from its schema
+        # once: this runs on every call of the op, where a scan of the arguments costs a few
+        # microseconds).
         self._tensor_positions = tensor_positions
+        self._list_positions = list_positions
 
     def __call__(self, backend: str, *args):
         """The forward op's outputs for ``args`` on ``backend``, recording its backward when an
@@ -141,6 +143,8 @@ class OpFamily:
         else the Function built from the formula does); otherwise the registered op runs.
         Same kernels, same results either way."""
         tensors = [args[i] for i in self._tensor_positions]
+        for i in self._list_positions:
+            tensors.extend(args[i])
         if not eager(*tensors):
             return getattr(torch.ops.bitfast, self.forward)(*args, backend)
         if backend in ("cpp", "cuda") and native_autograd(self.forward):
@@ -178,6 +182,74 @@ def _eager_function(name: str, forward: str, setup_context, backward, materializ
 
     return type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd),
                                                    "__doc__": f"Eager autograd of {forward} (see define_op)."})
+
+
+class _ListFunction:
+    """The eager fast path of a forward op with tensor-list arguments or outputs: an
+    ``autograd.Function`` sees only the tensors passed to ``apply`` directly, so the arguments
+    go in flattened (each list as its tensors, with its length) and the outputs come back
+    flattened, then are rebuilt; the formula sees the op's own structure on both sides."""
+
+    def __init__(self, name: str, forward: str, setup_context, backward, materialize_grads: bool) -> None:
+        def fwd(ctx, layout, box, backend, *flat):
+            inputs = _unflatten(flat, layout)
+            output = kernel_of(forward, backend)(*inputs)
+            ctx.backend, ctx.layout = backend, layout
+            ctx.set_materialize_grads(materialize_grads)
+            setup_context(ctx, tuple(inputs), output)
+            flat_out, box["out"] = _flatten(output)
+            ctx.out_layout = box["out"]
+            return tuple(flat_out)
+
+        @once_differentiable
+        def bwd(ctx, *grads):
+            structured = _unflatten(grads, ctx.out_layout)
+            grad_inputs = backward(ctx, _direct_call(ctx), *structured)
+            flat = []
+            for spec, g in zip(ctx.layout, grad_inputs):
+                if spec is None:
+                    flat.append(g)
+                else:
+                    flat.extend(g if g is not None else [None] * spec)
+            return (None, None, None, *flat)
+
+        self._function = type(name, (torch.autograd.Function,), {
+            "forward": staticmethod(fwd), "backward": staticmethod(bwd),
+            "__doc__": f"Eager autograd of {forward} (see define_op)."})
+
+    def apply(self, *args):
+        *inputs, backend = args
+        flat, layout = _flatten(inputs)
+        box: dict = {}
+        out = self._function.apply(layout, box, backend, *flat)
+        return tuple(_unflatten(out, box["out"]))
+
+
+def _flatten(values) -> tuple[list, tuple]:
+    """``values`` with each list or tuple replaced by its items, and the layout that rebuilds
+    them: per value None (kept as is) or the length of its list."""
+    flat, layout = [], []
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            flat.extend(v)
+            layout.append(len(v))
+        else:
+            flat.append(v)
+            layout.append(None)
+    return flat, tuple(layout)
+
+
+def _unflatten(flat, layout: tuple) -> list:
+    """The inverse of ``_flatten``."""
+    out, i = [], 0
+    for spec in layout:
+        if spec is None:
+            out.append(flat[i])
+            i += 1
+        else:
+            out.append(list(flat[i:i + spec]))
+            i += spec
+    return out
 
 
 def define_op(
@@ -229,19 +301,22 @@ def define_op(
 
         torch.library.register_autograd(_library.qualname(forward), registered_backward,
                                         setup_context=registered_setup, lib=_library.lib)
-        function = _eager_function(f"Eager_{forward}", forward, setup_context, backward, materialize_grads)
-    positions = _tensor_positions(schemas[forward]) if forward is not None else ()
-    return OpFamily(family, ops, forward, function, positions)
+        positions, lists = _tensor_positions(schemas[forward])
+        if lists or "[]" in schemas[forward].split("->")[1]:
+            function = _ListFunction(f"Eager_{forward}", forward, setup_context, backward, materialize_grads)
+        else:
+            function = _eager_function(f"Eager_{forward}", forward, setup_context, backward, materialize_grads)
+        return OpFamily(family, ops, forward, function, positions, lists)
+    return OpFamily(family, ops, forward, function)
 
 
-def _tensor_positions(schema: str) -> tuple[int, ...]:
-    """The positions of the (optional) Tensor arguments of ``schema`` (lists are not)."""
+def _tensor_positions(schema: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The positions of the (optional) Tensor arguments of ``schema``, and of its Tensor lists."""
     args = schema[schema.index("(") + 1: schema.index(") ->")]
     kinds = [a.strip().split(" ")[0] for a in args.split(",")]
     positions = tuple(i for i, k in enumerate(kinds) if k.startswith("Tensor") and not k.endswith("[]"))
-    if any(k.endswith("[]") and k.startswith("Tensor") for k in kinds):
-        raise ValueError(f"define_op: a differentiable forward takes no tensor lists; got {schema}")
-    return positions
+    lists = tuple(i for i, k in enumerate(kinds) if k.startswith("Tensor") and k.endswith("[]"))
+    return positions, lists
 
 
 def _register_kernel_and_fakes(op: str, fake: Callable) -> None:

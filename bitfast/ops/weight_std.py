@@ -13,14 +13,20 @@ import torch.nn.functional as F
 from bitfast import backends
 from bitfast.ops import _library, _register, checks, reference
 
-__all__ = ["std_conv2d", "weight_standardize"]
+__all__ = ["std_conv2d", "weight_standardize", "weight_standardize_multi"]
 
 FAMILY = "weight_standardize"
+
+MULTI_FAMILY = "weight_standardize_multi"
 
 SCHEMAS = {
     "weight_standardize_fwd": "(Tensor w, float eps) -> (Tensor out, Tensor mean, Tensor rstd)",
     "weight_standardize_bwd": "(Tensor grad_out, Tensor w, Tensor mean, Tensor rstd) -> Tensor",
+    "weight_standardize_multi_fwd": "(Tensor[] ws, float eps) -> (Tensor[] out, Tensor mean, Tensor rstd)",
+    "weight_standardize_multi_bwd": "(Tensor[] grad_outs, Tensor[] ws, Tensor mean, Tensor rstd) -> Tensor[]",
 }
+_SINGLE = ("weight_standardize_fwd", "weight_standardize_bwd")
+_MULTI = ("weight_standardize_multi_fwd", "weight_standardize_multi_bwd")
 
 
 def _fwd_fake(w, eps):
@@ -49,12 +55,47 @@ def _backward(ctx, call, grad_out, _grad_mean, _grad_rstd):
 
 
 OP = _register.define_op(
-    FAMILY, SCHEMAS,
+    FAMILY, {k: SCHEMAS[k] for k in _SINGLE},
     fakes={"weight_standardize_fwd": _fwd_fake, "weight_standardize_bwd": _bwd_fake},
     references={"weight_standardize_fwd": reference.weight_standardize_forward,
                 "weight_standardize_bwd": reference.weight_standardize_backward},
     forward="weight_standardize_fwd", setup_context=_setup_context, backward=_backward,
     triton_module="weight_std",
+)
+
+
+def _multi_fwd_fake(ws, eps):
+    torch._check(len(ws) > 0, lambda: "weight_standardize_multi: ws is empty")
+    sd = reference.stat_dtype(ws[0].dtype)
+    rows = sum(w.shape[0] for w in ws)
+    outs = [torch.empty_like(w, memory_format=reference.memory_format(w)) for w in ws]
+    return outs, ws[0].new_empty(rows, dtype=sd), ws[0].new_empty(rows, dtype=sd)
+
+
+def _multi_bwd_fake(grad_outs, ws, mean, rstd):
+    return [torch.empty_like(w, memory_format=reference.memory_format(w)) for w in ws]
+
+
+def _multi_setup_context(ctx, inputs, output):
+    ws, _eps = inputs
+    _outs, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(*ws, mean, rstd)
+
+
+def _multi_backward(ctx, call, grad_outs, _grad_mean, _grad_rstd):
+    *ws, mean, rstd = ctx.saved_tensors
+    # An output that took no part in the loss has no gradient: its weight gets zeros.
+    grads = [g if g is not None else torch.zeros_like(w) for g, w in zip(grad_outs, ws)]
+    return call("weight_standardize_multi_bwd", grads, ws, mean, rstd), None
+
+
+MULTI_OP = _register.define_op(
+    MULTI_FAMILY, {k: SCHEMAS[k] for k in _MULTI},
+    fakes={"weight_standardize_multi_fwd": _multi_fwd_fake, "weight_standardize_multi_bwd": _multi_bwd_fake},
+    references={"weight_standardize_multi_fwd": reference.weight_standardize_multi_forward,
+                "weight_standardize_multi_bwd": reference.weight_standardize_multi_backward},
+    forward="weight_standardize_multi_fwd", setup_context=_multi_setup_context, backward=_multi_backward,
 )
 
 
@@ -94,6 +135,36 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8, *, backend: str | Non
     if name == "reference":
         return reference.weight_standardize(w, eps)
     return _standardize(w, float(eps), name)
+
+
+def weight_standardize_multi(ws, eps: float = 1e-8, *, backend: str | None = None) -> list[torch.Tensor]:
+    """``[weight_standardize(w, eps) for w in ws]`` in one call of one kernel (on the ``cpp``
+    backend: one parallel region over every output channel of every weight).
+
+    Args:
+        ws: a non-empty list (or tuple) of weights, each as ``weight_standardize`` takes, all
+            of one floating dtype and on one device.
+        eps: as in ``weight_standardize``.
+        backend: force a backend; default: auto. Backends without a kernel for the list op
+            (today ``cuda`` and ``triton``) are skipped by auto, and forcing one raises.
+
+    Returns:
+        The standardized weights, each in its weight's dtype and memory format, equal to
+        ``weight_standardize``'s bit for bit on the same backend family (same row arithmetic);
+        differentiable with respect to every weight.
+    """
+    fn = "weight_standardize_multi"
+    if not isinstance(ws, (list, tuple)) or not ws:
+        raise ValueError(f"{fn}: ws must be a non-empty list of weights; got {ws!r:.80}")
+    for i, w in enumerate(ws):
+        _check_weight(f"{fn}: ws[{i}]", w, eps)
+        if w.dtype != ws[0].dtype or w.device != ws[0].device:
+            raise ValueError(f"{fn}: ws[{i}] is {w.dtype} on {w.device} but ws[0] is {ws[0].dtype} on {ws[0].device}; "
+                             "expected one dtype and device")
+    name = backends.resolve(MULTI_FAMILY, ws[0].device.type, ws[0].dtype, backend)
+    if name == "reference":
+        return [reference.weight_standardize(w, eps) for w in ws]
+    return list(MULTI_OP(name, list(ws), float(eps))[0])
 
 
 def _std_conv2d_composite(x, weight, bias, stride, padding, dilation, groups, eps, backend):

@@ -142,7 +142,137 @@ int64_t row_size(const at::Tensor& w) {
   return k;
 }
 
+// Where each weight's rows start in the list's row numbering (n + 1 entries), and the
+// weights' row sizes and formats.
+struct RowTable {
+  std::vector<int64_t> first, k;
+  std::vector<at::MemoryFormat> fmt;
+  int64_t max_k = 0, elements = 0;
+};
+
+RowTable row_table(at::TensorList ws) {
+  RowTable t;
+  t.first.push_back(0);
+  for (const auto& w : ws) {
+    const int64_t k = row_size(w);
+    t.k.push_back(k);
+    t.fmt.push_back(format_of(w));
+    t.first.push_back(t.first.back() + w.size(0));
+    t.max_k = std::max(t.max_k, k);
+    t.elements += w.numel();
+  }
+  return t;
+}
+
+// The rows [begin, end) of the list, each handed to fn(tensor index, row within it, global row).
+template <typename F>
+void for_rows(const RowTable& t, int64_t begin, int64_t end, F&& fn) {
+  auto i = static_cast<size_t>(std::upper_bound(t.first.begin(), t.first.end(), begin) - t.first.begin() - 1);
+  for (int64_t r = begin; r < end; ++r) {
+    while (r >= t.first[i + 1]) ++i;
+    fn(i, r - t.first[i], r);
+  }
+}
+
+int64_t list_grain(const RowTable& t) {
+  const int64_t rows = std::max<int64_t>(t.first.back(), 1);
+  return row_grain(std::max<int64_t>(t.elements / rows, 1));
+}
+
+// The rows of every weight in one parallel region, each by the single-weight row code.
+template <typename scalar_t>
+void multi_fwd_rows(const RowTable& t, const std::vector<at::Tensor>& in, std::vector<at::Tensor>& outs,
+                    at::opmath_type<scalar_t>* M, at::opmath_type<scalar_t>* R, double eps) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, t.first.back(), list_grain(t), [&](int64_t begin, int64_t end) {
+    std::vector<float> x, y;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      x.resize(t.max_k);
+      y.resize(t.max_k);
+    }
+    for_rows(t, begin, end, [&](size_t i, int64_t o, int64_t r) {
+      const int64_t K = t.k[i];
+      const scalar_t* W = in[i].const_data_ptr<scalar_t>() + o * K;
+      scalar_t* OUT = outs[i].data_ptr<scalar_t>() + o * K;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        fwd_row_any(W, OUT, K, acc_t(eps), M + r, R + r);
+      } else {
+        widen(W, x.data(), K);
+        fwd_row_any(x.data(), y.data(), K, float(eps), M + r, R + r);
+        narrow(y.data(), OUT, K);
+      }
+    });
+  });
+}
+
+template <typename scalar_t>
+void multi_bwd_rows(const RowTable& t, const std::vector<at::Tensor>& gs, const std::vector<at::Tensor>& in,
+                    std::vector<at::Tensor>& dws, const at::opmath_type<scalar_t>* M,
+                    const at::opmath_type<scalar_t>* R) {
+  using acc_t = at::opmath_type<scalar_t>;
+  at::parallel_for(0, t.first.back(), list_grain(t), [&](int64_t begin, int64_t end) {
+    std::vector<float> g, x, y;
+    if constexpr (!std::is_same_v<scalar_t, acc_t>) {
+      g.resize(t.max_k);
+      x.resize(t.max_k);
+      y.resize(t.max_k);
+    }
+    for_rows(t, begin, end, [&](size_t i, int64_t o, int64_t r) {
+      const int64_t K = t.k[i];
+      const scalar_t* G = gs[i].const_data_ptr<scalar_t>() + o * K;
+      const scalar_t* W = in[i].const_data_ptr<scalar_t>() + o * K;
+      scalar_t* DW = dws[i].data_ptr<scalar_t>() + o * K;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        bwd_row_any(G, W, DW, K, M[r], R[r]);
+      } else {
+        widen(G, g.data(), K);
+        widen(W, x.data(), K);
+        bwd_row_any(g.data(), x.data(), y.data(), K, M[r], R[r]);
+        narrow(y.data(), DW, K);
+      }
+    });
+  });
+}
+
 }  // namespace
+
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> weight_standardize_multi_fwd(at::TensorList ws,
+                                                                                        double eps) {
+  check_weight_standardize_multi_fwd(ws, c10::DeviceType::CPU);
+  const RowTable t = row_table(ws);
+  std::vector<at::Tensor> in, outs;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    in.push_back(ws[i].contiguous(t.fmt[i]));
+    outs.push_back(at::empty(ws[i].sizes(), ws[i].options().memory_format(t.fmt[i])));
+  }
+  const auto stat = ws[0].options().dtype(stat_dtype(ws[0].scalar_type()));
+  at::Tensor mean = at::empty({t.first.back()}, stat), rstd = at::empty({t.first.back()}, stat);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ws[0].scalar_type(), "native_weight_standardize_multi_fwd",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    multi_fwd_rows<scalar_t>(t, in, outs, mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), eps);
+  });
+  return {outs, mean, rstd};
+}
+
+std::vector<at::Tensor> weight_standardize_multi_bwd(at::TensorList grad_outs, at::TensorList ws,
+                                                     const at::Tensor& mean, const at::Tensor& rstd) {
+  check_weight_standardize_multi_bwd(grad_outs, ws, mean, rstd, c10::DeviceType::CPU);
+  const RowTable t = row_table(ws);
+  std::vector<at::Tensor> gs, in, dws;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    gs.push_back(grad_outs[i].contiguous(t.fmt[i]));
+    in.push_back(ws[i].contiguous(t.fmt[i]));
+    dws.push_back(at::empty(ws[i].sizes(), ws[i].options().memory_format(t.fmt[i])));
+  }
+  const at::Tensor mc = mean.contiguous(), rc = rstd.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, ws[0].scalar_type(), "native_weight_standardize_multi_bwd",
+                                  [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    multi_bwd_rows<scalar_t>(t, gs, in, dws, mc.const_data_ptr<acc_t>(), rc.const_data_ptr<acc_t>());
+  });
+  return dws;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> weight_standardize_fwd(const at::Tensor& w, double eps) {
   check_weight_standardize_fwd(w, c10::DeviceType::CPU);
@@ -184,4 +314,6 @@ at::Tensor weight_standardize_bwd(const at::Tensor& grad_out, const at::Tensor& 
 TORCH_LIBRARY_IMPL(bitfast, CPU, m) {
   m.impl("native_weight_standardize_fwd", &bitfast::cpu::weight_standardize_fwd);
   m.impl("native_weight_standardize_bwd", &bitfast::cpu::weight_standardize_bwd);
+  m.impl("native_weight_standardize_multi_fwd", &bitfast::cpu::weight_standardize_multi_fwd);
+  m.impl("native_weight_standardize_multi_bwd", &bitfast::cpu::weight_standardize_multi_bwd);
 }

@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <tuple>
+#include <vector>
 
 namespace bitfast::cpu {
 
@@ -26,5 +27,15 @@ at::Tensor weight_standardize_bwd(
     const at::Tensor& w,         // the raw weight the forward standardized
     const at::Tensor& mean,      // (O,) statistics saved by the forward
     const at::Tensor& rstd);     // (O,)
+
+// The same for a list of weights of one dtype, in one parallel region over all their rows:
+// outs[i] is weight_standardize_fwd(ws[i])'s out, bit for bit; mean and rstd hold every
+// weight's statistics one after the other (sum of the O_i values).
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> weight_standardize_multi_fwd(at::TensorList ws,
+                                                                                        double eps);
+
+// The gradients of every weight, as weight_standardize_bwd per weight.
+std::vector<at::Tensor> weight_standardize_multi_bwd(at::TensorList grad_outs, at::TensorList ws,
+                                                     const at::Tensor& mean, const at::Tensor& rstd);
 
 }  // namespace bitfast::cpu

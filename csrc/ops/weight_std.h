@@ -43,4 +43,45 @@ inline void check_weight_standardize_bwd(const at::Tensor& grad_out, const at::T
   }
 }
 
+// The multi-tensor op: every weight checked as above, all of one dtype and device.
+inline void check_weight_standardize_multi_fwd(at::TensorList ws, c10::DeviceType device) {
+  constexpr const char* op = "native_weight_standardize_multi_fwd";
+  TORCH_CHECK(!ws.empty(), op, ": ws is an empty list; expected at least one weight");
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check_kernel_tensor(op, "ws[i]", ws[i], device);
+    TORCH_CHECK(ws[i].dim() >= 2, op, ": ws[", i, "] has ", ws[i].dim(), " dims (shape ", ws[i].sizes(),
+                "); expected (O, ...) with >= 2 dims");
+    TORCH_CHECK(ws[i].scalar_type() == ws[0].scalar_type(), op, ": ws[", i, "] has dtype ", ws[i].scalar_type(),
+                " but ws[0] has ", ws[0].scalar_type(), "; expected one dtype");
+    TORCH_CHECK(ws[i].device() == ws[0].device(), op, ": ws[", i, "] is on ", ws[i].device(), " but ws[0] is on ",
+                ws[0].device());
+  }
+}
+
+inline void check_weight_standardize_multi_bwd(at::TensorList grad_outs, at::TensorList ws, const at::Tensor& mean,
+                                               const at::Tensor& rstd, c10::DeviceType device) {
+  constexpr const char* op = "native_weight_standardize_multi_bwd";
+  check_weight_standardize_multi_fwd(ws, device);
+  TORCH_CHECK(grad_outs.size() == ws.size(), op, ": ", grad_outs.size(), " grad_outs for ", ws.size(),
+              " weights; expected one each");
+  int64_t rows = 0;
+  for (size_t i = 0; i < ws.size(); ++i) {
+    check_kernel_tensor(op, "grad_outs[i]", grad_outs[i], device);
+    TORCH_CHECK(grad_outs[i].sizes() == ws[i].sizes() && grad_outs[i].scalar_type() == ws[i].scalar_type() &&
+                    grad_outs[i].device() == ws[i].device(),
+                op, ": grad_outs[", i, "] (", grad_outs[i].sizes(), ", ", grad_outs[i].scalar_type(),
+                ") must match ws[", i, "] (", ws[i].sizes(), ", ", ws[i].scalar_type(), ") on its device");
+    rows += ws[i].size(0);
+  }
+  const auto sd = stat_dtype(ws[0].scalar_type());
+  for (const auto& [name, s] : {std::pair<const char*, const at::Tensor&>{"mean", mean}, {"rstd", rstd}}) {
+    TORCH_CHECK(s.defined(), op, ": ", name, " is an undefined tensor");
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == rows, op, ": ", name, " has shape ", s.sizes(), "; expected (", rows,
+                ",), one value per output channel of every weight");
+    TORCH_CHECK(s.scalar_type() == sd, op, ": ", name, " has dtype ", s.scalar_type(), "; expected ", sd);
+    TORCH_CHECK(s.device() == ws[0].device(), op, ": ", name, " is on ", s.device(), " but ws is on ",
+                ws[0].device());
+  }
+}
+
 }  // namespace bitfast

@@ -12,6 +12,8 @@ __all__ = [
     "weight_standardize_forward",
     "weight_standardize_backward",
     "std_conv2d",
+    "weight_standardize_multi_forward",
+    "weight_standardize_multi_backward",
 ]
 
 
@@ -68,3 +70,24 @@ def std_conv2d(
     """A convolution with a weight-standardized kernel, as timm's ``StdConv2d``."""
     return F.conv2d(x, weight_standardize(weight, eps), bias, stride, padding, dilation, groups)
 
+
+
+def weight_standardize_multi_forward(
+    ws: list[torch.Tensor], eps: float
+) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """``weight_standardize_forward`` of every weight of ``ws``: the standardized weights, and
+    the statistics of all their output channels, one weight after the other."""
+    results = [weight_standardize_forward(w, eps) for w in ws]
+    return [r[0] for r in results], torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results])
+
+
+def weight_standardize_multi_backward(
+    grad_outs: list[torch.Tensor], ws: list[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
+) -> list[torch.Tensor]:
+    """``weight_standardize_backward`` of every weight, each with its slice of the statistics."""
+    grads, first = [], 0
+    for g, w in zip(grad_outs, ws):
+        o = w.shape[0]
+        grads.append(weight_standardize_backward(g, w, mean[first:first + o], rstd[first:first + o]))
+        first += o
+    return grads
