@@ -174,9 +174,34 @@ void for_rows(const RowTable& t, int64_t begin, int64_t end, F&& fn) {
   }
 }
 
-int64_t list_grain(const RowTable& t) {
-  const int64_t rows = std::max<int64_t>(t.first.back(), 1);
-  return row_grain(std::max<int64_t>(t.elements / rows, 1));
+// The list's rows cut into chunks of about equal work (elements, not rows: the rows of a
+// stem and of a late 3x3 conv differ 30-fold), at least kRowGrain elements each and about
+// eight per thread; each chunk is one task of the parallel region.
+std::vector<int64_t> row_chunks(const RowTable& t) {
+  const int64_t target = std::max<int64_t>(kRowGrain, t.elements / (8 * std::max(at::get_num_threads(), 1)));
+  std::vector<int64_t> bounds{0};
+  int64_t acc = 0;
+  for (size_t i = 0; i < t.k.size(); ++i) {
+    for (int64_t r = t.first[i]; r < t.first[i + 1]; ++r) {
+      acc += t.k[i];
+      if (acc >= target) {
+        bounds.push_back(r + 1);
+        acc = 0;
+      }
+    }
+  }
+  if (bounds.back() != t.first.back()) bounds.push_back(t.first.back());
+  return bounds;
+}
+
+// fn(begin, end) for the row ranges of row_chunks, in parallel.
+template <typename F>
+void parallel_rows(const RowTable& t, F&& fn) {
+  const std::vector<int64_t> bounds = row_chunks(t);
+  const int64_t n = static_cast<int64_t>(bounds.size()) - 1;
+  at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+    if (b < e) fn(bounds[b], bounds[e]);
+  });
 }
 
 // The rows of every weight in one parallel region, each by the single-weight row code.
@@ -184,7 +209,7 @@ template <typename scalar_t>
 void multi_fwd_rows(const RowTable& t, const std::vector<at::Tensor>& in, std::vector<at::Tensor>& outs,
                     at::opmath_type<scalar_t>* M, at::opmath_type<scalar_t>* R, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, t.first.back(), list_grain(t), [&](int64_t begin, int64_t end) {
+  parallel_rows(t, [&](int64_t begin, int64_t end) {
     std::vector<float> x, y;
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       x.resize(t.max_k);
@@ -210,7 +235,7 @@ void multi_bwd_rows(const RowTable& t, const std::vector<at::Tensor>& gs, const 
                     std::vector<at::Tensor>& dws, const at::opmath_type<scalar_t>* M,
                     const at::opmath_type<scalar_t>* R) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, t.first.back(), list_grain(t), [&](int64_t begin, int64_t end) {
+  parallel_rows(t, [&](int64_t begin, int64_t end) {
     std::vector<float> g, x, y;
     if constexpr (!std::is_same_v<scalar_t, acc_t>) {
       g.resize(t.max_k);
