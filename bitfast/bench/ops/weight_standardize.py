@@ -31,7 +31,17 @@ def _dtypes(device: str, quick: bool) -> list[str]:
 
 
 def _case(spec: h.Spec, device: str, shape_list, quick: bool) -> h.Case:
-    from bitfast.ops import reference, weight_standardize
+    from bitfast.ops import weight_standardize
+
+    return weights_case(spec, device, shape_list,
+                        lambda ws, backend: [weight_standardize(w, h.WS_EPS, backend=backend) for w in ws])
+
+
+def weights_case(spec: h.Spec, device: str, shape_list, own) -> h.Case:
+    """The case of standardizing the weights of ``shape_list`` (fwd, bwd or full): bitfast's
+    backends through ``own(ws, backend)`` (the standardized list), the baselines through the
+    per-weight eager formulation and its compile; shared with ``weight_standardize_multi``."""
+    from bitfast.ops import reference
 
     dtype = h.DTYPES[spec.dtype]
     es = torch.tensor([], dtype=dtype).element_size()
@@ -48,14 +58,14 @@ def _case(spec: h.Spec, device: str, shape_list, quick: bool) -> h.Case:
     if spec.impl in backends.BACKENDS:
 
         def forward(*ws):
-            return [weight_standardize(w, h.WS_EPS, backend=spec.impl) for w in ws]
+            return own(list(ws), spec.impl)
 
     else:
 
         def base(*ws):
             return [eager_weight_standardize(w, h.WS_EPS) for w in ws]
 
-        forward = base if spec.impl == "eager" else h.compiled(("weight_standardize", spec.shape, spec.dtype, device), base)
+        forward = base if spec.impl == "eager" else h.compiled((spec.op, spec.shape, spec.dtype, device), base)
 
     def reference_fn(args, dy, mode):
         k = len(args)
