@@ -148,3 +148,196 @@ def weight_standardize_bwd(
     block_o = _block_o(o, block, w.device)
     _ws_bwd_kernel[(triton.cdiv(o, block_o),)](g2, w2, mean, rstd, dw2, o, k, BLOCK_O=block_o, BLOCK=block)
     return dw
+
+
+# --- a list of weights in one launch ----------------------------------------------------
+#
+# Every program standardizes BLOCK_O output channels of one weight. A table of int64 rows,
+# one per program, says which: the addresses of that weight's tensors (raw, output; in the
+# backward also its gradients), its K, the program's first channel in the weight and how
+# many channels it has, and where the weight's channels start in the statistics (which hold
+# every weight's channels one after the other, as the per-weight op's would concatenated).
+# Every weight's channels are dense (O, K) rows in its memory order (see _rows), so one
+# address and K place them. The row arithmetic is the per-weight kernels' own; tiles are
+# sized for the longest K of the list, so a weight's statistics may round differently from
+# the per-weight op's (whose tiles fit its own K): equal within the parity rule.
+
+_FWD_COLS = 6  # w, out, K, first channel, channels, first statistics row
+_BWD_COLS = 7  # g, w, dw, K, first channel, channels, first statistics row
+
+
+@triton.jit
+def _ws_multi_fwd_kernel(
+    TABLE,  # (programs, 6) int64, see above
+    TY,  # any tensor of the weights' dtype (gives the element type of the addresses)
+    OTY,  # any tensor of the outputs' dtype
+    MEAN,  # per-channel means of every weight, (sum O,) float32
+    RSTD,  # per-channel rstd of every weight, (sum O,) float32
+    eps,
+    BLOCK_O: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    entry = TABLE + tl.program_id(0).to(tl.int64) * 6
+    W = tl.load(entry).to(tl.pointer_type(TY.dtype.element_ty))
+    OUT = tl.load(entry + 1).to(tl.pointer_type(OTY.dtype.element_ty))
+    K = tl.load(entry + 2)
+    first = tl.load(entry + 3)
+    count = tl.load(entry + 4)
+    stat0 = tl.load(entry + 5)
+    local = tl.arange(0, BLOCK_O).to(tl.int64)
+    row_mask = local < count
+    rows = first + local
+    base = (rows * K)[:, None]
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        idx = start + offs
+        m = row_mask[:, None] & (idx < K)[None, :]
+        acc += tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+    mean = tl.sum(acc, axis=1) / K
+    acc = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        idx = start + offs
+        m = row_mask[:, None] & (idx < K)[None, :]
+        w = tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+        d = tl.where(m, w - mean[:, None], 0.0)
+        acc += d * d
+    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / K + eps)
+    for start in range(0, K, BLOCK):
+        idx = start + offs
+        m = row_mask[:, None] & (idx < K)[None, :]
+        w = tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+        w_hat = tl.where(m, (w - mean[:, None]) * rstd[:, None], 0.0)
+        tl.store(OUT + base + idx[None, :], w_hat.to(OTY.dtype.element_ty), mask=m)
+    tl.store(MEAN + stat0 + rows, mean, mask=row_mask)
+    tl.store(RSTD + stat0 + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _ws_multi_bwd_kernel(
+    TABLE,  # (programs, 7) int64, see above
+    TY,  # any tensor of the weights' dtype
+    GTY,  # any tensor of the gradients' dtype
+    MEAN,  # saved per-channel means, (sum O,) float32
+    RSTD,  # saved per-channel rstd, (sum O,) float32
+    BLOCK_O: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    entry = TABLE + tl.program_id(0).to(tl.int64) * 7
+    G = tl.load(entry).to(tl.pointer_type(GTY.dtype.element_ty))
+    W = tl.load(entry + 1).to(tl.pointer_type(TY.dtype.element_ty))
+    DW = tl.load(entry + 2).to(tl.pointer_type(TY.dtype.element_ty))
+    K = tl.load(entry + 3)
+    first = tl.load(entry + 4)
+    count = tl.load(entry + 5)
+    stat0 = tl.load(entry + 6)
+    local = tl.arange(0, BLOCK_O).to(tl.int64)
+    row_mask = local < count
+    rows = first + local
+    base = (rows * K)[:, None]
+    offs = tl.arange(0, BLOCK)
+    mean = tl.load(MEAN + stat0 + rows, mask=row_mask, other=0.0)[:, None]
+    rstd = tl.load(RSTD + stat0 + rows, mask=row_mask, other=0.0)[:, None]
+    sum_g = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
+    sum_gw = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
+    for start in range(0, K, BLOCK):
+        idx = start + offs
+        m = row_mask[:, None] & (idx < K)[None, :]
+        g = tl.load(G + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+        w_hat = (tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32) - mean) * rstd
+        sum_g += g
+        sum_gw += tl.where(m, g * w_hat, 0.0)
+    mean_g = (tl.sum(sum_g, axis=1) / K)[:, None]
+    mean_gw = (tl.sum(sum_gw, axis=1) / K)[:, None]
+    for start in range(0, K, BLOCK):
+        idx = start + offs
+        m = row_mask[:, None] & (idx < K)[None, :]
+        g = tl.load(G + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+        w_hat = (tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32) - mean) * rstd
+        dw = tl.where(m, rstd * (g - mean_g - w_hat * mean_gw), 0.0)
+        tl.store(DW + base + idx[None, :], dw.to(TY.dtype.element_ty), mask=m)
+
+
+# Launch tables by (device, content): a training loop standardizes the same weights into
+# outputs the allocator usually places where the last step's were, so a table is mostly
+# reused and copied to the device once. A table made while a CUDA graph is captured is kept
+# for good, with its pinned host copy: the graph's copy node reads that host memory again on
+# every replay (a few hundred bytes per captured launch).
+_TABLES: dict = {}
+_TABLES_KEPT = 16
+_CAPTURED: list = []
+
+
+def _table(device: torch.device, columns: list[tuple[int, ...]]) -> torch.Tensor:
+    key = (device, tuple(columns))
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    table = _TABLES.get(key)
+    host = None
+    if table is None:
+        host = torch.tensor(columns, dtype=torch.int64)
+        if device.type == "cuda":
+            host = host.pin_memory()
+        table = host.to(device, non_blocking=True)
+        if not capturing:
+            if len(_TABLES) >= _TABLES_KEPT:
+                _TABLES.pop(next(iter(_TABLES)))
+            _TABLES[key] = table
+    if capturing:
+        _CAPTURED.append((host, table))  # replays read them: never freed
+    return table
+
+
+def _multi_tiles(ks: list[int], os: list[int], device: torch.device) -> tuple[int, int]:
+    block = _block(max(ks))
+    return _block_o(max(os), block, device), block
+
+
+def _dense(ts, cls) -> list[torch.Tensor]:
+    return [t.contiguous(memory_format=memory_format(cl)) for t, cl in zip(ts, cls)]
+
+
+def weight_standardize_multi_fwd(ws: list[torch.Tensor], eps: float, out_dtype: torch.dtype | None = None):
+    """Every weight of ``ws`` standardized in one launch: the standardized weights (each in
+    its weight's memory format, in ``out_dtype`` or else its weight's dtype) and the float32
+    ``mean`` and ``rstd`` of every weight's channels, one weight after the other."""
+    cls = [channels_last(w) for w in ws]
+    wc = _dense(ws, cls)
+    outs = [torch.empty_like(w, dtype=out_dtype or w.dtype) for w in wc]
+    os_ = [w.shape[0] for w in wc]
+    ks = [w.numel() // w.shape[0] for w in wc]
+    device = wc[0].device
+    rows = sum(os_)
+    mean = torch.empty(rows, device=device, dtype=torch.float32)
+    rstd = torch.empty(rows, device=device, dtype=torch.float32)
+    block_o, block = _multi_tiles(ks, os_, device)
+    columns, stat0 = [], 0
+    for w, out, o, k in zip(wc, outs, os_, ks):
+        for first in range(0, o, block_o):
+            columns.append((w.data_ptr(), out.data_ptr(), k, first, min(block_o, o - first), stat0))
+        stat0 += o
+    table = _table(device, columns)
+    _ws_multi_fwd_kernel[(len(columns),)](table, wc[0], outs[0], mean, rstd, eps, BLOCK_O=block_o, BLOCK=block)
+    return outs, mean, rstd
+
+
+def weight_standardize_multi_bwd(grad_outs: list[torch.Tensor], ws: list[torch.Tensor], mean: torch.Tensor,
+                                 rstd: torch.Tensor) -> list[torch.Tensor]:
+    """The gradients with respect to every raw weight of ``ws`` in one launch, given the
+    gradients of the standardized weights (of one dtype, which may differ from the weights')
+    and the saved statistics; each in its weight's dtype and memory format."""
+    cls = [channels_last(w) for w in ws]
+    gdtype = grad_outs[0].dtype
+    wc, gc = _dense(ws, cls), _dense([g.to(gdtype) for g in grad_outs], cls)
+    dws = [torch.empty_like(w) for w in wc]
+    os_ = [w.shape[0] for w in wc]
+    ks = [w.numel() // w.shape[0] for w in wc]
+    device = wc[0].device
+    block_o, block = _multi_tiles(ks, os_, device)
+    columns, stat0 = [], 0
+    for g, w, dw, o, k in zip(gc, wc, dws, os_, ks):
+        for first in range(0, o, block_o):
+            columns.append((g.data_ptr(), w.data_ptr(), dw.data_ptr(), k, first, min(block_o, o - first), stat0))
+        stat0 += o
+    table = _table(device, columns)
+    _ws_multi_bwd_kernel[(len(columns),)](table, wc[0], gc[0], mean, rstd, BLOCK_O=block_o, BLOCK=block)
+    return dws

@@ -22,7 +22,9 @@ MULTI_FAMILY = "weight_standardize_multi"
 SCHEMAS = {
     "weight_standardize_fwd": "(Tensor w, float eps) -> (Tensor out, Tensor mean, Tensor rstd)",
     "weight_standardize_bwd": "(Tensor grad_out, Tensor w, Tensor mean, Tensor rstd) -> Tensor",
-    "weight_standardize_multi_fwd": "(Tensor[] ws, float eps) -> (Tensor[] out, Tensor mean, Tensor rstd)",
+    "weight_standardize_multi_fwd": (
+        "(Tensor[] ws, float eps, ScalarType? out_dtype) -> (Tensor[] out, Tensor mean, Tensor rstd)"
+    ),
     "weight_standardize_multi_bwd": "(Tensor[] grad_outs, Tensor[] ws, Tensor mean, Tensor rstd) -> Tensor[]",
 }
 _SINGLE = ("weight_standardize_fwd", "weight_standardize_bwd")
@@ -64,11 +66,11 @@ OP = _register.define_op(
 )
 
 
-def _multi_fwd_fake(ws, eps):
+def _multi_fwd_fake(ws, eps, out_dtype):
     torch._check(len(ws) > 0, lambda: "weight_standardize_multi: ws is empty")
     sd = reference.stat_dtype(ws[0].dtype)
     rows = sum(w.shape[0] for w in ws)
-    outs = [torch.empty_like(w, memory_format=reference.memory_format(w)) for w in ws]
+    outs = [torch.empty_like(w, dtype=out_dtype or w.dtype, memory_format=reference.memory_format(w)) for w in ws]
     return outs, ws[0].new_empty(rows, dtype=sd), ws[0].new_empty(rows, dtype=sd)
 
 
@@ -77,7 +79,7 @@ def _multi_bwd_fake(grad_outs, ws, mean, rstd):
 
 
 def _multi_setup_context(ctx, inputs, output):
-    ws, _eps = inputs
+    ws, _eps, _out_dtype = inputs
     _outs, mean, rstd = output
     ctx.mark_non_differentiable(mean, rstd)
     ctx.save_for_backward(*ws, mean, rstd)
@@ -87,7 +89,7 @@ def _multi_backward(ctx, call, grad_outs, _grad_mean, _grad_rstd):
     *ws, mean, rstd = ctx.saved_tensors
     # An output that took no part in the loss has no gradient: its weight gets zeros.
     grads = [g if g is not None else torch.zeros_like(w) for g, w in zip(grad_outs, ws)]
-    return call("weight_standardize_multi_bwd", grads, ws, mean, rstd), None
+    return call("weight_standardize_multi_bwd", grads, ws, mean, rstd), None, None
 
 
 MULTI_OP = _register.define_op(
@@ -96,6 +98,7 @@ MULTI_OP = _register.define_op(
     references={"weight_standardize_multi_fwd": reference.weight_standardize_multi_forward,
                 "weight_standardize_multi_bwd": reference.weight_standardize_multi_backward},
     forward="weight_standardize_multi_fwd", setup_context=_multi_setup_context, backward=_multi_backward,
+    triton_module="weight_std",
 )
 
 
@@ -137,7 +140,8 @@ def weight_standardize(w: torch.Tensor, eps: float = 1e-8, *, backend: str | Non
     return _standardize(w, float(eps), name)
 
 
-def weight_standardize_multi(ws, eps: float = 1e-8, *, backend: str | None = None) -> list[torch.Tensor]:
+def weight_standardize_multi(ws, eps: float = 1e-8, *, out_dtype: torch.dtype | None = None,
+                             backend: str | None = None) -> list[torch.Tensor]:
     """``[weight_standardize(w, eps) for w in ws]`` in one call of one kernel (on the ``cpp``
     backend: one parallel region over every output channel of every weight).
 
@@ -145,17 +149,25 @@ def weight_standardize_multi(ws, eps: float = 1e-8, *, backend: str | None = Non
         ws: a non-empty list (or tuple) of weights, each as ``weight_standardize`` takes, all
             of one floating dtype and on one device.
         eps: as in ``weight_standardize``.
+        out_dtype: the dtype of the standardized weights (default: each weight's). Under
+            autocast a float32 model's convolutions need bfloat16 or float16 weights: asking
+            for them here writes them directly (on Triton; the C++ kernel converts its float32
+            result), saving the cast per conv and its backward. Gradients come back in the
+            weights' dtype.
         backend: force a backend; default: auto. Backends without a kernel for the list op
-            (today ``cuda`` and ``triton``) are skipped by auto, and forcing one raises.
+            (today ``cuda``) are skipped by auto, and forcing one raises.
 
     Returns:
-        The standardized weights, each in its weight's dtype and memory format, equal to
-        ``weight_standardize``'s bit for bit on the same backend family (same row arithmetic);
-        differentiable with respect to every weight.
+        The standardized weights, each in its weight's memory format, equal to
+        ``weight_standardize(w, eps).to(out_dtype)`` bit for bit on the reference and C++
+        backends (same row arithmetic) and within the parity rule on Triton (whose tiles fit
+        the longest weight of the list); differentiable with respect to every weight.
     """
     fn = "weight_standardize_multi"
     if not isinstance(ws, (list, tuple)) or not ws:
         raise ValueError(f"{fn}: ws must be a non-empty list of weights; got {ws!r:.80}")
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise ValueError(f"{fn}: out_dtype must be a floating torch.dtype or None; got {out_dtype!r}")
     for i, w in enumerate(ws):
         _check_weight(f"{fn}: ws[{i}]", w, eps)
         if w.dtype != ws[0].dtype or w.device != ws[0].device:
@@ -163,8 +175,9 @@ def weight_standardize_multi(ws, eps: float = 1e-8, *, backend: str | None = Non
                              "expected one dtype and device")
     name = backends.resolve(MULTI_FAMILY, ws[0].device.type, ws[0].dtype, backend)
     if name == "reference":
-        return [reference.weight_standardize(w, eps) for w in ws]
-    return list(MULTI_OP(name, list(ws), float(eps))[0])
+        return [reference.weight_standardize(w, eps) if out_dtype is None else reference.weight_standardize(w, eps).to(out_dtype)
+                for w in ws]
+    return list(MULTI_OP(name, list(ws), float(eps), out_dtype)[0])
 
 
 def _std_conv2d_composite(x, weight, bias, stride, padding, dilation, groups, eps, backend):

@@ -261,9 +261,9 @@ void multi_bwd_rows(const RowTable& t, const std::vector<at::Tensor>& gs, const 
 
 }  // namespace
 
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> weight_standardize_multi_fwd(at::TensorList ws,
-                                                                                        double eps) {
-  check_weight_standardize_multi_fwd(ws, c10::DeviceType::CPU);
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> weight_standardize_multi_fwd(
+    at::TensorList ws, double eps, std::optional<at::ScalarType> out_dtype) {
+  check_weight_standardize_multi_fwd(ws, c10::DeviceType::CPU, out_dtype);
   const RowTable t = row_table(ws);
   std::vector<at::Tensor> in, outs;
   for (size_t i = 0; i < ws.size(); ++i) {
@@ -277,6 +277,10 @@ std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> weight_standardize_m
     using acc_t = at::opmath_type<scalar_t>;
     multi_fwd_rows<scalar_t>(t, in, outs, mean.data_ptr<acc_t>(), rstd.data_ptr<acc_t>(), eps);
   });
+  if (out_dtype.has_value() && *out_dtype != ws[0].scalar_type()) {
+    // one rounding of the weight-dtype result: what a conv under autocast would cast it to
+    for (auto& o : outs) o = o.to(*out_dtype);
+  }
   return {outs, mean, rstd};
 }
 
@@ -286,7 +290,7 @@ std::vector<at::Tensor> weight_standardize_multi_bwd(at::TensorList grad_outs, a
   const RowTable t = row_table(ws);
   std::vector<at::Tensor> gs, in, dws;
   for (size_t i = 0; i < ws.size(); ++i) {
-    gs.push_back(grad_outs[i].contiguous(t.fmt[i]));
+    gs.push_back(grad_outs[i].to(ws[i].scalar_type()).contiguous(t.fmt[i]));
     in.push_back(ws[i].contiguous(t.fmt[i]));
     dws.push_back(at::empty(ws[i].sizes(), ws[i].options().memory_format(t.fmt[i])));
   }

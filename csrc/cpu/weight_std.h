@@ -29,12 +29,14 @@ at::Tensor weight_standardize_bwd(
     const at::Tensor& rstd);     // (O,)
 
 // The same for a list of weights of one dtype, in one parallel region over all their rows:
-// outs[i] is weight_standardize_fwd(ws[i])'s out, bit for bit; mean and rstd hold every
-// weight's statistics one after the other (sum of the O_i values).
-std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> weight_standardize_multi_fwd(at::TensorList ws,
-                                                                                        double eps);
+// outs[i] is weight_standardize_fwd(ws[i])'s out, bit for bit (converted to out_dtype when
+// given); mean and rstd hold every weight's statistics one after the other (sum of the O_i
+// values).
+std::tuple<std::vector<at::Tensor>, at::Tensor, at::Tensor> weight_standardize_multi_fwd(
+    at::TensorList ws, double eps, std::optional<at::ScalarType> out_dtype);
 
-// The gradients of every weight, as weight_standardize_bwd per weight.
+// The gradients of every weight, as weight_standardize_bwd per weight (a gradient of another
+// floating dtype than its weight's, as after out_dtype, is converted first).
 std::vector<at::Tensor> weight_standardize_multi_bwd(at::TensorList grad_outs, at::TensorList ws,
                                                      const at::Tensor& mean, const at::Tensor& rstd);
 

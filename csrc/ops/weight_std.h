@@ -44,9 +44,12 @@ inline void check_weight_standardize_bwd(const at::Tensor& grad_out, const at::T
 }
 
 // The multi-tensor op: every weight checked as above, all of one dtype and device.
-inline void check_weight_standardize_multi_fwd(at::TensorList ws, c10::DeviceType device) {
+inline void check_weight_standardize_multi_fwd(at::TensorList ws, c10::DeviceType device,
+                                               std::optional<at::ScalarType> out_dtype = std::nullopt) {
   constexpr const char* op = "native_weight_standardize_multi_fwd";
   TORCH_CHECK(!ws.empty(), op, ": ws is an empty list; expected at least one weight");
+  TORCH_CHECK(!out_dtype.has_value() || at::isFloatingType(*out_dtype), op, ": out_dtype is ",
+              out_dtype.value_or(at::kFloat), "; expected a floating dtype");
   for (size_t i = 0; i < ws.size(); ++i) {
     check_kernel_tensor(op, "ws[i]", ws[i], device);
     TORCH_CHECK(ws[i].dim() >= 2, op, ": ws[", i, "] has ", ws[i].dim(), " dims (shape ", ws[i].sizes(),
@@ -67,10 +70,11 @@ inline void check_weight_standardize_multi_bwd(at::TensorList grad_outs, at::Ten
   int64_t rows = 0;
   for (size_t i = 0; i < ws.size(); ++i) {
     check_kernel_tensor(op, "grad_outs[i]", grad_outs[i], device);
-    TORCH_CHECK(grad_outs[i].sizes() == ws[i].sizes() && grad_outs[i].scalar_type() == ws[i].scalar_type() &&
+    TORCH_CHECK(grad_outs[i].sizes() == ws[i].sizes() && at::isFloatingType(grad_outs[i].scalar_type()) &&
                     grad_outs[i].device() == ws[i].device(),
                 op, ": grad_outs[", i, "] (", grad_outs[i].sizes(), ", ", grad_outs[i].scalar_type(),
-                ") must match ws[", i, "] (", ws[i].sizes(), ", ", ws[i].scalar_type(), ") on its device");
+                ") must match ws[", i, "] (", ws[i].sizes(), ", ", ws[i].scalar_type(),
+                ") in shape and device, with a floating dtype");
     rows += ws[i].size(0);
   }
   const auto sd = stat_dtype(ws[0].scalar_type());

@@ -73,20 +73,24 @@ def std_conv2d(
 
 
 def weight_standardize_multi_forward(
-    ws: list[torch.Tensor], eps: float
+    ws: list[torch.Tensor], eps: float, out_dtype: torch.dtype | None = None
 ) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """``weight_standardize_forward`` of every weight of ``ws``: the standardized weights, and
-    the statistics of all their output channels, one weight after the other."""
+    """``weight_standardize_forward`` of every weight of ``ws``: the standardized weights (in
+    ``out_dtype`` when given: the weight's result rounded once to it), and the statistics of
+    all their output channels, one weight after the other."""
     results = [weight_standardize_forward(w, eps) for w in ws]
-    return [r[0] for r in results], torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results])
+    outs = [r[0] if out_dtype is None else r[0].to(out_dtype) for r in results]
+    return outs, torch.cat([r[1] for r in results]), torch.cat([r[2] for r in results])
 
 
 def weight_standardize_multi_backward(
     grad_outs: list[torch.Tensor], ws: list[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor
 ) -> list[torch.Tensor]:
-    """``weight_standardize_backward`` of every weight, each with its slice of the statistics."""
+    """``weight_standardize_backward`` of every weight, each with its slice of the statistics
+    (a gradient in another dtype than its weight's, as after ``out_dtype``, is converted first)."""
     grads, first = [], 0
     for g, w in zip(grad_outs, ws):
+        g = g.to(w.dtype)
         o = w.shape[0]
         grads.append(weight_standardize_backward(g, w, mean[first:first + o], rstd[first:first + o]))
         first += o
