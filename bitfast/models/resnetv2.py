@@ -16,19 +16,34 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from bitfast import backends
 from bitfast.nn.layers import BatchNormReLU, GroupNormReLU, StdConv2d
-from bitfast.ops import checks
+from bitfast.ops import checks, weight_standardize_multi
 from bitfast.ops.reference import memory_format
+from bitfast.ops.weight_std import MULTI_FAMILY
 
-__all__ = ["ClassifierHead", "DownsampleConv", "PreActBottleneck", "ResNetStage", "ResNetV2", "NORMS"]
+__all__ = ["ClassifierHead", "DownsampleConv", "PreActBottleneck", "ResNetStage", "ResNetV2", "NORMS",
+           "WS_GROUPINGS"]
 
 NORMS: tuple[str, ...] = ("gn", "bn")
+
+# How ResNetV2 standardizes its conv weights on each forward (see ResNetV2's ws_grouping).
+WS_GROUPINGS: tuple[str, ...] = ("auto", "model", "stage", "conv")
+
+# The standardized weights of a forward, handed to the convs in the order they run.
+Weights = Iterator[torch.Tensor]
+
+
+def check_ws_grouping(cls: str, grouping) -> str:
+    """Validate a ``ws_grouping`` (one of ``WS_GROUPINGS``); return it."""
+    if not isinstance(grouping, str) or grouping not in WS_GROUPINGS:
+        raise ValueError(f"{cls}: ws_grouping must be one of {WS_GROUPINGS}; got {grouping!r}")
+    return grouping
 
 
 def check_norm(cls: str, norm) -> str:
@@ -63,6 +78,19 @@ def _has_hooks(m: nn.Module) -> bool:
     return bool(m._forward_hooks or m._forward_pre_hooks)
 
 
+def _conv(conv: nn.Module, x: torch.Tensor, weights: Weights | None) -> torch.Tensor:
+    # ``conv(x)``, or with the conv's entry of the forward's standardized weights if it has one
+    w = None if weights is None else next(weights)
+    return conv(x) if w is None else conv(x, w)
+
+
+@torch.compiler.assume_constant_result
+def _data_parallel() -> bool:
+    """Whether this process is one of several of a torch.distributed process group."""
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def add_then_norm(norm: nn.Module, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``s = a + b`` and ``norm(s)``: returns ``(s, norm(s))``, in one fused op when ``norm``
     offers ``forward_add`` (``GroupNormReLU``), has no forward hooks, and ``a`` and ``b``
@@ -87,9 +115,10 @@ class DownsampleConv(nn.Module):
         super().__init__()
         self.conv = conv_layer(in_chs, out_chs, 1, stride=stride, padding=0)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Project ``x`` to the unit's output width and resolution."""
-        return self.conv(x)
+    def forward(self, x: torch.Tensor, weight_hat: torch.Tensor | None = None) -> torch.Tensor:
+        """Project ``x`` to the unit's output width and resolution (with the conv's
+        standardized weight ``weight_hat`` when the caller computed it)."""
+        return self.conv(x) if weight_hat is None else self.conv(x, weight_hat)
 
 
 class PreActBottleneck(nn.Module):
@@ -135,18 +164,26 @@ class PreActBottleneck(nn.Module):
         y, shortcut = self.forward_unsummed(x)
         return y + shortcut
 
-    def forward_unsummed(self, x: torch.Tensor | Unsummed) -> Unsummed:
+    def convs(self) -> list[nn.Module]:
+        """The unit's convs in the order its forward runs them: the projection's (if any),
+        conv1, conv2, conv3."""
+        head = [self.downsample.conv] if self.downsample is not None else []
+        return [*head, self.conv1, self.conv2, self.conv3]
+
+    def forward_unsummed(self, x: torch.Tensor | Unsummed, weights: Weights | None = None) -> Unsummed:
         """The unit without its final add: ``(conv3 output, shortcut)``, whose sum is
         ``forward(x)``. ``x`` may itself be the previous unit's unsummed output ``(a, b)``:
-        its sum is then computed together with ``norm1`` (``add_then_norm``)."""
+        its sum is then computed together with ``norm1`` (``add_then_norm``). ``weights``,
+        when given, yields the standardized weights of ``convs()`` in order (``ResNetV2``
+        computes them all at once); else each conv standardizes its own."""
         if isinstance(x, tuple):
             x, p = add_then_norm(self.norm1, *x)
         else:
             p = self.norm1(x)
-        shortcut = self.downsample(p) if self.downsample is not None else x
-        y = self.conv1(p)
-        y = self.conv2(self.norm2(y))
-        y = self.conv3(self.norm3(y))
+        shortcut = _conv(self.downsample, p, weights) if self.downsample is not None else x
+        y = _conv(self.conv1, p, weights)
+        y = _conv(self.conv2, self.norm2(y), weights)
+        y = _conv(self.conv3, self.norm3(y), weights)
         return y, shortcut
 
 
@@ -187,12 +224,12 @@ class ResNetStage(nn.Module):
         y, shortcut = self.forward_unsummed(x)
         return y + shortcut
 
-    def forward_unsummed(self, x: torch.Tensor | Unsummed) -> Unsummed:
+    def forward_unsummed(self, x: torch.Tensor | Unsummed, weights: Weights | None = None) -> Unsummed:
         """The stage with its last unit's final add left out (see
-        ``PreActBottleneck.forward_unsummed``); each unit's add is fused with the next
-        unit's ``norm1`` where that norm supports it."""
+        ``PreActBottleneck.forward_unsummed``, which also says what ``weights`` is); each
+        unit's add is fused with the next unit's ``norm1`` where that norm supports it."""
         for block in self.blocks:
-            x = block.forward_unsummed(x)
+            x = block.forward_unsummed(x, weights)
         return x
 
 
@@ -254,6 +291,26 @@ class ResNetV2(nn.Module):
         drop_rate: dropout before the classifier.
         device: build the parameters on this device (``"meta"`` builds a model without
             memory, e.g. to count the parameters of R152x4).
+        ws_grouping: how the forward standardizes the conv weights (attribute of the same
+            name, may be changed at any time). ``"model"``: every weight in one
+            ``weight_standardize_multi`` call (one launch forward, one backward: the backward
+            runs once every conv's weight gradient is known, at the end of the backward
+            pass); ``"stage"``: one call per stage (the stem with stage 1), so under
+            DistributedDataParallel the late stages' weight gradients are ready, and their
+            all-reduce starts, while the early stages still run their backward; ``"conv"``:
+            each conv on its own (two launches per conv and step); ``"auto"`` (default):
+            ``"stage"`` in a process group of several processes, else ``"model"``. Grouping
+            covers the convs where it changes nothing else: plain ``StdConv2d`` modules
+            without hooks, on a backend with a list kernel (C++ and Triton; none on the
+            reference backend), grouped by eps, dtype, device and backend. The others
+            standardize their own weight as before: LoRA-wrapped convs (their weight is
+            ``W + delta``, formed in their forward), subclasses, convs observed by hooks
+            (a hook sees the call it expects). Frozen and trainable weights go to separate
+            calls (no gradient work for frozen ones). Under autocast the call writes the
+            low-precision weights the convs take (no cast per conv). The numbers equal the per-conv op's
+            bit for bit on the C++ backend and within the parity rule on Triton; a model
+            that is not a ``ResNetV2`` (a timm model after ``bitfast.patch``) runs its own
+            forward, which calls each conv, so its convs keep per-conv standardization.
     """
 
     def __init__(
@@ -272,6 +329,7 @@ class ResNetV2(nn.Module):
         drop_rate: float = 0.0,
         device: torch.device | str | None = None,
         base_width: int = 64,
+        ws_grouping: str = "auto",
     ) -> None:
         super().__init__()
         cls = "ResNetV2"
@@ -285,6 +343,7 @@ class ResNetV2(nn.Module):
         ws_eps = checks.non_negative(cls, "ws_eps", ws_eps)
         drop_rate = checks.non_negative(cls, "drop_rate", drop_rate)
         norm = check_norm(cls, norm)
+        ws_grouping = check_ws_grouping(cls, ws_grouping)
         if backend is not None:
             backends.requested_backend(backend)  # raises on an unknown name
         if conv_layer is None or _is_bitfast_layer(conv_layer, StdConv2d):
@@ -304,6 +363,7 @@ class ResNetV2(nn.Module):
         self.backend = backend
         self.zero_head = bool(zero_head)
         self.drop_rate = drop_rate
+        self.ws_grouping = ws_grouping
         wf = width_factor
         stem_chs = base_width * wf
         self.num_features = 32 * base_width * wf
@@ -393,17 +453,91 @@ class ResNetV2(nn.Module):
             raise ValueError(
                 f"ResNetV2: input has shape {tuple(x.shape)}; expected (N, {self.in_chans}, H, W)"
             )
-        x = self.stem(x)
         if _has_hooks(self.stages) or any(
             _has_hooks(m) for stage in self.stages for m in (stage, stage.blocks, *stage.blocks)
         ):
             # Hooks observe the modules' outputs: call every module, unfused.
-            return self.norm(self.stages(x))
+            return self.norm(self.stages(self.stem(x)))
+        weights = self._standardized_weights()
+        w_stem = None if weights is None else next(weights)
+        if w_stem is None:
+            x = self.stem(x)
+        else:
+            x = self.stem.pool(self.stem.pad(self.stem.conv(x, w_stem)))
         # Each unit's residual add is computed with the next unit's norm1 and the last one
         # with the final norm, in one pass over memory where the norm supports it.
         for stage in self.stages:
-            x = stage.forward_unsummed(x)
+            x = stage.forward_unsummed(x, weights)
         return add_then_norm(self.norm, *x)[1]
+
+    def std_convs(self) -> list[nn.Module | None]:
+        """The convs of the stem and the stages, in the order the forward runs them (None
+        for a stem without a ``conv``)."""
+        convs = [getattr(self.stem, "conv", None)]
+        for stage in self.stages:
+            for block in stage.blocks:
+                convs.extend(block.convs())
+        return convs
+
+    def ws_groups(self) -> list[list[int]] | None:
+        """The groups of ``std_convs()`` (by index) whose weights the next forward
+        standardizes with one ``weight_standardize_multi`` call each; the convs in no group
+        standardize their own (see ``ws_grouping`` for which). None when no conv is grouped."""
+        grouping = self.ws_grouping
+        if grouping == "conv":
+            return None
+        if grouping == "auto":
+            grouping = "stage" if _data_parallel() else "model"
+        stem = self.stem
+        plain_stem = (isinstance(stem, nn.Sequential) and list(stem._modules) == ["conv", "pad", "pool"]
+                      and not any(_has_hooks(m) for m in (stem, *stem)))
+        # Per conv: its stage (the stem counts with stage 1) and whether a caller may hand it
+        # its standardized weight (a plain StdConv2d without hooks, called without hooks).
+        entries = [(0, plain_stem)]
+        for i, stage in enumerate(self.stages):
+            for block in stage.blocks:
+                down = block.downsample
+                if down is not None:
+                    entries.append((i, type(down) is DownsampleConv and not _has_hooks(down)))
+                entries.extend((i, True) for _ in range(3))
+        convs = self.std_convs()
+        groups: dict = {}
+        usable: dict = {}
+        for i, (c, (stage, callable_with_weight)) in enumerate(zip(convs, entries)):
+            if not callable_with_weight or type(c) is not StdConv2d or _has_hooks(c):
+                continue
+            w = c.weight
+            where = (w.device, w.dtype, c.backend)
+            if where not in usable:
+                try:
+                    usable[where] = backends.resolve(MULTI_FAMILY, w.device.type, w.dtype, c.backend) != "reference"
+                except backends.BackendError:
+                    usable[where] = False  # the convs' fixed backend has no list kernel
+            if usable[where]:
+                key = (stage if grouping == "stage" else 0, where, c.eps, w.requires_grad)
+                groups.setdefault(key, []).append(i)
+        return list(groups.values()) or None
+
+    def _standardized_weights(self) -> Weights | None:
+        # the standardized weights of std_convs() in order (None for a conv in no group),
+        # from one call per group
+        groups = self.ws_groups()
+        if groups is None:
+            return None
+        convs = self.std_convs()
+        out: list = [None] * len(convs)
+        for group in groups:
+            c = convs[group[0]]
+            w0 = c.weight
+            # Under autocast the convs would cast each float32 weight to the autocast dtype:
+            # the list op writes that copy directly.
+            out_dtype = None
+            if w0.dtype == torch.float32 and torch.is_autocast_enabled(w0.device.type):
+                out_dtype = torch.get_autocast_dtype(w0.device.type)
+            for i, w in zip(group, weight_standardize_multi([convs[i].weight for i in group], c.eps,
+                                                             out_dtype=out_dtype, backend=c.backend)):
+                out[i] = w
+        return iter(out)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Pool the features to (N, C); then the classifier unless ``pre_logits``."""

@@ -4,6 +4,7 @@ and ``BatchNormAct2d`` (ReLU) with identical parameter and buffer names."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from bitfast import backends
@@ -53,8 +54,16 @@ class StdConv2d(nn.Conv2d):
         self.eps = float(eps)
         self.backend = _check_backend(backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Convolve ``x`` with the standardized weight."""
+    def forward(self, x: torch.Tensor, weight_hat: torch.Tensor | None = None) -> torch.Tensor:
+        """Convolve ``x`` with the standardized weight.
+
+        ``weight_hat``, when given, is that standardized weight computed by the caller
+        (``weight_standardize(self.weight, self.eps)``, or this conv's entry of one
+        ``weight_standardize_multi`` call over many convs, as ``ResNetV2`` does): the conv
+        then only convolves.
+        """
+        if weight_hat is not None:
+            return F.conv2d(x, weight_hat, self.bias, self.stride, self.padding, self.dilation, self.groups)
         return std_conv2d(
             x, self.weight, self.bias, self.stride, self.padding, self.dilation, self.groups, self.eps,
             backend=self.backend,

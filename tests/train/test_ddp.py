@@ -86,3 +86,59 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert r0["eval"]["n"] == ev["n"] == 20
     assert r0["eval"]["top1"] == pytest.approx(ev["top1"]) and r0["eval"]["loss"] == pytest.approx(ev["loss"], rel=1e-4)
     assert r0["eval"]["confusion"] == ev["confusion"]
+
+
+def _profile_worker(rank: int, world: int, port: int, out: str) -> None:
+    # One DDP training step of a small BiT profiled on each grouping: when does the first gradient
+    # all-reduce start, and when do the weight-standardization backwards run?
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    info = init_distributed("cpu")
+    try:
+        found = {}
+        for grouping in ("auto", "model"):
+            model = _model()
+            model.ws_grouping = grouping
+            groups = len(model.ws_groups())
+            # small buckets: several all-reduces, the first for the last stage's parameters
+            ddp = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1)
+            x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(rank))
+            for _ in range(2):  # DDP settles its buckets on the first step
+                ddp(x).sum().backward()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+                ddp(x).sum().backward()
+            events = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                      if e.name in ("c10d::allreduce_", "bitfast::native_weight_standardize_multi_bwd")]
+            found[grouping] = {"groups": groups, "events": events}
+            if rank == 0 and grouping == "auto":
+                prof.export_chrome_trace(os.path.join(out, "ddp_stage_grouping_trace.json"))
+        torch.save(found, os.path.join(out, f"profile{rank}.pt"))
+    finally:
+        shutdown(info)
+
+
+def test_stage_grouping_overlaps_the_gradient_all_reduce_with_the_backward(tmp_path):
+    """Under DDP, ``ws_grouping="auto"`` standardizes per stage: the last stage's weight
+    gradients are ready after its own backward, so DDP starts all-reducing them while the earlier
+    stages still run theirs. With the whole model in one call (``"model"``), every conv-weight
+    gradient waits for the one standardization backward at the end, and no all-reduce can start
+    before it. Shown on a profile of a DDP step (2 gloo processes)."""
+    mp.spawn(_profile_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        found = torch.load(tmp_path / f"profile{rank}.pt", weights_only=False)
+        stage, whole = found["auto"], found["model"]
+        assert stage["groups"] == 4 and whole["groups"] == 1  # auto is per stage in a process group
+
+        def times(run, name):
+            return [(a, b) for n, a, b in run["events"] if n == name]
+
+        ws = times(stage, "bitfast::native_weight_standardize_multi_bwd")
+        reduces = times(stage, "c10d::allreduce_")
+        assert len(ws) == 4 and len(reduces) >= 2
+        # overlap: an all-reduce is launched before the first stage's standardization
+        # backward (the last of the backward pass) has started
+        assert min(a for a, _ in reduces) < max(a for a, _ in ws)
+        (ws_whole,) = times(whole, "bitfast::native_weight_standardize_multi_bwd")
+        assert min(a for a, _ in times(whole, "c10d::allreduce_")) > ws_whole[1]
+    assert (tmp_path / "ddp_stage_grouping_trace.json").stat().st_size > 0

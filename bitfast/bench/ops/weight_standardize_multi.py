@@ -32,5 +32,5 @@ h.register(h.BenchOp(
     shapes=_shapes, dtypes=lambda device, quick: ["fp32"] if quick else ["fp32", "bf16"],
     layouts=lambda device, quick: ["-"], factory=_case,
     baseline_notes="`eager` (timm's `F.batch_norm` formulation, per weight), `compile`",
-    own_notes="every backend with a kernel for it (`reference`, `cpp`)", order=11,
+    own_notes="every backend with a kernel for it (`reference`, `cpp`, `triton`)", order=11,
 ))
