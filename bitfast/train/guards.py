@@ -49,7 +49,8 @@ def step_overflow_ratio(opt: torch.optim.Optimizer) -> tuple[torch.Tensor, torch
     weight ``p - lr * (1 + mu) * that``) as a fraction of the dtype's largest finite value; it is
     NaN or Inf when a weight, momentum buffer or gradient already is non-finite. A ratio below
     0.5 proves the step's results finite (and the averaged weights, a convex mix of finite
-    values). The training loop stops before a step that fails this test, so the state it saves
+    values). A group's ``lr`` may be a one-element tensor (read on the device, so the check
+    can be captured in a CUDA graph). The training loop stops before a step that fails this test, so the state it saves
     as the last good one never holds a non-finite tensor."""
     worst: list[torch.Tensor] = []
     grads_finite: list[torch.Tensor] = []
@@ -57,13 +58,15 @@ def step_overflow_ratio(opt: torch.optim.Optimizer) -> tuple[torch.Tensor, torch
         params = [p for p in group["params"] if p.grad is not None]
         if not params:
             continue
-        lr, mu = float(group["lr"]), float(group.get("momentum", 0.0))
+        lr, mu = group["lr"], float(group.get("momentum", 0.0))
+        # A tensor lr (a CUDA-graph step's) stays on the device: no host read, capturable.
+        lr = lr.detach().abs().to(params[0].device, torch.float64) if isinstance(lr, torch.Tensor) else abs(float(lr))
         wd = float(group.get("weight_decay", 0.0))
         bufs = [b for b in (opt.state.get(p, {}).get("momentum_buffer") for p in params) if b is not None]
         pm, gm, bm = _inf_norm(params), _inf_norm([p.grad for p in params]), _inf_norm(bufs).to(params[0].device)
         update = gm + wd * pm + mu * bm
         grow = (1.0 + mu) if group.get("nesterov", False) else 1.0
-        largest = torch.maximum(pm + abs(lr) * grow * update, update)
+        largest = torch.maximum(pm + lr * grow * update, update)
         worst.append(largest / torch.finfo(params[0].dtype).max)
         grads_finite.append(torch.isfinite(gm))
     if not worst:

@@ -1,11 +1,12 @@
 """One training step, in the three parts the loop (``bitfast.train.loop``) runs in order:
 
 1. :func:`forward_backward`: the task's batch preparation, then forward and backward over the
-   micro-batches; device work only, no host synchronisation (what a CUDA-graph capture of the
-   step would record).
+   micro-batches; device work only, no host synchronisation (what ``bitfast.train.graphs``
+   captures in a CUDA graph, with ``prepare=False``).
 2. :func:`check_step`: the step's one read back to the host: the loss, the logged parts, the
    bound on the coming update (``guards.step_overflow_ratio``) and, under DDP, whether any
-   process was signalled to stop, all in one transfer; returns the verdict.
+   process was signalled to stop, all in one transfer; returns the verdict
+   (:func:`step_problem`, which the CUDA-graph path applies to the steps it reads back).
 3. :func:`apply_update`: the optimizer step through the GradScaler.
 
 :class:`TrainState` holds what persists between steps.
@@ -25,7 +26,7 @@ from bitfast.train import guards
 from bitfast.train.distributed import DistInfo, all_reduce_sum
 from bitfast.train.task import Task
 
-__all__ = ["StepCheck", "TrainState", "apply_update", "check_step", "forward_backward", "unwrap_ddp"]
+__all__ = ["StepCheck", "TrainState", "apply_update", "check_step", "forward_backward", "step_problem", "unwrap_ddp"]
 
 
 @dataclass
@@ -74,11 +75,16 @@ def unwrap_ddp(model: nn.Module) -> nn.Module:
     return model._orig_mod if hasattr(model, "_orig_mod") else model
 
 
-def forward_backward(state: TrainState, x: torch.Tensor, y) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def forward_backward(state: TrainState, x: torch.Tensor, y, *, prepare: bool = True
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Zero the gradients, then forward and backward the task's loss over the step's
     micro-batches (gradients of the mean loss over the global batch). Returns the loss summed
-    over this process's batch and the task's parts, as device tensors."""
-    x, y = state.task.prepare(x, y)
+    over this process's batch and the task's parts, as device tensors.
+
+    ``prepare=False`` skips ``task.prepare`` (the caller ran it already: a CUDA-graph step
+    prepares the batch, with its host-side random draws, outside the graph)."""
+    if prepare:
+        x, y = state.task.prepare(x, y)
     state.opt.zero_grad(set_to_none=True)
     device = x.device
     loss_total = torch.zeros((), device=device, dtype=torch.float32)
@@ -135,16 +141,26 @@ def check_step(state: TrainState, loss_total: torch.Tensor, parts: dict[str, tor
         stop_signal = signum
     check = StepCheck(loss=loss_sum / global_batch, ratio=ratio, stop_signal=stop_signal,
                       parts={n: v / global_batch for n, v in zip(names, part_sums)})
-    unsafe = not ratio < 0.5 and not (state.scaler.is_enabled() and not bool(grads_finite))
-    step = state.step + 1
-    if not math.isfinite(check.loss):
-        check.problem = f"the loss is {check.loss} at step {step}"
-    elif unsafe and not math.isfinite(ratio):  # the weights and momentum were checked finite a step ago
-        check.problem = f"the gradients of step {step} are not finite"
-    elif unsafe:
-        check.problem = (f"the update of step {step} would take the weights or momentum to {ratio:.2g} of the "
-                         "largest float (overflow)")
+    scaler_skips = state.scaler.is_enabled() and not bool(grads_finite)
+    check.problem = step_problem(state.step + 1, check.loss, ratio, scaler_skips=scaler_skips)
     return check
+
+
+def step_problem(step: int, loss: float, ratio: float, *, scaler_skips: bool = False) -> str | None:
+    """Why step ``step`` (counted from 1) must not be applied, or None: its ``loss`` (read
+    back) is not finite, or its update's bound ``ratio`` (``guards.step_overflow_ratio``) is
+    not below 0.5 (the gradients are not finite, or the update would come within a factor 2 of
+    overflow). ``scaler_skips``: the fp16 GradScaler skips this step anyway (its gradients
+    overflowed), so only the loss counts."""
+    unsafe = not ratio < 0.5 and not scaler_skips
+    if not math.isfinite(loss):
+        return f"the loss is {loss} at step {step}"
+    if unsafe and not math.isfinite(ratio):  # the weights and momentum were checked finite a step ago
+        return f"the gradients of step {step} are not finite"
+    if unsafe:
+        return (f"the update of step {step} would take the weights or momentum to {ratio:.2g} of the "
+                "largest float (overflow)")
+    return None
 
 
 def apply_update(state: TrainState) -> None:
