@@ -289,6 +289,10 @@ def _add_train_args(p: argparse.ArgumentParser, defaults, recipe: str) -> None:
                    help="autocast dtype (fp16 uses a GradScaler)")
     x.add_argument("--channels-last", action="store_true", help="channels_last memory format")
     x.add_argument("--compile", action="store_true", help="torch.compile the model")
+    x.add_argument("--cuda-graphs", action="store_true",
+                   help="capture the whole step (forward, backward, FusedSGD) in a CUDA graph and replay it: one GPU, "
+                        "bf16 or fp32, not with --compile; losses are read back and checked every --log-every steps, "
+                        "and a NaN/Inf stop rolls back to the last read back that found every step good")
     x.add_argument("--device", default=defaults.device, help="cuda or cpu (default: cuda when available)")
     x.add_argument("--workers", type=int, default=defaults.workers, help="data-loading worker processes (default 0)")
     x.add_argument("--seed", type=int, default=defaults.seed, help="seed of initialisation, data order and augmentation")

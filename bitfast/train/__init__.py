@@ -2,7 +2,8 @@
 
 The library (importable without running anything): ``config`` (``TrainConfig``, every option
 checked by ``validate``), ``loop`` (``train_loop``), ``task`` (how a batch becomes a loss:
-``Task``, ``Classification``), ``step`` (one training step), ``checkpoint`` (training
+``Task``, ``Classification``), ``step`` (one training step), ``graphs`` (the whole step in a
+CUDA graph: ``CUDAGraphStep``), ``checkpoint`` (training
 checkpoints), ``outputs`` (output directories and resume), ``guards`` (the finite-step check,
 signals), ``progress`` (progress bar, metrics file), ``distributed``,
 ``evaluate``, ``build`` (data and models of a run), ``hyperrule`` (BiT-HyperRule),
@@ -66,6 +67,7 @@ __all__ = [
 # The loop and the recipes, last: they build on everything above. ``finetune`` and
 # ``pretrain`` here are the recipes' functions.
 from bitfast.train.config import TrainConfig  # noqa: E402
+from bitfast.train.graphs import CUDAGraphStep  # noqa: E402
 from bitfast.train.guards import NonFiniteLossError  # noqa: E402
 from bitfast.train.loop import train_loop  # noqa: E402
 from bitfast.train.recipes.fewshot import FewshotConfig  # noqa: E402
@@ -75,6 +77,7 @@ from bitfast.train.recipes.story import StoryConfig  # noqa: E402
 from bitfast.train.task import Classification, Task  # noqa: E402
 
 __all__ += [
+    "CUDAGraphStep",
     "Classification",
     "FewshotConfig",
     "FinetuneConfig",

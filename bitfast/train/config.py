@@ -52,6 +52,7 @@ class TrainConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: bool = False
+    cuda_graphs: bool = False  # the whole step in a CUDA graph (bitfast.train.graphs)
     device: str | None = None
     workers: int | None = None
     seed: int = 0
@@ -110,6 +111,12 @@ class TrainConfig:
         v.number("ema_decay", low=0, high=1, high_open=True)
         v.choice("precision", PRECISIONS)
         check_device(self.device)
+        if self.cuda_graphs:
+            from bitfast.train.graphs import conflicts
+
+            found = conflicts(device=self.device, precision=self.precision, compile=self.compile)
+            if found:
+                raise ValueError("; ".join(found))
         v.number("workers", low=0, integer=True, optional=True)
         v.number("checkpoint_every", low=0, integer=True)
         v.number("eval_every", low=0, integer=True)

@@ -33,10 +33,11 @@ class RunInterrupted(RuntimeError):
         self.exit_status = 128 + int(signum)
 
 
-def _inf_norm(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """The largest |value| over ``tensors`` (0 for none), in float64 on their device."""
+def _inf_norm(tensors: list[torch.Tensor], device: torch.device | None = None) -> torch.Tensor:
+    """The largest |value| over ``tensors`` (0 for none, on ``device``), in float64 on their
+    device."""
     if not tensors:
-        return torch.zeros((), dtype=torch.float64)
+        return torch.zeros((), dtype=torch.float64, device=device)
     return torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).max().double()
 
 
@@ -63,7 +64,8 @@ def step_overflow_ratio(opt: torch.optim.Optimizer) -> tuple[torch.Tensor, torch
         lr = lr.detach().abs().to(params[0].device, torch.float64) if isinstance(lr, torch.Tensor) else abs(float(lr))
         wd = float(group.get("weight_decay", 0.0))
         bufs = [b for b in (opt.state.get(p, {}).get("momentum_buffer") for p in params) if b is not None]
-        pm, gm, bm = _inf_norm(params), _inf_norm([p.grad for p in params]), _inf_norm(bufs).to(params[0].device)
+        # (no momentum: a zero made on the device, so that a captured step copies nothing from the host)
+        pm, gm, bm = _inf_norm(params), _inf_norm([p.grad for p in params]), _inf_norm(bufs, params[0].device)
         update = gm + wd * pm + mu * bm
         grow = (1.0 + mu) if group.get("nesterov", False) else 1.0
         largest = torch.maximum(pm + lr * grow * update, update)

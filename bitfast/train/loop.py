@@ -1,7 +1,8 @@
 """The training loop shared by fine-tuning, upstream pre-training, distillation, few-shot
 fine-tuning and the story: SGD with momentum (``bitfast.optim.FusedSGD``), a per-step
 learning-rate function, micro-batching, bf16/fp16 autocast (GradScaler for fp16),
-channels_last, optional ``torch.compile``, frozen BatchNorm statistics, linear probing, DDP,
+channels_last, optional ``torch.compile`` or the whole step in a CUDA graph
+(``bitfast.train.graphs``), frozen BatchNorm statistics, linear probing, DDP,
 periodic atomic checkpoints with exact resume, a NaN/Inf stop, SIGTERM/SIGINT stops that save,
 a progress bar and a JSON-lines metrics file.
 
@@ -36,7 +37,7 @@ from torch import nn
 
 from bitfast.data import sampling
 from bitfast.train import checkpoint as ckpt
-from bitfast.train import config, guards, outputs, progress
+from bitfast.train import config, graphs, guards, outputs, progress
 from bitfast.train.distributed import DistInfo, barrier, check_batch
 from bitfast.train.step import TrainState, apply_update, check_step, forward_backward, unwrap_ddp
 from bitfast.train.task import Classification, Task
@@ -257,6 +258,12 @@ def train_loop(
     "checkpoint", "seconds", "img_per_s", "optimizer", "stopped_early"}``. Raises
     ``guards.NonFiniteLossError`` (after saving the last good state, all finite) when the loss, the
     gradients or the coming update are not finite.
+
+    ``cfg.cuda_graphs`` runs the steps through ``bitfast.train.graphs.CUDAGraphStep`` (one CUDA
+    GPU, one process, bf16 or fp32, no ``cfg.compile``; ``ValueError`` otherwise): the steps'
+    losses and checks are read back every ``cfg.log_every`` steps and before every evaluation,
+    checkpoint and stop, and a non-finite step rolls the run back to the state of the last read
+    back that found every step good, which is saved as the last good state.
     """
     info = info or DistInfo()
     device = info.device
@@ -265,6 +272,8 @@ def train_loop(
     if cfg.batch_split < 1:
         raise ValueError(f"--batch-split must be >= 1; got {cfg.batch_split}")
     local_batch = check_batch(cfg.batch_size, info.world_size, cfg.batch_split)
+    if cfg.cuda_graphs:
+        graphs.check_supported(cfg, info)
     if total_steps < 1:
         raise ValueError(f"the run has {total_steps} steps; pass --steps >= 1")
     if task is None:
@@ -330,6 +339,14 @@ def train_loop(
     if cfg.compile:
         state.net = torch.compile(state.net)
     net = state.net
+    graphed = pending = good = None
+    if cfg.cuda_graphs:
+        # The step in a CUDA graph: packets read back every --log-every steps, and a device
+        # copy of the last state a read back found good to roll back to (bitfast.train.graphs).
+        graphed = graphs.CUDAGraphStep(state)
+        pending = graphs.PendingSteps(max(cfg.log_every, 1), device)
+        good = graphs.LastGoodState(state)
+        good.take()
 
     sampler = sampling.StepSampler(len(train_set), cfg.batch_size, total_steps=total_steps, start_step=start_step,
                                    rank=info.rank, world_size=info.world_size, seed=cfg.seed)
@@ -344,6 +361,48 @@ def train_loop(
 
     def save(note: str = "") -> str | None:
         return save_state(state, last_path, note=note, extra=extra)
+
+    def stop_non_finite(problem: str, lr: float, failed_step: int | None = None) -> None:
+        # The state saved is the last good one: every step is checked before it writes the
+        # weights (eager), or rolled back to the last read back that found all good (graphs).
+        if failed_step is None:
+            path = save(note=f"last good state, before step {state.step + 1}: {problem}")
+            rolled = ""
+        else:
+            path = save(note=f"last good state, after step {state.step} (CUDA graphs: rolled back from step "
+                             f"{failed_step}): {problem}")
+            rolled = (f"; CUDA graphs check the steps at each read back (--log-every {cfg.log_every}): the run was "
+                      f"rolled back to step {state.step}")
+        bar.close()
+        where = f"; the last good state (after step {state.step}, all finite) is in {path}" if path else ""
+        raise guards.NonFiniteLossError(
+            f"{desc}: {problem} (lr {lr:.3g}){rolled}{where}. Lower --base-lr, use --precision fp32/bf16, or "
+            "check the data for NaN/Inf"
+        )
+
+    def read_back_due(step: int, stop_signal: int) -> bool:
+        # Under CUDA graphs: whether the pending steps must be checked now (before anything
+        # reads or saves the weights, or the buffer overflows).
+        return (pending.full or step == total_steps or (stop is not None and step >= stop) or bool(stop_signal)
+                or (eval_fn is not None and cfg.eval_every and step % cfg.eval_every == 0)
+                or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0))
+
+    def read_pending() -> list:
+        # Under CUDA graphs: check the pending steps; roll back and stop at a bad one.
+        done = pending.read(graphed.part_names or [], cfg.batch_size)
+        bad = next((d for d in done if d[2].problem), None)
+        if bad is not None:
+            good.restore()
+            stop_non_finite(bad[2].problem, bad[1], failed_step=bad[0])
+        good.take()
+        return done
+
+    def log_steps(done: list, img_s: float | None) -> None:
+        for done_step, done_lr, check in done:
+            record = {"kind": "train", "step": done_step, "loss": check.loss, **check.parts, "lr": done_lr}
+            history.append(record)
+            if done_step % max(cfg.log_every, 1) == 0 or done_step == total_steps:
+                metrics.write(**record, img_per_s=img_s)
 
     def evaluate_and_save(last: bool) -> None:
         nonlocal final_eval, saved
@@ -369,49 +428,51 @@ def train_loop(
             lr = lr_at(state.step)
             if lr is None:
                 break
-            for group in opt.param_groups:
-                group["lr"] = lr
             x = x.to(device, non_blocking=True)
             y = y.to(device, non_blocking=True)
             if cfg.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            loss_total, parts = forward_backward(state, x, y)
-            check = check_step(state, loss_total, parts, cfg.batch_size, signalled)
-            if check.problem:
-                # Every step is checked before it writes the weights: the state saved as the
-                # last good one is then always finite.
-                path = save(note=f"last good state, before step {state.step + 1}: {check.problem}")
-                bar.close()
-                where = f"; the last good state (after step {state.step}, all finite) is in {path}" if path else ""
-                raise guards.NonFiniteLossError(
-                    f"{desc}: {check.problem} (lr {lr:.3g}){where}. Lower --base-lr, use --precision fp32/bf16, or "
-                    "check the data for NaN/Inf"
-                )
-            apply_update(state)
+            if graphed is None:
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                loss_total, parts = forward_backward(state, x, y)
+                check = check_step(state, loss_total, parts, cfg.batch_size, signalled)
+                if check.problem:
+                    stop_non_finite(check.problem, lr)
+                apply_update(state)
+                done = [(state.step, lr, check)]
+                stop_signal = check.stop_signal
+            else:
+                graphed.set_lr(lr)
+                pending.push(state.step + 1, lr, graphed(x, y))
+                stop_signal = signalled["signum"] or 0
+                if not read_back_due(state.step, stop_signal):
+                    continue
+                done = read_pending()
             step = state.step
-            img_window += cfg.batch_size
+            img_window += cfg.batch_size * len(done)
             now = time.perf_counter()
             if now - t_window > 0.5 or step == total_steps:
                 img_s = img_window / (now - t_window)
                 t_window, img_window = now, 0
-            record = {"kind": "train", "step": step, "loss": check.loss, **check.parts, "lr": lr}
-            history.append(record)
-            if step % max(cfg.log_every, 1) == 0 or step == total_steps:
-                metrics.write(**record, img_per_s=img_s)
-            bar.update(step, loss=check.loss, lr=lr, **{"img/s": img_s})
+            log_steps(done, img_s)
+            _, last_lr, last_check = done[-1]
+            bar.update(step, loss=last_check.loss, lr=last_lr, **{"img/s": img_s})
             last = step == total_steps or (stop is not None and step >= stop)
             evaluate_and_save(last)
             if last:
                 break
-            if check.stop_signal:
+            if stop_signal:
                 t_save = time.perf_counter()
-                name = signal.Signals(check.stop_signal).name
+                name = signal.Signals(stop_signal).name
                 path = save(note=f"stopped by {name} after step {step}")
                 bar.close()
                 where = (f"; checkpoint {path} written in {time.perf_counter() - t_save:.1f} s. Continue with "
                          f"--resume auto --output {out} (or --resume {path})") if path else ""
                 raise guards.RunInterrupted(f"{desc}: stopped by {name} after step {step} of {total_steps}{where}",
-                                            signum=check.stop_signal, step=step, checkpoint=path)
+                                            signum=stop_signal, step=step, checkpoint=path)
+        if pending is not None and len(pending):  # the schedule ended the run between read backs
+            log_steps(read_pending(), img_s)
     bar.close()
     seconds = time.perf_counter() - t_start
     step = state.step
