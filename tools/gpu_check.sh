@@ -4,7 +4,9 @@
 # the CUDA tests, time the norm ops' CUDA and Triton kernels against eager in fp32/bf16,
 # NCHW/channels_last (tools/cuda_norms.py), run `bitfast bench --quick` on the ops
 # (every backend against the eager, torch.compile and torch.optim.SGD baselines), then the
-# BiT-R50x1 training step (224x224, bf16, channels_last, batch 128) if time is left. Logs and
+# BiT-R50x1 training step (224x224, bf16, channels_last, batch 128; every variant of the bench
+# registry: bitfast, bitfast-compile and bitfast-cudagraphs, the whole step in a CUDA graph,
+# against eager and torch.compile in its modes, reduce-overhead included) if time is left. Logs and
 # results go to the output directory (first argument, else $OUT, else
 # benchmarks/results/local); a summary is printed last.
 #

@@ -8,6 +8,10 @@ every round times each variant in turn (3 steps after one warm-up step; the orde
 from round to round). The report gives each variant's minimum and median over the rounds
 (seconds per step and img/s) and every ratio to the eager and the compiled baselines.
 
+The GPU-only variants (``bitfast-cudagraphs``, the whole step in a CUDA graph, and
+``compile-reduce-overhead``) are not for this CPU tool: ``tools/gpu_check.sh``'s train-step
+table (``bitfast bench --ops train_step`` on a GPU) measures them beside the others.
+
     python tools/train_step_ab.py [--rounds 7] [--variants bitfast,bitfast-compile,eager,compile] [--json FILE]
 """
 

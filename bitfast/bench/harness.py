@@ -215,6 +215,8 @@ def skip_reason(spec: Spec, device: str, quick: bool = False) -> str | None:
             return (f"{spec.impl}: GPU only (reduce-overhead is CUDA graphs; max-autotune's tuning takes far too long "
                     "on 2 CPU cores)")
         return _compile_policy(spec, device, quick)
+    if spec.impl == "bitfast-cudagraphs" and dev == "cpu":
+        return "bitfast-cudagraphs: GPU only (the step is captured in a CUDA graph)"
     if spec.impl == "timm":
         try:
             import timm  # noqa: F401

@@ -117,6 +117,23 @@ def test_train_step_variants_build_the_models_they_name():
     assert seen == [None, "max-autotune-no-cudagraphs", "reduce-overhead"]
 
 
+def test_cudagraphs_variant_is_gpu_only():
+    spec = bench.Spec("train_step", "x", "fp32", "channels_last", "step", "bitfast-cudagraphs")
+    assert "bitfast-cudagraphs" in bench.implementations("train_step")
+    assert bench.skip_reason(spec, "cpu") == "bitfast-cudagraphs: GPU only (the step is captured in a CUDA graph)"
+    with pytest.raises(bench.Skip):
+        bench.make_case(spec, "cpu", shape=("bit_tiny", 2, 32))
+
+
+@pytest.mark.cuda
+def test_cudagraphs_variant_replays_its_graph():
+    """bitfast-cudagraphs warms up and captures while the case is built; timing calls replay."""
+    case = bench.make_case(bench.Spec("train_step", "x", "bf16", "channels_last", "step", "bitfast-cudagraphs"),
+                           "cuda", shape=("bit_tiny", 4, 32))
+    case.check()
+    case.fn()
+
+
 def test_grid_covers_every_backend_and_baseline():
     for op in bench.OPS:
         specs = bench.grid(op, "cpu", quick=True)

@@ -251,6 +251,19 @@ def test_loop_under_graphs_equals_the_eager_loop(tmp_path, graphs_on_cpu):
         assert torch.equal(ref["ema"][k], ckpt["ema"][k]), k
 
 
+def test_resume_under_graphs_is_bit_for_bit(tmp_path, graphs_on_cpu):
+    """A run under --cuda-graphs stopped after step 3 (a read back between --log-every ones)
+    and resumed under --cuda-graphs ends with the eager uninterrupted run's weights."""
+    full = run(tmp_path / "full", steps=6, mixup_alpha=0.4)
+    part = run(tmp_path / "cut", steps=6, mixup_alpha=0.4, log_every=2, stop_at_step=3, cuda_graphs=True)
+    assert part["step"] == 3 and load_checkpoint(tmp_path / "cut" / "last.pt")["step"] == 3
+    resumed = run(tmp_path / "cut", steps=6, mixup_alpha=0.4, log_every=2, resume="auto", cuda_graphs=True)
+    a, b = full["model"].state_dict(), resumed["model"].state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [r["loss"] for r in full["history"]][3:] == [r["loss"] for r in resumed["history"]]
+
+
 def test_loop_under_graphs_reads_back_when_the_schedule_ends_early(tmp_path, graphs_on_cpu):
     res = run(tmp_path, steps=6, log_every=4, cuda_graphs=True, lr_at=lambda s: 0.01 if s < 5 else None)
     assert res["step"] == 5 and res["stopped_early"]
@@ -279,14 +292,6 @@ def test_nan_stop_under_graphs_rolls_back_to_the_last_good_read_back(tmp_path, g
         ref = run(tmp_path / "ref", steps=good_step, model=tiny(), data=Noisy(), lr_at=lambda s: 0.01)
         for k, v in ref["model"].state_dict().items():
             assert torch.equal(v, state["model"][k]), k
-
-
-def test_bench_variant_is_gpu_only_on_a_cpu():
-    from bitfast import bench
-
-    spec = bench.Spec("train_step", "x", "fp32", "channels_last", "step", "bitfast-cudagraphs")
-    assert "bitfast-cudagraphs" in bench.implementations("train_step")
-    assert bench.skip_reason(spec, "cpu") == "bitfast-cudagraphs: GPU only (the step is captured in a CUDA graph)"
 
 
 # -- with a GPU ------------------------------------------------------------------------------
