@@ -225,10 +225,11 @@ def graphs_on_cpu(monkeypatch):
     monkeypatch.setattr(graphs, "check_supported", lambda cfg, info: None)
 
 
-def run(out, *, steps=6, model=None, data=None, lr_at=None, **kw):
-    cfg = TrainConfig(batch_size=8, output=str(out), model="bit_tiny", progress=False, **kw)
+def run(out, *, steps=6, model=None, data=None, lr_at=None, device="cpu", **kw):
+    cfg = TrainConfig(batch_size=8, output=str(out), model="bit_tiny", progress=False, device=device, **kw)
     lr_at = lr_at or (lambda s: 0.05 * (1 + s) / steps)
-    return train_loop(model or tiny(), data or Noisy(), cfg=cfg, total_steps=steps, lr_at=lr_at, num_classes=3)
+    return train_loop(model or tiny(), data or Noisy(), cfg=cfg, total_steps=steps, lr_at=lr_at, num_classes=3,
+                      info=DistInfo(device=torch.device(device)))
 
 
 def test_loop_under_graphs_equals_the_eager_loop(tmp_path, graphs_on_cpu):
