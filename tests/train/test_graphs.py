@@ -10,6 +10,7 @@ real graphs, and ``bitfast finetune --cuda-graphs`` end to end.
 """
 
 import math
+import signal
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ from bitfast.train import graphs
 from bitfast.train.checkpoint import load_checkpoint
 from bitfast.train.config import TrainConfig
 from bitfast.train.distributed import DistInfo
-from bitfast.train.guards import NonFiniteLossError
+from bitfast.train.guards import NonFiniteLossError, RunInterrupted
 from bitfast.train.loop import train_loop
 from bitfast.train.progress import MetricsLog
 from bitfast.train.step import TrainState, apply_update, check_step, forward_backward
@@ -263,6 +264,19 @@ def test_resume_under_graphs_is_bit_for_bit(tmp_path, graphs_on_cpu):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert [r["loss"] for r in full["history"]][3:] == [r["loss"] for r in resumed["history"]]
+
+
+def test_sigterm_under_graphs_reads_back_saves_and_stops(tmp_path, graphs_on_cpu):
+    """SIGTERM during a step under --cuda-graphs: the step finishes, the pending steps are read
+    back and checked, the checkpoint is written and RunInterrupted raised, as in the eager loop."""
+    def lr_at(s):
+        if s == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return 0.01
+
+    with pytest.raises(RunInterrupted, match="stopped by SIGTERM after step 3 of 6") as info:
+        run(tmp_path, steps=6, log_every=4, cuda_graphs=True, lr_at=lr_at)
+    assert info.value.step == 3 and load_checkpoint(tmp_path / "last.pt")["step"] == 3
 
 
 def test_loop_under_graphs_reads_back_when_the_schedule_ends_early(tmp_path, graphs_on_cpu):
