@@ -27,9 +27,20 @@ rounding, so the gradient of a and b leaves in the pass that writes dx.
 
 Offsets within a sample are int32 (C*H*W < 2**31, checked by the launchers); the sample
 offset is int64.
+
+Launch configuration (``GroupNormConfig``; the launchers take ``config=``, the default is
+``DEFAULT_CONFIG``): the tile size, the cap on channels per tile, the warps and pipeline
+stages, and groups per program. With ``groups_per_program`` > 1 a program normalizes that
+many adjacent groups of one sample (``_gn_relu_*_multi_kernel``): its tiles span all their
+channels, so in channels_last a row of a tile is ``groups_per_program * C/G`` contiguous
+channels instead of ``C/G`` (wider, better coalesced accesses when groups are narrow), and
+the per-group sums are taken from the per-channel ones. ``tools/kernel_sweep.py`` times
+these configurations on a GPU.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -40,6 +51,49 @@ from ._formats import channels_last, memory_format
 # Elements per (spatial x channel) tile. Large tiles also keep the interpreter's
 # per-iteration cost down (CI runs these kernels on CPU).
 _TILE = 4096
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupNormConfig:
+    """How the Triton GroupNorm+ReLU kernels are launched (forward and backward alike).
+
+    ``tile``: elements per (spatial x channel) tile, a power of two; ``max_block_c``: the
+    most channels a tile spans (one group per program), a power of two; ``num_warps``:
+    warps per program (None: 8 for tiles of 2048 elements or more, else 4);
+    ``num_stages``: Triton's software-pipelining stages (None: Triton's default);
+    ``groups_per_program``: adjacent groups of one sample per program, a power of two that
+    must divide the number of groups of the input (1: one (sample, group) per program, the
+    default kernel). The default is what the op layer launches."""
+
+    tile: int = _TILE
+    max_block_c: int = 256
+    num_warps: int | None = None
+    num_stages: int | None = None
+    groups_per_program: int = 1
+
+    def __post_init__(self) -> None:
+        for name in ("tile", "max_block_c", "groups_per_program"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or not _pow2(v):
+                raise ValueError(f"GroupNormConfig: {name} is {v!r}; expected a power of two")
+        if self.num_warps is not None and (not isinstance(self.num_warps, int) or not _pow2(self.num_warps)
+                                           or self.num_warps > 32):
+            raise ValueError(f"GroupNormConfig: num_warps is {self.num_warps!r}; expected None or a power of two <= 32")
+        if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
+            raise ValueError(f"GroupNormConfig: num_stages is {self.num_stages!r}; expected None or an int >= 1")
+
+    def label(self) -> str:
+        """A short name of the configuration, listing what differs from the default."""
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if getattr(self, f.name) != f.default]
+        return ",".join(parts) or "default"
+
+
+DEFAULT_CONFIG = GroupNormConfig()
 
 
 @triton.jit
@@ -265,10 +319,234 @@ def _gn_relu_bwd_kernel(
             tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
-def _blocks(cg: int, hw: int) -> tuple[int, int]:
-    block_c = min(triton.next_power_of_2(cg), 256)
-    block_s = min(triton.next_power_of_2(hw), max(_TILE // block_c, 1))
+@triton.jit
+def _seg_sum(
+    V,  # per-channel values, (BLOCK_C,) float32
+    SEG,  # group of each channel within the program, (BLOCK_C,) int; >= GP: none
+    GP: tl.constexpr,  # groups per program
+):
+    # The per-group sums of V, (GP,).
+    gi = tl.arange(0, GP)
+    return tl.sum(tl.where(SEG[None, :] == gi[:, None], V[None, :], 0.0), axis=1)
+
+
+@triton.jit
+def _seg_bcast(
+    V,  # per-group values, (GP,) float32
+    SEG,  # group of each channel within the program, (BLOCK_C,) int
+    GP: tl.constexpr,  # groups per program
+):
+    # Each channel's group value, (BLOCK_C,) (0 for a channel of no group).
+    gi = tl.arange(0, GP)
+    return tl.sum(tl.where(SEG[None, :] == gi[:, None], V[:, None], 0.0), axis=0)
+
+
+@triton.jit
+def _gn_relu_fwd_multi_kernel(
+    X,  # input, (N, C, H, W) in NCHW or NHWC memory; with HAS_RESIDUAL, the sum written here
+    Y,  # output, like X
+    RES_A,  # residual operand a, like X; ignored unless HAS_RESIDUAL
+    RES_B,  # residual operand b, like X; ignored unless HAS_RESIDUAL
+    W,  # gamma, (C,) any float dtype; ignored unless HAS_WEIGHT
+    B,  # beta, (C,) any float dtype; ignored unless HAS_BIAS
+    MEAN,  # per-(sample, group) mean, (N, G) float32
+    RSTD,  # per-(sample, group) 1/sqrt(var + eps), (N, G) float32
+    C,  # channels
+    HW,  # H * W
+    G,  # groups
+    CG,  # channels per group, C // G
+    eps,  # added to the biased variance
+    HAS_RESIDUAL: tl.constexpr,  # X = RES_A + RES_B is computed and stored, then normalized
+    HAS_WEIGHT: tl.constexpr,  # gamma given (else 1)
+    HAS_BIAS: tl.constexpr,  # beta given (else 0)
+    RELU: tl.constexpr,  # apply the ReLU
+    CHANNELS_LAST: tl.constexpr,  # memory layout of X and Y
+    GP: tl.constexpr,  # groups per program (divides G)
+    BLOCK_C: tl.constexpr,  # channels per tile, >= GP * CG
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    # The forward of GP adjacent groups of one sample: tiles span the GP * CG channels, the
+    # statistics are merged per group as in _gn_relu_fwd_kernel, one vector lane per group.
+    pid = tl.program_id(0)
+    per_sample = G // GP
+    n = pid // per_sample
+    g_first = (pid % per_sample) * GP
+    base = n.to(tl.int64) * C * HW
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    seg = offs_c // CG
+    c_mask = offs_c < GP * CG
+    ch = g_first * CG + offs_c
+    if CHANNELS_LAST:
+        stride_c = 1
+        stride_s = C
+    else:
+        stride_c = HW
+        stride_s = 1
+
+    count = tl.zeros([GP], tl.float32)
+    mean = tl.zeros([GP], tl.float32)
+    m2 = tl.zeros([GP], tl.float32)
+    for ss in range(0, HW, BLOCK_S):
+        sp = ss + offs_s
+        mask = (sp < HW)[:, None] & c_mask[None, :]
+        offs = ch[None, :] * stride_c + sp[:, None] * stride_s
+        if HAS_RESIDUAL:
+            ra = tl.load(RES_A + base + offs, mask=mask, other=0.0).to(tl.float32)
+            rb = tl.load(RES_B + base + offs, mask=mask, other=0.0).to(tl.float32)
+            xs = _round_to(ra + rb, X.dtype.element_ty)
+            tl.store(X + base + offs, xs, mask=mask)
+            x = xs.to(tl.float32)
+        else:
+            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+        n_b = (tl.minimum(HW - ss, BLOCK_S) * CG).to(tl.float32)
+        mean_b = _seg_sum(tl.sum(x, axis=0), seg, GP) / n_b
+        d = tl.where(mask, x - _seg_bcast(mean_b, seg, GP)[None, :], 0.0)
+        m2_b = _seg_sum(tl.sum(d * d, axis=0), seg, GP)
+        total = count + n_b
+        delta = mean_b - mean
+        mean = mean + delta * (n_b / total)
+        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+        count = total
+    rstd = 1.0 / tl.sqrt(m2 / count + eps)
+    gi = tl.arange(0, GP)
+    tl.store(MEAN + n * G + g_first + gi, mean)
+    tl.store(RSTD + n * G + g_first + gi, rstd)
+    if HAS_RESIDUAL:
+        tl.debug_barrier()
+
+    if HAS_WEIGHT:
+        w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_BIAS:
+        b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], tl.float32)
+    mean_c = _seg_bcast(mean, seg, GP)
+    scale = w * _seg_bcast(rstd, seg, GP)
+    for ss in range(0, HW, BLOCK_S):
+        sp = ss + offs_s
+        mask = (sp < HW)[:, None] & c_mask[None, :]
+        offs = ch[None, :] * stride_c + sp[:, None] * stride_s
+        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean_c[None, :]) * scale[None, :] + b[None, :]
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
+        tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _gn_relu_bwd_multi_kernel(
+    DY,  # gradient w.r.t. the output, (N, C, H, W) in X's memory layout
+    X,  # forward input, (N, C, H, W) in NCHW or NHWC memory
+    W,  # gamma, (C,) any float dtype; ignored unless HAS_WEIGHT
+    B,  # beta, (C,) any float dtype; ignored unless HAS_BIAS
+    MEAN,  # saved mean, (N, G) float32
+    RSTD,  # saved rstd, (N, G) float32
+    DX,  # gradient w.r.t. X, like X; with HAS_GRAD_SUM, plus GRAD_SUM
+    GRAD_SUM,  # gradient reaching X from elsewhere, like X; ignored unless HAS_GRAD_SUM
+    DW_PART,  # per-(sample, channel) sum(dy * xhat), (N, C) float32
+    DB_PART,  # per-(sample, channel) sum(dy), (N, C) float32
+    C,  # channels
+    HW,  # H * W
+    G,  # groups
+    CG,  # channels per group, C // G
+    HAS_GRAD_SUM: tl.constexpr,  # add GRAD_SUM to dx before the store
+    HAS_WEIGHT: tl.constexpr,  # gamma given (else 1)
+    HAS_BIAS: tl.constexpr,  # beta given (else 0)
+    RELU: tl.constexpr,  # the forward applied the ReLU
+    CHANNELS_LAST: tl.constexpr,  # memory layout of DY, X and DX
+    GP: tl.constexpr,  # groups per program (divides G)
+    BLOCK_C: tl.constexpr,  # channels per tile, >= GP * CG
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    # The backward of GP adjacent groups of one sample (see _gn_relu_bwd_kernel): the
+    # per-channel sums of pass 1 give the per-group sums through _seg_sum.
+    pid = tl.program_id(0)
+    per_sample = G // GP
+    n = pid // per_sample
+    g_first = (pid % per_sample) * GP
+    base = n.to(tl.int64) * C * HW
+    part = n.to(tl.int64) * C
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    seg = offs_c // CG
+    c_mask = offs_c < GP * CG
+    ch = g_first * CG + offs_c
+    if CHANNELS_LAST:
+        stride_c = 1
+        stride_s = C
+    else:
+        stride_c = HW
+        stride_s = 1
+    mean_c = tl.load(MEAN + n * G + g_first + seg, mask=c_mask, other=0.0)
+    rstd_c = tl.load(RSTD + n * G + g_first + seg, mask=c_mask, other=0.0)
+    if HAS_WEIGHT:
+        w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_BIAS:
+        b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], tl.float32)
+    scale = w * rstd_c
+
+    acc_db = tl.zeros([BLOCK_C], tl.float32)
+    acc_dw = tl.zeros([BLOCK_C], tl.float32)
+    for ss in range(0, HW, BLOCK_S):
+        sp = ss + offs_s
+        mask = (sp < HW)[:, None] & c_mask[None, :]
+        offs = ch[None, :] * stride_c + sp[:, None] * stride_s
+        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+        xc = x - mean_c[None, :]
+        if RELU:
+            dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
+        acc_db += tl.sum(dy, axis=0)
+        acc_dw += tl.sum(dy * (xc * rstd_c[None, :]), axis=0)
+    tl.store(DB_PART + part + ch, acc_db, mask=c_mask)
+    tl.store(DW_PART + part + ch, acc_dw, mask=c_mask)
+    m = (CG * HW).to(tl.float32)
+    mean_g = _seg_bcast(_seg_sum(acc_db * w, seg, GP) / m, seg, GP)
+    mean_gx = _seg_bcast(_seg_sum(acc_dw * w, seg, GP) / m, seg, GP)
+
+    for ss in range(0, HW, BLOCK_S):
+        sp = ss + offs_s
+        mask = (sp < HW)[:, None] & c_mask[None, :]
+        offs = ch[None, :] * stride_c + sp[:, None] * stride_s
+        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+        xc = x - mean_c[None, :]
+        if RELU:
+            dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
+        dx = rstd_c[None, :] * (dy * w[None, :] - mean_g[None, :] - (xc * rstd_c[None, :]) * mean_gx[None, :])
+        if HAS_GRAD_SUM:
+            dx += tl.load(GRAD_SUM + base + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+
+
+def _blocks(cg: int, hw: int, num_groups: int, config: GroupNormConfig) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_S) of a launch; raises ValueError when ``config`` cannot serve the input."""
+    gp = config.groups_per_program
+    if gp == 1:
+        block_c = min(triton.next_power_of_2(cg), config.max_block_c)
+    else:
+        if num_groups % gp:
+            raise ValueError(f"GroupNormConfig: groups_per_program={gp} does not divide num_groups={num_groups}")
+        block_c = triton.next_power_of_2(gp * cg)
+        if block_c > 4096:
+            raise ValueError(f"GroupNormConfig: groups_per_program={gp} with {cg} channels per group makes tiles "
+                             f"{block_c} channels wide; expected at most 4096")
+    block_s = min(triton.next_power_of_2(hw), max(config.tile // block_c, 1))
     return block_c, block_s
+
+
+def _launch_options(block_c: int, block_s: int, config: GroupNormConfig) -> dict:
+    opts = {"num_warps": config.num_warps or (8 if block_c * block_s >= 2048 else 4)}
+    if config.num_stages is not None:
+        opts["num_stages"] = config.num_stages
+    return opts
 
 
 def _layout(x: torch.Tensor, fn: str) -> tuple[torch.Tensor, bool]:
@@ -281,17 +559,20 @@ def _layout(x: torch.Tensor, fn: str) -> tuple[torch.Tensor, bool]:
     return x, cl
 
 
-def _launch_fwd(x, b, weight, bias, num_groups, eps, relu, cl, residual):
+def _launch_fwd(x, b, weight, bias, num_groups, eps, relu, cl, residual, config=DEFAULT_CONFIG):
     # x is the norm's input, or the first operand of the sum when residual (b the second).
     fmt = memory_format(cl)
     n, c, h, w = x.shape
     hw, cg = h * w, c // num_groups
+    block_c, block_s = _blocks(cg, hw, num_groups, config)
     y = torch.empty_like(x, memory_format=fmt)
     s = torch.empty_like(x, memory_format=fmt) if residual else x
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
-    block_c, block_s = _blocks(cg, hw)
-    _gn_relu_fwd_kernel[(n * num_groups,)](
+    gp = config.groups_per_program
+    kernel = _gn_relu_fwd_kernel if gp == 1 else _gn_relu_fwd_multi_kernel
+    extra = {} if gp == 1 else {"GP": gp}
+    kernel[(n * num_groups // gp,)](
         s, y, x, b if residual else x,
         weight if weight is not None else x,
         bias if bias is not None else x,
@@ -304,23 +585,27 @@ def _launch_fwd(x, b, weight, bias, num_groups, eps, relu, cl, residual):
         CHANNELS_LAST=cl,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
-        num_warps=8 if block_c * block_s >= 2048 else 4,
+        **extra,
+        **_launch_options(block_c, block_s, config),
     )
     return s, y, mean, rstd
 
 
-def _launch_bwd(grad_y, grad_sum, x, weight, bias, mean, rstd, num_groups, relu, cl):
+def _launch_bwd(grad_y, grad_sum, x, weight, bias, mean, rstd, num_groups, relu, cl, config=DEFAULT_CONFIG):
     fmt = memory_format(cl)
+    n, c, h, w = x.shape
+    hw, cg = h * w, c // num_groups
+    block_c, block_s = _blocks(cg, hw, num_groups, config)
     grad_y = grad_y.contiguous(memory_format=fmt)
     if grad_sum is not None:
         grad_sum = grad_sum.contiguous(memory_format=fmt)
-    n, c, h, w = x.shape
-    hw, cg = h * w, c // num_groups
     dx = torch.empty_like(x, memory_format=fmt)
     dw_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
     db_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
-    block_c, block_s = _blocks(cg, hw)
-    _gn_relu_bwd_kernel[(n * num_groups,)](
+    gp = config.groups_per_program
+    kernel = _gn_relu_bwd_kernel if gp == 1 else _gn_relu_bwd_multi_kernel
+    extra = {} if gp == 1 else {"GP": gp}
+    kernel[(n * num_groups // gp,)](
         grad_y, x,
         weight if weight is not None else x,
         bias if bias is not None else x,
@@ -334,7 +619,8 @@ def _launch_bwd(grad_y, grad_sum, x, weight, bias, mean, rstd, num_groups, relu,
         CHANNELS_LAST=cl,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
-        num_warps=8 if block_c * block_s >= 2048 else 4,
+        **extra,
+        **_launch_options(block_c, block_s, config),
     )
     pdtype = weight.dtype if weight is not None else torch.float32
     return dx, dw_part.sum(0).to(pdtype), db_part.sum(0).to(pdtype)
@@ -347,10 +633,12 @@ def group_norm_relu_fwd(
     num_groups: int,
     eps: float,
     relu: bool,
+    config: GroupNormConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """GroupNorm(+ReLU) of ``x`` (NCHW or channels_last) plus (N, G) float32 mean and rstd."""
+    """GroupNorm(+ReLU) of ``x`` (NCHW or channels_last) plus (N, G) float32 mean and rstd,
+    launched as ``config`` says."""
     x, cl = _layout(x, "group_norm_relu_fwd")
-    _, y, mean, rstd = _launch_fwd(x, None, weight, bias, num_groups, eps, relu, cl, residual=False)
+    _, y, mean, rstd = _launch_fwd(x, None, weight, bias, num_groups, eps, relu, cl, residual=False, config=config)
     return y, mean, rstd
 
 
@@ -363,11 +651,12 @@ def group_norm_relu_bwd(
     rstd: torch.Tensor,
     num_groups: int,
     relu: bool,
+    config: GroupNormConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients w.r.t. ``x`` (x's dtype and memory format), ``weight`` and ``bias``
-    (weight's dtype, float32 when weight is None)."""
+    (weight's dtype, float32 when weight is None), launched as ``config`` says."""
     x, cl = _layout(x, "group_norm_relu_bwd")
-    return _launch_bwd(grad_y, None, x, weight, bias, mean, rstd, num_groups, relu, cl)
+    return _launch_bwd(grad_y, None, x, weight, bias, mean, rstd, num_groups, relu, cl, config)
 
 
 def group_norm_relu_add_fwd(
@@ -378,12 +667,14 @@ def group_norm_relu_add_fwd(
     num_groups: int,
     eps: float,
     relu: bool,
+    config: GroupNormConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The sum ``a + b`` and its GroupNorm(+ReLU), in ``a``'s memory format (NCHW or
-    channels_last; ``b`` is brought to it), plus (N, G) float32 mean and rstd."""
+    channels_last; ``b`` is brought to it), plus (N, G) float32 mean and rstd, launched
+    as ``config`` says."""
     a, cl = _layout(a, "group_norm_relu_add_fwd")
     b = b.contiguous(memory_format=memory_format(cl))
-    return _launch_fwd(a, b, weight, bias, num_groups, eps, relu, cl, residual=True)
+    return _launch_fwd(a, b, weight, bias, num_groups, eps, relu, cl, residual=True, config=config)
 
 
 def group_norm_relu_add_bwd(
@@ -396,8 +687,10 @@ def group_norm_relu_add_bwd(
     rstd: torch.Tensor,
     num_groups: int,
     relu: bool,
+    config: GroupNormConfig = DEFAULT_CONFIG,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``grad_sum`` (None: zero) plus the GroupNorm(+ReLU) gradient w.r.t. the sum ``s``,
-    in ``s``'s dtype and memory format, and the gradients w.r.t. ``weight`` and ``bias``."""
+    in ``s``'s dtype and memory format, and the gradients w.r.t. ``weight`` and ``bias``,
+    launched as ``config`` says."""
     s, cl = _layout(s, "group_norm_relu_add_bwd")
-    return _launch_bwd(grad_y, grad_sum, s, weight, bias, mean, rstd, num_groups, relu, cl)
+    return _launch_bwd(grad_y, grad_sum, s, weight, bias, mean, rstd, num_groups, relu, cl, config)
