@@ -17,12 +17,19 @@ layout (contiguous, channels_last, a transpose ...). A tensor whose layout diffe
 param's, or a param that is not dense (a strided slice), goes through a working copy in
 the param's layout, written back after the launch.
 
-Not yet done: the addresses carry no alignment hint, so loads are not vectorized (the
-tensors of a model are 16-byte aligned; a checked hint would let the compiler use 128-bit
-accesses), and the tables are rebuilt on the host at every step.
+Launch configuration (``SgdConfig``; ``sgd_momentum_`` takes ``config=``, the default is
+``DEFAULT_CONFIG``): elements per loop step, loop steps per program, warps, pipeline
+stages, and ``aligned``, which tells the compiler that every address is 16-byte aligned
+(checked by the launcher for each call: a call with an unaligned tensor launches without
+the hint), so loads and stores may be vectorized. The default launches without the hint.
+``tools/kernel_sweep.py`` times these configurations on a GPU.
+
+Not yet done: the tables are rebuilt on the host at every step.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import triton
@@ -30,6 +37,51 @@ import triton.language as tl
 
 _BLOCK = 2048  # elements per loop step
 _CHUNK = 4 * _BLOCK  # elements per program
+
+
+
+def _pow2(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class SgdConfig:
+    """How the Triton SGD kernel is launched: ``block`` elements per loop step (a power of
+    two, at least 16), ``blocks_per_chunk`` loop steps per program (a chunk of a tensor),
+    ``num_warps`` (a power of two up to 32), ``num_stages`` (None: Triton's default) and
+    ``aligned`` (assert 16-byte aligned addresses to the compiler when every tensor of the
+    call is so aligned). Any configuration gives the same values, bit for bit: each element
+    is updated by the same arithmetic wherever it falls."""
+
+    block: int = _BLOCK
+    blocks_per_chunk: int = _CHUNK // _BLOCK
+    num_warps: int = 8
+    num_stages: int | None = None
+    aligned: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.block, int) or not _pow2(self.block) or self.block < 16:
+            raise ValueError(f"SgdConfig: block is {self.block!r}; expected a power of two >= 16")
+        if not isinstance(self.blocks_per_chunk, int) or self.blocks_per_chunk < 1:
+            raise ValueError(f"SgdConfig: blocks_per_chunk is {self.blocks_per_chunk!r}; expected an int >= 1")
+        if not isinstance(self.num_warps, int) or not _pow2(self.num_warps) or self.num_warps > 32:
+            raise ValueError(f"SgdConfig: num_warps is {self.num_warps!r}; expected a power of two <= 32")
+        if self.num_stages is not None and (not isinstance(self.num_stages, int) or self.num_stages < 1):
+            raise ValueError(f"SgdConfig: num_stages is {self.num_stages!r}; expected None or an int >= 1")
+
+    @property
+    def chunk(self) -> int:
+        """Elements per program."""
+        return self.block * self.blocks_per_chunk
+
+    def label(self) -> str:
+        """A short name of the configuration, listing what differs from the default."""
+        parts = [f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self)
+                 if getattr(self, f.name) != f.default]
+        return ",".join(parts) or "default"
+
+
+DEFAULT_CONFIG = SgdConfig()
 
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -77,6 +129,7 @@ def _sgd_momentum_kernel(
     FIRST_STEP: tl.constexpr,  # buffers are initialised with the first direction
     BLOCK: tl.constexpr,  # elements per loop step
     CHUNK: tl.constexpr,  # elements per program, a multiple of BLOCK
+    ALIGNED: tl.constexpr = False,  # every address is 16-byte aligned (checked by the launcher)
 ):
     pid = tl.program_id(0)
     t = tl.load(CHUNK_TENSOR + pid)
@@ -88,6 +141,15 @@ def _sgd_momentum_kernel(
         m_ptr = tl.load(M_ADDR + t).to(tl.pointer_type(DTYPE))
     if HAS_EMA:
         e_ptr = tl.load(E_ADDR + t).to(tl.pointer_type(EMA_DTYPE))
+    if ALIGNED:
+        # chunk starts are multiples of CHUNK (>= 16 elements), the tensors 16-byte aligned
+        start = tl.multiple_of(start, 16)
+        p_ptr = tl.multiple_of(p_ptr, 16)
+        g_ptr = tl.multiple_of(g_ptr, 16)
+        if HAS_MOMENTUM:
+            m_ptr = tl.multiple_of(m_ptr, 16)
+        if HAS_EMA:
+            e_ptr = tl.multiple_of(e_ptr, 16)
     if LR_FROM_PTR:
         step_size = tl.load(LR_PTR).to(tl.float32)
     else:
@@ -148,10 +210,13 @@ def sgd_momentum_(
     lr_tensor: torch.Tensor | None = None,
     ema_params: list[torch.Tensor] = (),
     ema_decay: float = 0.0,
+    config: SgdConfig = DEFAULT_CONFIG,
 ) -> None:
     """One in-place SGD step over lists of same-dtype tensors on one device, one launch;
     the learning rate is ``lr_tensor`` (read on the device) when given, and the averages
-    ``ema_params`` (the params' dtype or float32) are updated when the list is not empty."""
+    ``ema_params`` (the params' dtype or float32) are updated when the list is not empty.
+    ``config`` says how the kernel is launched (the values do not depend on it)."""
+    chunk = config.chunk
     has_momentum = momentum != 0
     has_ema = len(ema_params) > 0
     addrs: list[list[int]] = [[], [], [], []]
@@ -177,13 +242,15 @@ def sgd_momentum_(
                     write_back.append((t, w))
                 t = w
             addrs[k].append(t.data_ptr())
-        for s in range(0, n, _CHUNK):
+        for s in range(0, n, chunk):
             chunk_tensor.append(len(numels))
             chunk_start.append(s)
         numels.append(n)
     if not numels:
         return
     device = params[0].device
+    # the hint holds only if every tensor the kernel walks starts on a 16-byte boundary
+    aligned = config.aligned and all(a % 16 == 0 for table in addrs for a in table)
     tables = torch.tensor(addrs + [numels], dtype=torch.int64).to(device)
     chunks_t = torch.tensor(chunk_tensor, dtype=torch.int32).to(device)
     chunks_s = torch.tensor(chunk_start, dtype=torch.int64).to(device)
@@ -201,9 +268,11 @@ def sgd_momentum_(
         NESTEROV=nesterov,
         MAXIMIZE=maximize,
         FIRST_STEP=is_first_step,
-        BLOCK=_BLOCK,
-        CHUNK=_CHUNK,
-        num_warps=8,
+        BLOCK=config.block,
+        CHUNK=chunk,
+        **({"ALIGNED": True} if aligned else {}),
+        num_warps=config.num_warps,
+        **({} if config.num_stages is None else {"num_stages": config.num_stages}),
     )
     for t, w in write_back:
         t.copy_(w)
