@@ -130,3 +130,80 @@ def has_native_autograd(name: str) -> bool:
     import torch
 
     return torch._C._dispatch_has_kernel_for_dispatch_key(qualname("native_" + name), "Autograd")
+
+
+# --------------------------------------------------------------------------------------
+# Run-time launch settings of the CUDA kernels (csrc/cuda/launch_config.h)
+# --------------------------------------------------------------------------------------
+
+_cuda_lib = None
+
+
+def _cuda_library():
+    """The loaded ``bitfast._C_cuda`` library, through ctypes (RuntimeError when it is not
+    loaded)."""
+    global _cuda_lib
+    if _cuda_lib is None:
+        import ctypes
+
+        if not loaded("bitfast._C_cuda"):
+            raise RuntimeError(f"CUDA launch settings need bitfast._C_cuda, which is not loaded: "
+                               f"{load_error('bitfast._C_cuda') or 'not built'}")
+        lib = ctypes.CDLL(importlib.util.find_spec("bitfast._C_cuda").origin)
+        lib.bitfast_cuda_set_launch_knob.argtypes = [ctypes.c_char_p, ctypes.c_int64]
+        lib.bitfast_cuda_set_launch_knob.restype = ctypes.c_int
+        lib.bitfast_cuda_get_launch_knob.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64)]
+        lib.bitfast_cuda_get_launch_knob.restype = ctypes.c_int
+        lib.bitfast_cuda_launch_knob_names.argtypes = []
+        lib.bitfast_cuda_launch_knob_names.restype = ctypes.c_char_p
+        _cuda_lib = lib
+    return _cuda_lib
+
+
+def cuda_launch_knobs() -> dict[str, int]:
+    """The launch settings of the CUDA kernels, name -> value (0: the built-in choice).
+    The names and the values each takes are listed in csrc/cuda/launch_config.h."""
+    import ctypes
+
+    lib = _cuda_library()
+    out = {}
+    for name in lib.bitfast_cuda_launch_knob_names().decode().split(","):
+        value = ctypes.c_int64()
+        lib.bitfast_cuda_get_launch_knob(name.encode(), ctypes.byref(value))
+        out[name] = value.value
+    return out
+
+
+def set_cuda_launch_knob(name: str, value: int) -> None:
+    """Set one launch setting of the CUDA kernels for the whole process (0 restores the
+    built-in choice); ValueError for an unknown name or a value outside its range."""
+    rc = _cuda_library().bitfast_cuda_set_launch_knob(str(name).encode(), int(value))
+    if rc == -1:
+        raise ValueError(f"set_cuda_launch_knob: unknown setting {name!r}; expected one of "
+                         f"{', '.join(cuda_launch_knobs())}")
+    if rc == -2:
+        raise ValueError(f"set_cuda_launch_knob: {name}={value} is outside the values it takes "
+                         "(see csrc/cuda/launch_config.h)")
+
+
+class cuda_launch_config:  # noqa: N801 (used as a context manager, like torch's)
+    """Context manager: the CUDA kernels' launch settings ``knobs`` (name=value) inside the
+    block, the previous values restored after it (also on an error)."""
+
+    def __init__(self, **knobs: int) -> None:
+        self.knobs = knobs
+        self._saved: dict[str, int] = {}
+
+    def __enter__(self) -> cuda_launch_config:
+        self._saved = cuda_launch_knobs()
+        try:
+            for name, value in self.knobs.items():
+                set_cuda_launch_knob(name, value)
+        except Exception:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for name, value in self._saved.items():
+            set_cuda_launch_knob(name, value)

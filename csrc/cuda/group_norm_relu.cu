@@ -20,9 +20,14 @@
 //
 // No atomics, fixed merge orders: results are bitwise reproducible. Statistics are float32
 // (float64 for fp64 inputs), as bitfast.ops.reference.
+//
+// Launch settings (cuda/launch_config.h), all 0 by default: the fused forward's threads
+// per block and bytes per access (16, 8, or one element), the pixel splits of the partial
+// reductions, and the pointwise passes' threads and vectors per thread.
 #include "cuda/group_norm_relu.h"
 
 #include "ops/group_norm_relu.h"
+#include "cuda/launch_config.h"
 #include "cuda/norm_common.h"
 #include "cuda/reduce.cuh"
 
@@ -37,6 +42,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 namespace bitfast::cuda {
 namespace {
@@ -257,12 +263,20 @@ void launch_fused(const scalar_t* x, scalar_t* y, acc_t* mean, acc_t* rstd, cons
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
   }
   const int64_t m = C / G * HW;
-  kernel<<<static_cast<unsigned>(N * G), smem_threads(m / VEC), static_cast<size_t>(bytes),
+  const int64_t threads = launch_knob(Knob::kGnFwdThreads);
+  kernel<<<static_cast<unsigned>(N * G), threads ? static_cast<int>(threads) : smem_threads(m / VEC),
+           static_cast<size_t>(bytes),
            c10::cuda::getCurrentCUDAStream()>>>(x, y, mean, rstd, w, b, C, HW, G, static_cast<acc_t>(eps), relu);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+bool aligned_to(const void* p, int bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+// The pointwise passes' launch settings.
+PointwiseLaunch pointwise_launch() {
+  return {static_cast<int>(launch_knob(Knob::kGnPointwiseThreads)),
+          static_cast<int>(launch_knob(Knob::kGnPointwiseVectors))};
+}
 
 }  // namespace
 
@@ -294,18 +308,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_fwd(const at::Ten
     acc_t *mp = mean.data_ptr<acc_t>(), *rp = rstd.data_ptr<acc_t>();
     const acc_t *wp = ptr_or_null<acc_t>(w), *bp = ptr_or_null<acc_t>(b);
     if (bytes <= smem_budget() && N * G <= std::numeric_limits<int32_t>::max()) {
-      // vectors stay inside a contiguous run: the whole group (NCHW) or a pixel's channels
-      const bool vec = aligned16(xp) && aligned16(yp) && (cl ? cg : cg * HW) % VEC == 0;
-      if (cl) {
-        vec ? launch_fused<scalar_t, acc_t, true, VEC>(xp, yp, mp, rp, wp, bp, N, C, HW, G, bytes, eps, relu)
-            : launch_fused<scalar_t, acc_t, true, 1>(xp, yp, mp, rp, wp, bp, N, C, HW, G, bytes, eps, relu);
-      } else {
-        vec ? launch_fused<scalar_t, acc_t, false, VEC>(xp, yp, mp, rp, wp, bp, N, C, HW, G, bytes, eps, relu)
-            : launch_fused<scalar_t, acc_t, false, 1>(xp, yp, mp, rp, wp, bp, N, C, HW, G, bytes, eps, relu);
-      }
+      // vectors stay inside a contiguous run: the whole group (NCHW) or a pixel's channels;
+      // 16-byte vectors where they fit (or 8-byte ones when the launch settings ask), else
+      // one element per access
+      constexpr int HALF = VEC > 1 ? VEC / 2 : 1;
+      const int64_t inner = cl ? cg : cg * HW, vec_bytes = launch_knob(Knob::kGnFwdVecBytes);
+      auto fits = [&](int v) {
+        const int align = v * static_cast<int>(sizeof(scalar_t));
+        return aligned_to(xp, align) && aligned_to(yp, align) && inner % v == 0;
+      };
+      const int v = (vec_bytes == 0 || vec_bytes == 16) && fits(VEC) ? VEC : (vec_bytes == 8 && fits(HALF) ? HALF : 1);
+      auto launch = [&](auto cl_tag, auto vec_tag) {
+        launch_fused<scalar_t, acc_t, decltype(cl_tag)::value, decltype(vec_tag)::value>(xp, yp, mp, rp, wp, bp, N, C,
+                                                                                          HW, G, bytes, eps, relu);
+      };
+      auto with_vec = [&](auto cl_tag) {
+        if (v == VEC) {
+          launch(cl_tag, std::integral_constant<int, VEC>{});
+        } else if (v == HALF) {
+          launch(cl_tag, std::integral_constant<int, HALF>{});
+        } else {
+          launch(cl_tag, std::integral_constant<int, 1>{});
+        }
+      };
+      cl ? with_vec(std::true_type{}) : with_vec(std::false_type{});
       return;
     }
-    const NormShape s = norm_shape(xc, cl);
+    const NormShape s = norm_shape(xc, cl, launch_knob(Knob::kGnSplitTarget));
     at::Tensor part = at::empty({3, N * s.S * C}, x.options().dtype(acc));
     at::Tensor coef = at::empty({2, N * C}, x.options().dtype(acc));
     at::Tensor sc = coef[0], sh = coef[1];
@@ -314,7 +343,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> group_norm_relu_fwd(const at::Ten
         part.const_data_ptr<acc_t>(), mp, rp, sc.data_ptr<acc_t>(), sh.data_ptr<acc_t>(), wp, bp, N, C, G, s.S,
         static_cast<acc_t>(eps));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    affine_relu(xc, sc, sh, C, relu, s, y);
+    affine_relu(xc, sc, sh, C, relu, s, y, pointwise_launch());
   });
   return {y, mean, rstd};
 }
@@ -342,7 +371,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd(const at::Tensor& grad_y, 
     return {grad_sum.defined() ? dx.copy_(grad_sum) : dx, at::zeros({C}, opts), at::zeros({C}, opts)};
   }
   const at::Tensor w = param_as(weight, acc), b = param_as(bias, acc);
-  const NormShape s = norm_shape(xc, cl);
+  const NormShape s = norm_shape(xc, cl, launch_knob(Knob::kGnSplitTarget));
   // per (sample, channel): forward scale, shift, mean; dx coefficients a, kx, k0; and the
   // per-sample parameter gradients
   at::Tensor coef = at::empty({8, N * C}, x.options().dtype(acc));
@@ -363,7 +392,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gn_bwd(const at::Tensor& grad_y, 
         part.const_data_ptr<acc_t>(), mp, rp, wp, dwn.data_ptr<acc_t>(), dbn.data_ptr<acc_t>(), a.data_ptr<acc_t>(),
         kx.data_ptr<acc_t>(), k0.data_ptr<acc_t>(), N, C, G, s.S, HW);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    bwd_dx(gc, xc, sc, sh, a, kx, k0, C, relu, s, dx, gsc);
+    bwd_dx(gc, xc, sc, sh, a, kx, k0, C, relu, s, dx, gsc, pointwise_launch());
     _sum_over_samples_kernel<acc_t><<<blocks_for(C, kThreads), kThreads, 0, stream>>>(
         dwn.const_data_ptr<acc_t>(), dbn.const_data_ptr<acc_t>(), gw.data_ptr<acc_t>(), gb.data_ptr<acc_t>(), N, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -301,17 +301,19 @@ void launch_partials(const scalar_t* x, const scalar_t* dy, const acc_t* sc, con
 template <typename scalar_t, typename acc_t, int VEC, bool BWD>
 void launch_pointwise(const scalar_t* x, const scalar_t* dy, const scalar_t* gs, scalar_t* out, const acc_t* sc,
                       const acc_t* sh, const acc_t* a, const acc_t* kx, const acc_t* k0, int64_t kn, bool relu,
-                      const NormShape& s) {
+                      const NormShape& s, const PointwiseLaunch& launch) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t nvec = s.N * s.C * s.HW / VEC;
+  const int threads = launch.threads > 0 ? std::min(launch.threads, kThreads) : kThreads;
+  const int64_t per_thread = launch.vectors > 0 ? launch.vectors : 1;
   // a grid-stride loop: at most 2^16 blocks, each thread then handles a few vectors
-  const unsigned blocks = std::min<unsigned>(blocks_for(nvec, kThreads), 1u << 16);
+  const unsigned blocks = std::min<unsigned>(blocks_for((nvec + per_thread - 1) / per_thread, threads), 1u << 16);
   if (s.channels_last) {
     _pointwise_kernel<scalar_t, acc_t, VEC, true, BWD>
-        <<<blocks, kThreads, 0, stream>>>(x, dy, gs, out, sc, sh, a, kx, k0, s.C, s.HW, kn, nvec, relu);
+        <<<blocks, threads, 0, stream>>>(x, dy, gs, out, sc, sh, a, kx, k0, s.C, s.HW, kn, nvec, relu);
   } else {
     _pointwise_kernel<scalar_t, acc_t, VEC, false, BWD>
-        <<<blocks, kThreads, 0, stream>>>(x, dy, gs, out, sc, sh, a, kx, k0, s.C, s.HW, kn, nvec, relu);
+        <<<blocks, threads, 0, stream>>>(x, dy, gs, out, sc, sh, a, kx, k0, s.C, s.HW, kn, nvec, relu);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -320,7 +322,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace
 
-NormShape norm_shape(const at::Tensor& x, bool channels_last) {
+NormShape norm_shape(const at::Tensor& x, bool channels_last, int64_t split_target) {
   NormShape s;
   s.N = x.size(0);
   s.C = x.size(1);
@@ -334,11 +336,11 @@ NormShape norm_shape(const at::Tensor& x, bool channels_last) {
   if (channels_last) {
     const int vec = static_cast<int>(16 / x.element_size());
     const int64_t tiles = ceil_div(s.C, kTX * vec);
-    want = ceil_div(512, tiles * s.N);  // blocks
+    want = ceil_div(split_target > 0 ? split_target : 512, tiles * s.N);  // blocks
     lo = ceil_div(hw, 1024);            // at most 128 pixels per thread row
     hi = std::max<int64_t>(1, hw / 64);  // at least 8 pixels per thread row
   } else {
-    want = ceil_div(4096, s.N * s.C);   // warps
+    want = ceil_div(split_target > 0 ? split_target : 4096, s.N * s.C);  // warps
     lo = ceil_div(hw, 4096);
     hi = std::max<int64_t>(1, hw / 256);
   }
@@ -382,7 +384,7 @@ void channel_bwd_partials(const at::Tensor& dy, const at::Tensor& x, const at::T
 }
 
 void affine_relu(const at::Tensor& x, const at::Tensor& sc, const at::Tensor& sh, int64_t kn, bool relu,
-                 const NormShape& s, at::Tensor& y) {
+                 const NormShape& s, at::Tensor& y, const PointwiseLaunch& launch) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bitfast_norm_affine_relu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
@@ -390,17 +392,17 @@ void affine_relu(const at::Tensor& x, const at::Tensor& sc, const at::Tensor& sh
     const acc_t *scp = sc.const_data_ptr<acc_t>(), *shp = sh.const_data_ptr<acc_t>();
     if (can_vectorize<scalar_t>(s, {xp, yp})) {
       launch_pointwise<scalar_t, acc_t, vec_of<scalar_t>(), false>(xp, nullptr, nullptr, yp, scp, shp, nullptr,
-                                                                   nullptr, nullptr, kn, relu, s);
+                                                                   nullptr, nullptr, kn, relu, s, launch);
     } else {
       launch_pointwise<scalar_t, acc_t, 1, false>(xp, nullptr, nullptr, yp, scp, shp, nullptr, nullptr, nullptr, kn,
-                                                  relu, s);
+                                                  relu, s, launch);
     }
   });
 }
 
 void bwd_dx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& sc, const at::Tensor& sh,
             const at::Tensor& a, const at::Tensor& kx, const at::Tensor& k0, int64_t kn, bool relu,
-            const NormShape& s, at::Tensor& dx, const at::Tensor& gs) {
+            const NormShape& s, at::Tensor& dx, const at::Tensor& gs, const PointwiseLaunch& launch) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bitfast_norm_bwd_dx", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t *xp = x.const_data_ptr<scalar_t>(), *dp = dy.const_data_ptr<scalar_t>();
@@ -410,9 +412,9 @@ void bwd_dx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& sc, con
     const acc_t *ap = a.const_data_ptr<acc_t>(), *kxp = kx.const_data_ptr<acc_t>(), *k0p = k0.const_data_ptr<acc_t>();
     if (can_vectorize<scalar_t>(s, {xp, dp, gp, op})) {
       launch_pointwise<scalar_t, acc_t, vec_of<scalar_t>(), true>(xp, dp, gp, op, scp, shp, ap, kxp, k0p, kn, relu,
-                                                                  s);
+                                                                  s, launch);
     } else {
-      launch_pointwise<scalar_t, acc_t, 1, true>(xp, dp, gp, op, scp, shp, ap, kxp, k0p, kn, relu, s);
+      launch_pointwise<scalar_t, acc_t, 1, true>(xp, dp, gp, op, scp, shp, ap, kxp, k0p, kn, relu, s, launch);
     }
   });
 }

@@ -38,8 +38,17 @@ struct NormShape {
 };
 
 // The shape of x (in the layout the caller made it contiguous in) and its splits. The
-// channels_last reductions below take at most 65535 samples (they check).
-NormShape norm_shape(const at::Tensor& x, bool channels_last);
+// channels_last reductions below take at most 65535 samples (they check). split_target,
+// when not 0, replaces the blocks (channels_last) or warps (NCHW) the splits aim for
+// (512 and 4096 by default).
+NormShape norm_shape(const at::Tensor& x, bool channels_last, int64_t split_target = 0);
+
+// How a pointwise pass is launched: threads per block (64 ... 256; 0: 256) and vectors per
+// thread before the grid is capped at 2^16 blocks (0: 1).
+struct PointwiseLaunch {
+  int threads = 0;
+  int vectors = 0;
+};
 
 // Welford partials of every channel over every split: part is (3, N, S, C) in the math type
 // (mean, m2, count).
@@ -52,14 +61,15 @@ void channel_bwd_partials(const at::Tensor& dy, const at::Tensor& x, const at::T
 
 // y = x * sc[k] + sh[k], then max(y, 0) when relu; y is preallocated like x.
 void affine_relu(const at::Tensor& x, const at::Tensor& sc, const at::Tensor& sh, int64_t kn, bool relu,
-                 const NormShape& s, at::Tensor& y);
+                 const NormShape& s, at::Tensor& y, const PointwiseLaunch& launch = {});
 
 // dx = a[k] * d + kx[k] * x + k0[k] (+ gs), d as in channel_bwd_partials; dx is
 // preallocated like x. gs, when defined (laid out like x), is added in the math type before
 // dx is rounded: the gradient that reached a residual sum directly.
 void bwd_dx(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& sc, const at::Tensor& sh,
             const at::Tensor& a, const at::Tensor& kx, const at::Tensor& k0, int64_t kn, bool relu,
-            const NormShape& s, at::Tensor& dx, const at::Tensor& gs = at::Tensor());
+            const NormShape& s, at::Tensor& dx, const at::Tensor& gs = at::Tensor(),
+            const PointwiseLaunch& launch = {});
 
 // A per-channel parameter (weight, bias) as a contiguous (C,) tensor of dtype acc, or an
 // undefined tensor when absent (the kernels then use 1 or 0).

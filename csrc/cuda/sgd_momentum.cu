@@ -12,8 +12,13 @@
 //
 // A tensor learning rate stays on the device: every thread reads the same float (one cached
 // load), so the host neither synchronizes nor bakes the value into a captured CUDA graph.
+//
+// Launch settings (cuda/launch_config.h), all 0 by default: threads per block, elements per
+// block (the chunk) and packs per thread per loop step. Every element is updated by the same
+// arithmetic whatever the launch, so the results do not depend on them.
 #include "cuda/sgd_momentum.h"
 
+#include "cuda/launch_config.h"
 #include "ops/sgd_momentum.h"
 
 #include <ATen/Dispatch.h>
@@ -30,7 +35,7 @@
 namespace bitfast::cuda {
 namespace {
 
-constexpr int kThreads = 256;
+constexpr int kThreads = 256;  // threads per block, unless the launch settings say otherwise
 // Elements per block: 128 KiB of fp32 per stream; a BiT-R50x1 step is about 800 blocks.
 constexpr int64_t kChunk = 32768;
 // Tensors per launch: keeps the arguments (TensorTable + StepOptions) under the 4 KiB that
@@ -53,6 +58,7 @@ struct StepOptions {
   acc_t lr, momentum, one_minus_dampening, weight_decay;
   acc_t ema_weight;      // 1 - ema_decay
   const float* lr_ptr;   // the learning rate on the device, replacing lr; or null
+  int64_t chunk;         // elements per block
   bool use_momentum, nesterov, maximize, first, use_ema;
 };
 
@@ -87,8 +93,10 @@ struct alignas(sizeof(T) * N) Pack {
 
 // __grid_constant__ keeps the table in the constant bank: a block indexes it with a
 // run-time tensor index, which would otherwise copy the whole table to local memory.
-template <typename scalar_t, typename ema_t, typename acc_t>
-__global__ void __launch_bounds__(kThreads)
+// UNROLL: packs each thread loads before it computes (more loads in flight); BOUND: the
+// most threads per block it is launched with.
+template <typename scalar_t, typename ema_t, typename acc_t, int UNROLL, int BOUND>
+__global__ void __launch_bounds__(BOUND)
     _sgd_momentum_kernel(const __grid_constant__ TensorTable<scalar_t, ema_t> T,  // the tensors of this launch
                          const StepOptions<acc_t> O) {                           // hyper-parameters
   const int chunk = blockIdx.x;
@@ -103,14 +111,15 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const int t = lo;
-  const int64_t begin = static_cast<int64_t>(chunk - T.first_chunk[t]) * kChunk;
-  const int64_t n = min(kChunk, T.numel[t] - begin);
+  const int64_t begin = static_cast<int64_t>(chunk - T.first_chunk[t]) * O.chunk;
+  const int64_t n = min(O.chunk, T.numel[t] - begin);
   scalar_t* __restrict__ p = T.p[t] + begin;
   const scalar_t* __restrict__ g = T.g[t] + begin;
   scalar_t* __restrict__ m = O.use_momentum ? T.m[t] + begin : nullptr;
   ema_t* __restrict__ e = O.use_ema ? T.e[t] + begin : nullptr;
   const bool read_m = O.use_momentum && !O.first;
   const acc_t lr = O.lr_ptr != nullptr ? static_cast<acc_t>(*O.lr_ptr) : O.lr;
+  const int threads = blockDim.x;
 
   constexpr int N = 16 / sizeof(scalar_t);
   using P = Pack<scalar_t, N>;
@@ -122,29 +131,42 @@ __global__ void __launch_bounds__(kThreads)
   int64_t done = 0;
   if (addr % 16 == 0 && e_aligned) {
     const int64_t packs = n / N;
-    for (int64_t k = threadIdx.x; k < packs; k += kThreads) {
-      P pv = reinterpret_cast<const P*>(p)[k];
-      const P gv = reinterpret_cast<const P*>(g)[k];
-      P mv{};
-      if (read_m) mv = reinterpret_cast<const P*>(m)[k];
+    for (int64_t k0 = threadIdx.x; k0 < packs; k0 += static_cast<int64_t>(threads) * UNROLL) {
+      P pv[UNROLL], gv[UNROLL], mv[UNROLL];
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        acc_t mj = static_cast<acc_t>(mv.v[j]);
-        pv.v[j] = static_cast<scalar_t>(update(static_cast<acc_t>(pv.v[j]), static_cast<acc_t>(gv.v[j]), mj, lr, O));
-        mv.v[j] = static_cast<scalar_t>(mj);
+      for (int u = 0; u < UNROLL; ++u) {
+        const int64_t k = k0 + static_cast<int64_t>(u) * threads;
+        mv[u] = P{};
+        if (k < packs) {
+          pv[u] = reinterpret_cast<const P*>(p)[k];
+          gv[u] = reinterpret_cast<const P*>(g)[k];
+          if (read_m) mv[u] = reinterpret_cast<const P*>(m)[k];
+        }
       }
-      reinterpret_cast<P*>(p)[k] = pv;
-      if (O.use_momentum) reinterpret_cast<P*>(m)[k] = mv;
-      if (O.use_ema) {
-        E ev = reinterpret_cast<const E*>(e)[k];
 #pragma unroll
-        for (int j = 0; j < N; ++j) ev.v[j] = average<acc_t>(ev.v[j], pv.v[j], O.ema_weight);
-        reinterpret_cast<E*>(e)[k] = ev;
+      for (int u = 0; u < UNROLL; ++u) {
+        const int64_t k = k0 + static_cast<int64_t>(u) * threads;
+        if (k >= packs) break;
+#pragma unroll
+        for (int j = 0; j < N; ++j) {
+          acc_t mj = static_cast<acc_t>(mv[u].v[j]);
+          pv[u].v[j] =
+              static_cast<scalar_t>(update(static_cast<acc_t>(pv[u].v[j]), static_cast<acc_t>(gv[u].v[j]), mj, lr, O));
+          mv[u].v[j] = static_cast<scalar_t>(mj);
+        }
+        reinterpret_cast<P*>(p)[k] = pv[u];
+        if (O.use_momentum) reinterpret_cast<P*>(m)[k] = mv[u];
+        if (O.use_ema) {
+          E ev = reinterpret_cast<const E*>(e)[k];
+#pragma unroll
+          for (int j = 0; j < N; ++j) ev.v[j] = average<acc_t>(ev.v[j], pv[u].v[j], O.ema_weight);
+          reinterpret_cast<E*>(e)[k] = ev;
+        }
       }
     }
     done = packs * N;
   }
-  for (int64_t j = done + threadIdx.x; j < n; j += kThreads) {
+  for (int64_t j = done + threadIdx.x; j < n; j += threads) {
     acc_t mj = read_m ? static_cast<acc_t>(m[j]) : acc_t(0);
     const scalar_t pj = static_cast<scalar_t>(update(static_cast<acc_t>(p[j]), static_cast<acc_t>(g[j]), mj, lr, O));
     p[j] = pj;
@@ -153,15 +175,32 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The kernel instantiation for `threads` per block and `unroll` packs per thread.
+template <typename scalar_t, typename ema_t, typename acc_t>
+auto pick_kernel(int threads, int unroll) {
+  if (threads <= kThreads) {
+    if (unroll == 4) return &_sgd_momentum_kernel<scalar_t, ema_t, acc_t, 4, kThreads>;
+    if (unroll == 2) return &_sgd_momentum_kernel<scalar_t, ema_t, acc_t, 2, kThreads>;
+    return &_sgd_momentum_kernel<scalar_t, ema_t, acc_t, 1, kThreads>;
+  }
+  if (unroll == 4) return &_sgd_momentum_kernel<scalar_t, ema_t, acc_t, 4, 1024>;
+  if (unroll == 2) return &_sgd_momentum_kernel<scalar_t, ema_t, acc_t, 2, 1024>;
+  return &_sgd_momentum_kernel<scalar_t, ema_t, acc_t, 1, 1024>;
+}
+
 template <typename scalar_t, typename ema_t>
 void launch_all(const std::vector<SgdOperands>& ops, const StepOptions<at::opmath_type<scalar_t>>& o,
                 cudaStream_t stream) {
   using acc_t = at::opmath_type<scalar_t>;
+  const int64_t threads_knob = launch_knob(Knob::kSgdThreads), unroll = launch_knob(Knob::kSgdUnroll);
+  const int threads = threads_knob ? static_cast<int>(threads_knob) : kThreads;
+  const int64_t chunk = o.chunk;
+  const auto kernel = pick_kernel<scalar_t, ema_t, acc_t>(threads, static_cast<int>(unroll));
   TensorTable<scalar_t, ema_t> table{};
   int chunks = 0;
   auto flush = [&] {
     if (table.count == 0) return;
-    _sgd_momentum_kernel<scalar_t, ema_t, acc_t><<<chunks, kThreads, 0, stream>>>(table, o);
+    kernel<<<chunks, threads, 0, stream>>>(table, o);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     table.count = 0;
     chunks = 0;
@@ -171,7 +210,7 @@ void launch_all(const std::vector<SgdOperands>& ops, const StepOptions<at::opmat
   for (const SgdOperands& op : ops) {
     const int64_t n = op.p.numel();
     if (n == 0) continue;
-    const int64_t c = (n + kChunk - 1) / kChunk;
+    const int64_t c = (n + chunk - 1) / chunk;
     TORCH_CHECK(c <= kMaxChunks, "native_sgd_momentum_: a tensor of ", n, " elements is too large for one launch");
     if (chunks + c > kMaxChunks) flush();
     const int i = table.count++;
@@ -207,6 +246,8 @@ void sgd_momentum_(at::TensorList params, at::TensorList grads, at::TensorList m
   const float* lr_ptr = lr_from_tensor ? lr_tensor->const_data_ptr<float>() : nullptr;
   const bool float_ema = use_ema && ema_params[0].scalar_type() == at::kFloat;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t chunk_knob = launch_knob(Knob::kSgdChunk);
+  const int64_t chunk = chunk_knob ? chunk_knob : kChunk;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, params[0].scalar_type(), "native_sgd_momentum_", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const StepOptions<acc_t> o{static_cast<acc_t>(lr),
@@ -215,6 +256,7 @@ void sgd_momentum_(at::TensorList params, at::TensorList grads, at::TensorList m
                                static_cast<acc_t>(weight_decay),
                                static_cast<acc_t>(1.0 - ema_decay),
                                lr_ptr,
+                               chunk,
                                use_momentum,
                                nesterov,
                                maximize,
