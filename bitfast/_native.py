@@ -139,6 +139,11 @@ def has_native_autograd(name: str) -> bool:
 _cuda_lib = None
 
 
+def _cuda_library_path() -> str:
+    """The file of the ``bitfast._C_cuda`` extension."""
+    return importlib.util.find_spec("bitfast._C_cuda").origin
+
+
 def _cuda_library():
     """The loaded ``bitfast._C_cuda`` library, through ctypes (RuntimeError when it is not
     loaded)."""
@@ -149,7 +154,7 @@ def _cuda_library():
         if not loaded("bitfast._C_cuda"):
             raise RuntimeError(f"CUDA launch settings need bitfast._C_cuda, which is not loaded: "
                                f"{load_error('bitfast._C_cuda') or 'not built'}")
-        lib = ctypes.CDLL(importlib.util.find_spec("bitfast._C_cuda").origin)
+        lib = ctypes.CDLL(_cuda_library_path())
         lib.bitfast_cuda_set_launch_knob.argtypes = [ctypes.c_char_p, ctypes.c_int64]
         lib.bitfast_cuda_set_launch_knob.restype = ctypes.c_int
         lib.bitfast_cuda_get_launch_knob.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int64)]
