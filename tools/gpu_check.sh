@@ -14,12 +14,15 @@
 # 480), most important first; a failing step is reported and the next one still runs; the
 # exit status is non-zero if any step failed. On an H100: build about 1.5 min, tests about
 # 1.5 min, benches 3-4 min. BITFAST_GPU_STEPS picks and orders the steps after the build
-# (default "tests,train,ops,norms": the CUDA tests, the train-step table, the op benchmarks,
-# the norm kernels; errors: the native ops' argument errors on CPU and CUDA in child
+# (default "tests,train,ops,sweep,norms": the CUDA tests, the train-step table, the op
+# benchmarks, the launch-configuration sweep of GroupNorm+ReLU and SGD (tools/kernel_sweep.py,
+# about 90 s, then one capped ncu or nsys profile of each kernel's default when the machine
+# has a profiler), the norm kernels; errors: the native ops' argument errors on CPU and CUDA in child
 # processes, with on a crash a cuda-gdb backtrace, the CPU checks again under candidate
 # workarounds, torch's own C++ errors as controls, and tools/throw_probe.py; it runs by
 # itself right after the tests when their log shows a crash, or when listed);
-# BITFAST_GPU_NORMS_ARGS passes arguments to tools/cuda_norms.py.
+# BITFAST_GPU_NORMS_ARGS passes arguments to tools/cuda_norms.py; BITFAST_SWEEP_BUDGET (default
+# 90) is the seconds after which the sweep starts no new measurement.
 #
 # Without a GPU (a dry run on a developer machine) it says so, skips the build, the CUDA
 # tests and the CUDA norm timings, and runs the bench on the CPU.
@@ -174,7 +177,7 @@ tests_step() {
 export py out
 export -f errors_step tests_step
 unset TRITON_INTERPRET
-steps=${BITFAST_GPU_STEPS:-tests,train,ops,norms}
+steps=${BITFAST_GPU_STEPS:-tests,train,ops,sweep,norms}
 for s in $(echo "$steps" | tr ',' ' '); do
     case "$s" in
     errors)
@@ -214,6 +217,39 @@ for s in $(echo "$steps" | tr ',' ' '); do
         timed "bench (ops)" 240 60 "$py" -m bitfast.cli bench --quick --no-progress \
             --ops weight_standardize,group_norm_relu,group_norm_relu_add,batch_norm_relu,sgd_momentum \
             --json "$out/bench.json" --markdown "$out/bench.md" > "$out/bench.txt" 2>&1 ;;
+    sweep)
+        step "launch-configuration sweep of GroupNorm+ReLU and SGD (tools/kernel_sweep.py)"
+        timed "kernel sweep" 150 40 "$py" tools/kernel_sweep.py "$out/sweep" --budget "${BITFAST_SWEEP_BUDGET:-90}" \
+            > "$out/sweep.txt" 2>&1
+        grep -E "^kernel_sweep|target|best|failed" "$out/sweep.txt" | cut -c1-200 | head -40
+        step "profile of each kernel's default (ncu or nsys, capped)"
+        if [ "$gpu" = 1 ] && command -v ncu >/dev/null; then
+            # Nsight Compute: speed of light (DRAM and SM throughput), occupancy, launch
+            # statistics of bitfast's kernels between cudaProfilerStart and Stop
+            timed "ncu profile" 120 30 ncu --csv --page details --profile-from-start off \
+                --section SpeedOfLight --section Occupancy --section LaunchStats \
+                -k "regex:_gn_|_sgd_|_pointwise|_partials" \
+                "$py" tools/kernel_sweep.py --profile-run > "$out/sweep/ncu.csv" 2> "$out/sweep/ncu.log"
+            "$py" - "$out/sweep/ncu.csv" <<'PY' | tee "$out/sweep/ncu-summary.md"
+import sys
+from bitfast.bench.sweep import summarize_ncu_csv
+rows = summarize_ncu_csv(open(sys.argv[1]).read())
+keys = ["duration", "duration_unit", "dram_pct", "memory_pct", "sm_pct", "achieved_occupancy_pct",
+        "theoretical_occupancy_pct", "registers", "block", "grid", "limiter"]
+print("| kernel | " + " | ".join(keys) + " |")
+print("|---" * (len(keys) + 1) + "|")
+for r in rows:
+    print(f"| {r['kernel'][:60]} | " + " | ".join(str(r.get(k, "")) for k in keys) + " |")
+print(f"{len(rows)} kernels profiled" if rows else "ncu recorded no kernel (see ncu.log)")
+PY
+        elif [ "$gpu" = 1 ] && command -v nsys >/dev/null; then
+            # Nsight Systems: kernel times only (no DRAM bandwidth or occupancy)
+            timed "nsys profile" 120 30 nsys profile --capture-range=cudaProfilerApi --stats=true --force-overwrite true \
+                -o "$out/sweep/nsys" "$py" tools/kernel_sweep.py --profile-run > "$out/sweep/nsys.txt" 2>&1
+            grep -A25 "cuda_gpu_kern_sum" "$out/sweep/nsys.txt" | cut -c1-200 | head -30
+        else
+            echo "profile skipped: $([ "$gpu" = 1 ] && echo "neither ncu nor nsys on this machine" || echo "no GPU")"
+        fi ;;
     train)
         step "bitfast bench --quick on the BiT-R50x1 train step"
         timed "bench (train step)" 240 90 "$py" -m bitfast.cli bench --quick --no-progress --ops train_step \
@@ -224,7 +260,7 @@ for s in $(echo "$steps" | tr ',' ' '); do
 done
 
 step "summary after $(( $(date +%s) - t_start )) s; results in $out"
-for f in cuda-norms.txt bench.txt bench-train.txt; do
+for f in cuda-norms.txt bench.txt bench-train.txt sweep.txt; do
     [ -f "$out/$f" ] && { echo "--- $f"; grep -v "^|--" "$out/$f" | cut -c1-230; }
 done
 [ -f "$out/cuda-tests.log" ] && { echo "--- CUDA tests"; grep -E "^(FAILED|ERROR)" "$out/cuda-tests.log" | cut -c1-200 | head -30; tail -1 "$out/cuda-tests.log"; }

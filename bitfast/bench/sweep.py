@@ -527,8 +527,13 @@ def summarize_ncu_csv(text: str) -> list[dict]:
     import csv
     import io
 
+    # ncu's and the program's own lines may precede or interleave the CSV: keep its rows
+    lines = [line for line in text.splitlines() if line.startswith('"')]
+    start = next((i for i, line in enumerate(lines) if '"Kernel Name"' in line), None)
+    if start is None:
+        return []
     kernels: dict[tuple[str, str], dict] = {}
-    for rec in csv.DictReader(io.StringIO(text)):
+    for rec in csv.DictReader(io.StringIO("\n".join(lines[start:]))):
         name, metric = rec.get("Kernel Name"), rec.get("Metric Name")
         if not name or metric not in _NCU_METRICS:
             continue

@@ -291,7 +291,7 @@ def test_ncu_summary():
         ("1", "k_lat", "GPU Speed Of Light Throughput", "DRAM Throughput", "%", "30"),
         ("1", "k_lat", "GPU Speed Of Light Throughput", "Compute (SM) Throughput", "%", "25"),
     ]
-    text = head + "".join(",".join(f'"{v}"' for v in r) + "\n" for r in rows)
+    text = "==PROF== Connected\n" + head + "".join(",".join(f'"{v}"' for v in r) + "\n" for r in rows)
     out = {k["kernel"]: k for k in sweep.summarize_ncu_csv(text)}
     assert out["k_mem"]["limiter"] == "memory" and out["k_mem"]["duration"] == 1210.3
     assert out["k_mem"]["achieved_occupancy_pct"] == 70.0
