@@ -160,8 +160,8 @@ def weight_standardize_multi(ws, eps: float = 1e-8, *, out_dtype: torch.dtype | 
     Returns:
         The standardized weights, each in its weight's memory format, equal to
         ``weight_standardize(w, eps).to(out_dtype)`` bit for bit on the reference and C++
-        backends (same row arithmetic) and within the parity rule on Triton (whose tiles fit
-        the longest weight of the list); differentiable with respect to every weight.
+        backends (same row arithmetic) and within the parity rule on Triton (one tile size
+        for the whole list, so its sums may be ordered otherwise); differentiable with respect to every weight.
     """
     fn = "weight_standardize_multi"
     if not isinstance(ws, (list, tuple)) or not ws:

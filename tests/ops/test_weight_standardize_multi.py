@@ -2,9 +2,11 @@
 
 Against the per-weight op on every backend, dtype and layout it takes, forward and backward:
 bit for bit on the reference and C++ backends (the rows run the same arithmetic), within the
-parity rule on Triton (its tiles fit the list's longest row, so sums may be ordered otherwise); the registered op against
-the eager path; ``opcheck`` of the public and native ops; float64 gradcheck; compile with
-``fullgraph``; and the errors of bad calls, in Python and in the native checks.
+parity rule on Triton (one tile size for the whole list, so sums may be ordered otherwise);
+``out_dtype`` (autocast's low-precision copy) on every backend; the registered op against the
+eager path; ``opcheck`` of the public and native ops; float64 gradcheck; compile with
+``fullgraph``; a CUDA graph capture of the Triton kernels (GPU); and the errors of bad calls,
+in Python and in the native checks.
 """
 
 import pytest
