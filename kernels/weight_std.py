@@ -153,25 +153,25 @@ def weight_standardize_bwd(
 # --- a list of weights in one launch ----------------------------------------------------
 #
 # Every program standardizes BLOCK_O output channels of one weight. A table of int64 rows,
-# one per program, says which: the addresses of that weight's tensors (raw, output; in the
-# backward also its gradients), its K, the program's first channel in the weight and how
-# many channels it has, and where the weight's channels start in the statistics (which hold
-# every weight's channels one after the other, as the per-weight op's would concatenated).
-# Every weight's channels are dense (O, K) rows in its memory order (see _rows), so one
-# address and K place them. The row arithmetic is the per-weight kernels' own; the tiles are
-# one size for the whole list (see _multi_tiles), so a weight's statistics may round
-# differently from the per-weight op's (whose tiles fit its own K): equal within the parity
-# rule.
-
-_FWD_COLS = 6  # w, out, K, first channel, channels, first statistics row
-_BWD_COLS = 7  # g, w, dw, K, first channel, channels, first statistics row
-
+# one per program, says which: the address of that weight, where its elements start in the
+# flat buffers (outputs; in the backward gradients and weight gradients too), its K, the
+# program's first channel in the weight and how many channels it has, and where the weight's
+# channels start in the statistics (which hold every weight's channels one after the other,
+# as the per-weight op's would concatenated). Every weight's channels are dense (O, K) rows
+# in its memory order (see _rows), so an address and K place them; the outputs are views of
+# one flat buffer, each with its weight's shape and memory format, and the backward reads the
+# gradients from one flat buffer too (one concatenation). The table then holds only the
+# weights' addresses and fixed offsets: for a model's parameters it is the same on every
+# step, made and copied to the device once, and a CUDA graph capture needs no copy at all.
+# The row arithmetic is the per-weight kernels' own; the tiles are one size for the whole
+# list (see _multi_tiles), so a weight's statistics may round differently from the
+# per-weight op's (whose tiles fit its own K): equal within the parity rule.
 
 @triton.jit
 def _ws_multi_fwd_kernel(
     TABLE,  # (programs, 6) int64, see above
     TY,  # any tensor of the weights' dtype (gives the element type of the addresses)
-    OTY,  # any tensor of the outputs' dtype
+    OUT,  # the standardized weights, one after the other in memory order, flat
     MEAN,  # per-channel means of every weight, (sum O,) float32
     RSTD,  # per-channel rstd of every weight, (sum O,) float32
     eps,
@@ -180,7 +180,7 @@ def _ws_multi_fwd_kernel(
 ):
     entry = TABLE + tl.program_id(0).to(tl.int64) * 6
     W = tl.load(entry).to(tl.pointer_type(TY.dtype.element_ty))
-    OUT = tl.load(entry + 1).to(tl.pointer_type(OTY.dtype.element_ty))
+    OUTw = OUT + tl.load(entry + 1)
     K = tl.load(entry + 2)
     first = tl.load(entry + 3)
     count = tl.load(entry + 4)
@@ -209,29 +209,31 @@ def _ws_multi_fwd_kernel(
         m = row_mask[:, None] & (idx < K)[None, :]
         w = tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
         w_hat = tl.where(m, (w - mean[:, None]) * rstd[:, None], 0.0)
-        tl.store(OUT + base + idx[None, :], w_hat.to(OTY.dtype.element_ty), mask=m)
+        tl.store(OUTw + base + idx[None, :], w_hat.to(OUT.dtype.element_ty), mask=m)
     tl.store(MEAN + stat0 + rows, mean, mask=row_mask)
     tl.store(RSTD + stat0 + rows, rstd, mask=row_mask)
 
 
 @triton.jit
 def _ws_multi_bwd_kernel(
-    TABLE,  # (programs, 7) int64, see above
+    TABLE,  # (programs, 6) int64, see above
     TY,  # any tensor of the weights' dtype
-    GTY,  # any tensor of the gradients' dtype
+    G,  # the gradients of the standardized weights, flat as OUT was
+    DW,  # the gradients of the weights, flat likewise, the weights' dtype
     MEAN,  # saved per-channel means, (sum O,) float32
     RSTD,  # saved per-channel rstd, (sum O,) float32
     BLOCK_O: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    entry = TABLE + tl.program_id(0).to(tl.int64) * 7
-    G = tl.load(entry).to(tl.pointer_type(GTY.dtype.element_ty))
-    W = tl.load(entry + 1).to(tl.pointer_type(TY.dtype.element_ty))
-    DW = tl.load(entry + 2).to(tl.pointer_type(TY.dtype.element_ty))
-    K = tl.load(entry + 3)
-    first = tl.load(entry + 4)
-    count = tl.load(entry + 5)
-    stat0 = tl.load(entry + 6)
+    entry = TABLE + tl.program_id(0).to(tl.int64) * 6
+    W = tl.load(entry).to(tl.pointer_type(TY.dtype.element_ty))
+    offset = tl.load(entry + 1)
+    Gw = G + offset
+    DWw = DW + offset
+    K = tl.load(entry + 2)
+    first = tl.load(entry + 3)
+    count = tl.load(entry + 4)
+    stat0 = tl.load(entry + 5)
     local = tl.arange(0, BLOCK_O).to(tl.int64)
     row_mask = local < count
     rows = first + local
@@ -244,7 +246,7 @@ def _ws_multi_bwd_kernel(
     for start in range(0, K, BLOCK):
         idx = start + offs
         m = row_mask[:, None] & (idx < K)[None, :]
-        g = tl.load(G + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+        g = tl.load(Gw + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
         w_hat = (tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32) - mean) * rstd
         sum_g += g
         sum_gw += tl.where(m, g * w_hat, 0.0)
@@ -253,17 +255,18 @@ def _ws_multi_bwd_kernel(
     for start in range(0, K, BLOCK):
         idx = start + offs
         m = row_mask[:, None] & (idx < K)[None, :]
-        g = tl.load(G + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
+        g = tl.load(Gw + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
         w_hat = (tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32) - mean) * rstd
         dw = tl.where(m, rstd * (g - mean_g - w_hat * mean_gw), 0.0)
-        tl.store(DW + base + idx[None, :], dw.to(TY.dtype.element_ty), mask=m)
+        tl.store(DWw + base + idx[None, :], dw.to(DW.dtype.element_ty), mask=m)
 
 
-# Launch tables by (device, content): a training loop standardizes the same weights into
-# outputs the allocator usually places where the last step's were, so a table is mostly
-# reused and copied to the device once. A table made while a CUDA graph is captured is kept
-# for good, with its pinned host copy: the graph's copy node reads that host memory again on
-# every replay (a few hundred bytes per captured launch).
+# Launch tables by (device, content). A model's weights stay where they are, so its table is
+# made and copied to the device on the first call and found again on every later one; a few
+# are kept. One used inside a CUDA graph capture is kept for good (the graph reads it on
+# every replay); one first made inside a capture is copied from pinned host memory that is
+# kept too (a warm-up call before the capture, as CUDA graph capture requires anyway, avoids
+# that).
 _TABLES: dict = {}
 _TABLES_KEPT = 16
 _CAPTURED: list = []
@@ -297,52 +300,73 @@ def _multi_tiles(ks: list[int], os: list[int], device: torch.device) -> tuple[in
     return _block_o(max(os), block, device), block
 
 
+def _in_memory_order(t: torch.Tensor, cl: bool) -> torch.Tensor:
+    """``t`` (weight-shaped, dense in its format) as the flat run of its elements in memory
+    order (a view)."""
+    return (t.permute(0, 2, 3, 1) if cl else t).reshape(-1)
+
+
+def _views(flat: torch.Tensor, like: list[torch.Tensor], cls: list[bool]) -> list[torch.Tensor]:
+    """Views of ``flat`` with the shapes and memory formats of ``like``, one after the other."""
+    views, at = [], 0
+    for w, cl in zip(like, cls):
+        n = w.numel()
+        chunk = flat[at:at + n]
+        if cl:
+            o, c, h, k = w.shape
+            views.append(chunk.view(o, h, k, c).permute(0, 3, 1, 2))
+        else:
+            views.append(chunk.view(w.shape))
+        at += n
+    return views
+
+
+def _launch(ws: list[torch.Tensor]):
+    """The dense weights, their layouts, the launch table and the tiles of a list."""
+    cls = [channels_last(w) for w in ws]
+    wc = _dense(ws, cls)
+    os_ = [w.shape[0] for w in wc]
+    ks = [w.numel() // w.shape[0] for w in wc]
+    device = wc[0].device
+    block_o, block = _multi_tiles(ks, os_, device)
+    columns, at, stat0 = [], 0, 0
+    for w, o, k in zip(wc, os_, ks):
+        for first in range(0, o, block_o):
+            columns.append((w.data_ptr(), at, k, first, min(block_o, o - first), stat0))
+        at += w.numel()
+        stat0 += o
+    return wc, cls, _table(device, columns), len(columns), block_o, block
+
+
 def _dense(ts, cls) -> list[torch.Tensor]:
     return [t.contiguous(memory_format=memory_format(cl)) for t, cl in zip(ts, cls)]
 
 
 def weight_standardize_multi_fwd(ws: list[torch.Tensor], eps: float, out_dtype: torch.dtype | None = None):
-    """Every weight of ``ws`` standardized in one launch: the standardized weights (each in
-    its weight's memory format, in ``out_dtype`` or else its weight's dtype) and the float32
-    ``mean`` and ``rstd`` of every weight's channels, one weight after the other."""
-    cls = [channels_last(w) for w in ws]
-    wc = _dense(ws, cls)
-    outs = [torch.empty_like(w, dtype=out_dtype or w.dtype) for w in wc]
-    os_ = [w.shape[0] for w in wc]
-    ks = [w.numel() // w.shape[0] for w in wc]
+    """Every weight of ``ws`` standardized in one launch: the standardized weights (each with
+    its weight's shape and memory format, in ``out_dtype`` or else the weights' dtype; views
+    of one buffer) and the float32 ``mean`` and ``rstd`` of every weight's channels, one
+    weight after the other."""
+    wc, cls, table, programs, block_o, block = _launch(ws)
     device = wc[0].device
-    rows = sum(os_)
+    flat = torch.empty(sum(w.numel() for w in wc), device=device, dtype=out_dtype or wc[0].dtype)
+    rows = sum(w.shape[0] for w in wc)
     mean = torch.empty(rows, device=device, dtype=torch.float32)
     rstd = torch.empty(rows, device=device, dtype=torch.float32)
-    block_o, block = _multi_tiles(ks, os_, device)
-    columns, stat0 = [], 0
-    for w, out, o, k in zip(wc, outs, os_, ks):
-        for first in range(0, o, block_o):
-            columns.append((w.data_ptr(), out.data_ptr(), k, first, min(block_o, o - first), stat0))
-        stat0 += o
-    table = _table(device, columns)
-    _ws_multi_fwd_kernel[(len(columns),)](table, wc[0], outs[0], mean, rstd, eps, BLOCK_O=block_o, BLOCK=block)
-    return outs, mean, rstd
+    _ws_multi_fwd_kernel[(programs,)](table, wc[0], flat, mean, rstd, eps, BLOCK_O=block_o, BLOCK=block)
+    return _views(flat, wc, cls), mean, rstd
 
 
 def weight_standardize_multi_bwd(grad_outs: list[torch.Tensor], ws: list[torch.Tensor], mean: torch.Tensor,
                                  rstd: torch.Tensor) -> list[torch.Tensor]:
     """The gradients with respect to every raw weight of ``ws`` in one launch, given the
-    gradients of the standardized weights (of one dtype, which may differ from the weights')
-    and the saved statistics; each in its weight's dtype and memory format."""
-    cls = [channels_last(w) for w in ws]
+    gradients of the standardized weights (in any floating dtype; they are gathered into one
+    buffer of the first one's dtype) and the saved statistics; each in its weight's dtype and
+    memory format (views of one buffer)."""
+    wc, cls, table, programs, block_o, block = _launch(ws)
     gdtype = grad_outs[0].dtype
-    wc, gc = _dense(ws, cls), _dense([g.to(gdtype) for g in grad_outs], cls)
-    dws = [torch.empty_like(w) for w in wc]
-    os_ = [w.shape[0] for w in wc]
-    ks = [w.numel() // w.shape[0] for w in wc]
-    device = wc[0].device
-    block_o, block = _multi_tiles(ks, os_, device)
-    columns, stat0 = [], 0
-    for g, w, dw, o, k in zip(gc, wc, dws, os_, ks):
-        for first in range(0, o, block_o):
-            columns.append((g.data_ptr(), w.data_ptr(), dw.data_ptr(), k, first, min(block_o, o - first), stat0))
-        stat0 += o
-    table = _table(device, columns)
-    _ws_multi_bwd_kernel[(len(columns),)](table, wc[0], gc[0], mean, rstd, BLOCK_O=block_o, BLOCK=block)
-    return dws
+    g = torch.cat([_in_memory_order(t.to(gdtype).contiguous(memory_format=memory_format(cl)), cl)
+                   for t, cl in zip(grad_outs, cls)])
+    dw = torch.empty(g.numel(), device=g.device, dtype=wc[0].dtype)
+    _ws_multi_bwd_kernel[(programs,)](table, wc[0], g, dw, mean, rstd, BLOCK_O=block_o, BLOCK=block)
+    return _views(dw, wc, cls)

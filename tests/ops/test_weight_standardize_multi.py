@@ -97,8 +97,13 @@ def test_triton_launch_tables_follow_the_tensors(device, backend):
     _require(backend, device, torch.float32)
     a = [w.detach() for w in _weights(device, torch.float32, "contiguous", seed=1)]
     b = [w.detach() for w in _weights(device, torch.float32, "contiguous", seed=2)]
+    from bitfast.kernels import weight_std as kernels
+
     first = weight_standardize_multi(a, backend=backend)
+    tables = dict(kernels._TABLES)
     again = weight_standardize_multi(a, backend=backend)
+    # the same weights: the same table, not a new one
+    assert list(kernels._TABLES) == list(tables) and all(kernels._TABLES[k] is t for k, t in tables.items())
     other = weight_standardize_multi(b, backend=backend)
     for x, y, z, wb in zip(first, again, other, b):
         assert torch.equal(x, y)
@@ -251,7 +256,8 @@ def test_out_dtype_writes_the_low_precision_copy(device, backend, out_dtype, lay
 def test_triton_list_op_replays_in_a_cuda_graph(out_dtype):
     """Captured in a CUDA graph (as ``--cuda-graphs`` captures a whole step) the one-launch
     Triton kernels give, on every replay with new weights, what an eager call gives: their
-    launch tables made during the capture stay alive for the graph."""
+    launch table holds only the weights' addresses and fixed offsets, made by the warm-up and
+    reused by the capture."""
     _require("triton", "cuda", torch.float32)
     g = torch.Generator(device="cuda").manual_seed(0)
     ws = [torch.randn(s, device="cuda", generator=g).requires_grad_() for s in SHAPES]
