@@ -215,11 +215,20 @@ def cmd_bench(args) -> int:
     for op in ops:
         if op not in bench.OPS:
             raise ValueError(f"unknown op {op!r} in --ops; expected some of {', '.join(bench.OPS)}")
+    impls = None
+    if args.impls:
+        impls = [i.strip() for i in args.impls.split(",") if i.strip()]
+        known = {i for op in ops for i in bench.implementations(op)}
+        unknown = [i for i in impls if i not in known]
+        if unknown:
+            raise ValueError(f"unknown implementation(s) {', '.join(unknown)} in --impls for {', '.join(ops)}; "
+                             f"expected some of {', '.join(sorted(known))}")
     device = args.device or bench.default_device()
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    meta, results, skipped = bench.run(ops, device=device, quick=args.quick, runs=args.runs, progress=not args.no_progress)
+    meta, results, skipped = bench.run(ops, device=device, quick=args.quick, runs=args.runs,
+                                       progress=not args.no_progress, impls=impls)
     meta["command"] = "bitfast " + " ".join(args.argv)
     meta["wall_s"] = round(time.perf_counter() - t0, 1)
     bench.write_reports(meta, results, skipped, json_path=args.json, markdown_path=args.markdown)
@@ -228,6 +237,10 @@ def cmd_bench(args) -> int:
     for line in bench.skip_summary(skipped):
         print(f"  not measured: {line}")
     print(bench.format_table(results))
+    failed = [spec for spec, why in skipped if why.startswith(bench.FAILED)]
+    if failed:
+        print(f"bitfast bench: {len(failed)} case(s) FAILED (listed above); the others were measured")
+        return 1
     return 0
 
 
@@ -448,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b.add_argument("--ops", default=None, help=f"comma-separated subset of: {', '.join(bench.OPS)} (default: all)")
     b.add_argument("--list", action="store_true", help="print the table of what is benchmarked (markdown) and exit")
+    b.add_argument("--impls", default=None,
+                   help="comma-separated subset of the implementations to run (bitfast's and the baselines', "
+                        "e.g. bitfast,compile; default: all)")
     b.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     b.add_argument("--runs", type=int, default=2, help="time each case this many times and report the spread")
     b.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")

@@ -49,7 +49,7 @@ from bitfast.bench.baselines import (
     eager_group_norm_relu_add,
     eager_weight_standardize,
 )
-from bitfast.bench.driver import Progress, check_and_peak, measure, run
+from bitfast.bench.driver import FAILED, Progress, check_and_peak, measure, run
 from bitfast.bench.harness import (
     DTYPES,
     EPS,
@@ -96,7 +96,7 @@ BASELINES = MappingProxyType({op: definition(op).baselines for op in OPS})
 MODES = MappingProxyType({op: definition(op).modes for op in OPS})
 
 __all__ = [
-    "BASELINES", "DTYPES", "EPS", "GN_GROUPS", "LAYOUTS", "LR", "MODES", "MOMENTUM", "OPS", "PEAK_CPU", "PEAK_CUDA",
+    "BASELINES", "DTYPES", "FAILED", "EPS", "GN_GROUPS", "LAYOUTS", "LR", "MODES", "MOMENTUM", "OPS", "PEAK_CPU", "PEAK_CUDA",
     "WEIGHT_DECAY", "WS_EPS", "BenchOp", "Case", "EagerGroupNormAct", "EagerStdConv2d", "Progress", "Result", "Skip",
     "Spec", "check_and_peak", "copy_bandwidth", "cpu_model", "default_device", "definition", "dtypes",
     "eager_batch_norm_relu", "eager_group_norm_relu", "eager_group_norm_relu_add", "eager_weight_standardize",

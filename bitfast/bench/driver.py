@@ -8,12 +8,14 @@ import sys
 import time
 from collections.abc import Sequence
 
+import torch
+
 from bitfast.bench import harness
 from bitfast.bench.harness import Case, Skip, Spec, default_device, grid, is_baseline, make_case
 from bitfast.bench.report import Result, environment
 from bitfast.bench.timing import copy_bandwidth, peak_memory, time_fn
 
-__all__ = ["Progress", "check_and_peak", "measure", "run"]
+__all__ = ["FAILED", "Progress", "check_and_peak", "measure", "run"]
 
 
 class Progress:
@@ -63,9 +65,18 @@ def measure(case: Case, *, runs: int = 2, min_time: float = 0.2, warmup: int | N
                   case.bytes_floor, case.items, peak, copy_gbps, case.shape_value)
 
 
+FAILED = "FAILED: "  # the start of the reason of a case whose setup, check or timing raised
+
+
 def run(ops: Sequence[str] | None = None, *, device: str | None = None, quick: bool = False, runs: int = 2, progress: bool = True,
-        specs: Sequence[Spec] | None = None) -> tuple[dict, list[Result], list[tuple[Spec, str]]]:
-    """Measure every case of ``ops`` (or the given ``specs``); returns (meta, results, skipped)."""
+        specs: Sequence[Spec] | None = None, impls: Sequence[str] | None = None,
+        ) -> tuple[dict, list[Result], list[tuple[Spec, str]]]:
+    """Measure every case of ``ops`` (or the given ``specs``), only the implementations
+    ``impls`` when given; returns (meta, results, skipped).
+
+    A case that raises (a compile or a capture that fails on this machine) does not end the
+    run: it is listed in ``skipped`` with a reason starting ``FAILED: `` and the next case
+    runs, so that one failure costs one row, not a whole GPU lease's table."""
     device = device or default_device()
     ops = harness.op_names() if ops is None else ops
     meta = environment(device)
@@ -73,17 +84,27 @@ def run(ops: Sequence[str] | None = None, *, device: str | None = None, quick: b
     meta["quick"] = quick
     meta["runs"] = runs
     specs = list(specs) if specs is not None else [s for op in ops for s in grid(op, device, quick)]
+    if impls is not None:
+        specs = [s for s in specs if s.impl in impls]
     bar = Progress(len(specs)) if progress else None
     results, skipped = [], []
     for spec in specs:
         # The train step on a GPU takes about 0.1 s: a second per run gives about ten steps.
         min_time = 1.0 if spec.op == "train_step" and device.startswith("cuda") else 0.1 if quick else 0.3
+        outcome = ""
         try:
             case = make_case(spec, device, quick=quick)
             results.append(measure(case, runs=runs, min_time=min_time, copy_gbps=meta["copy_GBps"]))
+            outcome = f": {results[-1].time_s * 1e3:.3f} ms"
             del case
         except Skip as exc:
             skipped.append((spec, str(exc)))
+            outcome = ": skipped"
+        except Exception as exc:  # noqa: BLE001 (reported, and the run goes on)
+            skipped.append((spec, f"{FAILED}{type(exc).__name__}: {str(exc)[:300]}"))
+            outcome = f": {skipped[-1][1]}"
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
         if bar:
-            bar.step(f"{spec.op} {spec.shape} {spec.dtype} {spec.mode} {spec.impl}")
+            bar.step(f"{spec.op} {spec.shape} {spec.dtype} {spec.mode} {spec.impl}{outcome}")
     return meta, results, skipped

@@ -254,3 +254,29 @@ def test_compiled_baseline_runs_its_backward_again():
     case.check()
     case.fn()
     case.fn()
+
+
+def test_a_failing_case_is_reported_and_the_run_goes_on(monkeypatch, capsys):
+    """A case that raises (a compile or a CUDA graph capture failing on the machine) costs its
+    row, not the run: it is listed as FAILED with its error, the other cases are measured, and
+    ``bitfast bench`` exits 1. ``--impls`` picks implementations."""
+    from bitfast.bench import driver
+
+    real = driver.make_case
+
+    def failing_reference(spec, device, quick=False):
+        if spec.impl == "reference":
+            raise RuntimeError("capture failed")
+        return real(spec, device, quick=quick)
+
+    monkeypatch.setattr(driver, "make_case", failing_reference)
+    meta, results, skipped = bench.run(["sgd_momentum"], device="cpu", quick=True, runs=1, progress=False,
+                                       impls=["reference", "sgd_foreach"])
+    assert results and {r.impl for r in results} == {"sgd_foreach"}
+    assert {spec.impl for spec, _ in skipped} == {"reference"}
+    assert all(why == "FAILED: RuntimeError: capture failed" for _, why in skipped)
+    assert cli.main(["bench", "--ops", "sgd_momentum", "--impls", "reference,sgd_foreach", "--quick", "--runs", "1",
+                     "--no-progress", "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAILED: RuntimeError: capture failed" in out and "case(s) FAILED" in out
+    assert cli.main(["bench", "--ops", "sgd_momentum", "--impls", "nope"]) == 2
