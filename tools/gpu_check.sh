@@ -273,7 +273,8 @@ done
 
 step "summary after $(( $(date +%s) - t_start )) s; results in $out"
 for f in cuda-norms.txt bench.txt bench-train.txt bench-train-autotune.txt sweep.txt; do
-    [ -f "$out/$f" ] && { echo "--- $f"; grep -v "^|--" "$out/$f" | cut -c1-230; }
+    # the tables and what was not measured (each case's progress line is in the file)
+    [ -f "$out/$f" ] && { echo "--- $f"; grep -v -e "^|--" -e "^\[[#.]*\] " "$out/$f" | cut -c1-230; }
 done
 [ -f "$out/cuda-tests.log" ] && { echo "--- CUDA tests"; grep -E "^(FAILED|ERROR)" "$out/cuda-tests.log" | cut -c1-200 | head -30; tail -1 "$out/cuda-tests.log"; }
 [ ${#skipped[@]} -gt 0 ] && echo "gpu_check: skipped for time: ${skipped[*]}"
