@@ -18,20 +18,17 @@ from ._formats import channels_last, memory_format
 
 
 @triton.jit
-def _ws_fwd_kernel(
-    W,  # raw weight, (O, K) dense rows (see _rows)
-    OUT,  # standardized weight, (O, K), W's dtype
-    MEAN,  # per-channel mean, (O,) float32
-    RSTD,  # per-channel 1/sqrt(var + eps), (O,) float32
-    NUM_O,  # output channels
-    K,  # elements per output channel
-    eps,  # added to the biased variance
-    BLOCK_O: tl.constexpr,  # output channels per program
-    BLOCK: tl.constexpr,  # elements per loop step
+def _ws_fwd_rows(
+    W,  # the raw weight's first element
+    OUT,  # the standardized weight's first element (its element type is the output's)
+    base,  # (BLOCK_O, 1) offset of each row's first element from W and OUT
+    row_mask,  # (BLOCK_O,) which rows exist
+    K,  # elements per row
+    eps,
+    BLOCK_O: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    row_mask = rows < NUM_O
-    base = (rows * K)[:, None]
+    """Standardize BLOCK_O rows of K elements from W into OUT; returns their mean and rstd."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
     for start in range(0, K, BLOCK):
@@ -55,28 +52,24 @@ def _ws_fwd_kernel(
         # Masked lanes hold (0 - mean) * rstd, which can overflow a half-precision cast.
         w_hat = tl.where(m, (w - mean[:, None]) * rstd[:, None], 0.0)
         tl.store(OUT + base + idx[None, :], w_hat.to(OUT.dtype.element_ty), mask=m)
-    tl.store(MEAN + rows, mean, mask=row_mask)
-    tl.store(RSTD + rows, rstd, mask=row_mask)
+    return mean, rstd
 
 
 @triton.jit
-def _ws_bwd_kernel(
-    G,  # gradient w.r.t. the standardized weight, (O, K) dense rows
-    W,  # raw weight, (O, K) dense rows (see _rows)
-    MEAN,  # saved per-channel mean, (O,) float32
-    RSTD,  # saved per-channel rstd, (O,) float32
-    DW,  # gradient w.r.t. the raw weight, (O, K), W's dtype
-    NUM_O,  # output channels
-    K,  # elements per output channel
-    BLOCK_O: tl.constexpr,  # output channels per program
-    BLOCK: tl.constexpr,  # elements per loop step
+def _ws_bwd_rows(
+    G,  # the gradient of the standardized weight's first element
+    W,  # the raw weight's first element
+    DW,  # the weight gradient's first element (its element type is the result's)
+    base,  # (BLOCK_O, 1) offset of each row's first element from G, W and DW
+    row_mask,  # (BLOCK_O,) which rows exist
+    mean,  # (BLOCK_O, 1) the rows' saved means
+    rstd,  # (BLOCK_O, 1) the rows' saved rstd
+    K,  # elements per row
+    BLOCK_O: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
-    row_mask = rows < NUM_O
-    base = (rows * K)[:, None]
+    """The gradients of BLOCK_O rows of K elements with respect to the raw weight, into DW."""
     offs = tl.arange(0, BLOCK)
-    mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
-    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
     sum_g = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
     sum_gw = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
     for start in range(0, K, BLOCK):
@@ -95,6 +88,44 @@ def _ws_bwd_kernel(
         w_hat = (tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32) - mean) * rstd
         dw = tl.where(m, rstd * (g - mean_g - w_hat * mean_gw), 0.0)
         tl.store(DW + base + idx[None, :], dw.to(DW.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _ws_fwd_kernel(
+    W,  # raw weight, (O, K) dense rows (see _rows)
+    OUT,  # standardized weight, (O, K), W's dtype
+    MEAN,  # per-channel mean, (O,) float32
+    RSTD,  # per-channel 1/sqrt(var + eps), (O,) float32
+    NUM_O,  # output channels
+    K,  # elements per output channel
+    eps,  # added to the biased variance
+    BLOCK_O: tl.constexpr,  # output channels per program
+    BLOCK: tl.constexpr,  # elements per loop step
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_mask = rows < NUM_O
+    mean, rstd = _ws_fwd_rows(W, OUT, (rows * K)[:, None], row_mask, K, eps, BLOCK_O, BLOCK)
+    tl.store(MEAN + rows, mean, mask=row_mask)
+    tl.store(RSTD + rows, rstd, mask=row_mask)
+
+
+@triton.jit
+def _ws_bwd_kernel(
+    G,  # gradient w.r.t. the standardized weight, (O, K) dense rows
+    W,  # raw weight, (O, K) dense rows (see _rows)
+    MEAN,  # saved per-channel mean, (O,) float32
+    RSTD,  # saved per-channel rstd, (O,) float32
+    DW,  # gradient w.r.t. the raw weight, (O, K), W's dtype
+    NUM_O,  # output channels
+    K,  # elements per output channel
+    BLOCK_O: tl.constexpr,  # output channels per program
+    BLOCK: tl.constexpr,  # elements per loop step
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    row_mask = rows < NUM_O
+    mean = tl.load(MEAN + rows, mask=row_mask, other=0.0)[:, None]
+    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)[:, None]
+    _ws_bwd_rows(G, W, DW, (rows * K)[:, None], row_mask, mean, rstd, K, BLOCK_O, BLOCK)
 
 
 def _block(k: int) -> int:
@@ -180,38 +211,14 @@ def _ws_multi_fwd_kernel(
 ):
     entry = TABLE + tl.program_id(0).to(tl.int64) * 6
     W = tl.load(entry).to(tl.pointer_type(TY.dtype.element_ty))
-    OUTw = OUT + tl.load(entry + 1)
     K = tl.load(entry + 2)
-    first = tl.load(entry + 3)
-    count = tl.load(entry + 4)
-    stat0 = tl.load(entry + 5)
     local = tl.arange(0, BLOCK_O).to(tl.int64)
-    row_mask = local < count
-    rows = first + local
-    base = (rows * K)[:, None]
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
-    for start in range(0, K, BLOCK):
-        idx = start + offs
-        m = row_mask[:, None] & (idx < K)[None, :]
-        acc += tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
-    mean = tl.sum(acc, axis=1) / K
-    acc = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
-    for start in range(0, K, BLOCK):
-        idx = start + offs
-        m = row_mask[:, None] & (idx < K)[None, :]
-        w = tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
-        d = tl.where(m, w - mean[:, None], 0.0)
-        acc += d * d
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=1) / K + eps)
-    for start in range(0, K, BLOCK):
-        idx = start + offs
-        m = row_mask[:, None] & (idx < K)[None, :]
-        w = tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
-        w_hat = tl.where(m, (w - mean[:, None]) * rstd[:, None], 0.0)
-        tl.store(OUTw + base + idx[None, :], w_hat.to(OUT.dtype.element_ty), mask=m)
-    tl.store(MEAN + stat0 + rows, mean, mask=row_mask)
-    tl.store(RSTD + stat0 + rows, rstd, mask=row_mask)
+    row_mask = local < tl.load(entry + 4)
+    rows = tl.load(entry + 3) + local
+    stats = tl.load(entry + 5) + rows
+    mean, rstd = _ws_fwd_rows(W, OUT + tl.load(entry + 1), (rows * K)[:, None], row_mask, K, eps, BLOCK_O, BLOCK)
+    tl.store(MEAN + stats, mean, mask=row_mask)
+    tl.store(RSTD + stats, rstd, mask=row_mask)
 
 
 @triton.jit
@@ -228,37 +235,14 @@ def _ws_multi_bwd_kernel(
     entry = TABLE + tl.program_id(0).to(tl.int64) * 6
     W = tl.load(entry).to(tl.pointer_type(TY.dtype.element_ty))
     offset = tl.load(entry + 1)
-    Gw = G + offset
-    DWw = DW + offset
     K = tl.load(entry + 2)
-    first = tl.load(entry + 3)
-    count = tl.load(entry + 4)
-    stat0 = tl.load(entry + 5)
     local = tl.arange(0, BLOCK_O).to(tl.int64)
-    row_mask = local < count
-    rows = first + local
-    base = (rows * K)[:, None]
-    offs = tl.arange(0, BLOCK)
-    mean = tl.load(MEAN + stat0 + rows, mask=row_mask, other=0.0)[:, None]
-    rstd = tl.load(RSTD + stat0 + rows, mask=row_mask, other=0.0)[:, None]
-    sum_g = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
-    sum_gw = tl.zeros([BLOCK_O, BLOCK], dtype=tl.float32)
-    for start in range(0, K, BLOCK):
-        idx = start + offs
-        m = row_mask[:, None] & (idx < K)[None, :]
-        g = tl.load(Gw + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
-        w_hat = (tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32) - mean) * rstd
-        sum_g += g
-        sum_gw += tl.where(m, g * w_hat, 0.0)
-    mean_g = (tl.sum(sum_g, axis=1) / K)[:, None]
-    mean_gw = (tl.sum(sum_gw, axis=1) / K)[:, None]
-    for start in range(0, K, BLOCK):
-        idx = start + offs
-        m = row_mask[:, None] & (idx < K)[None, :]
-        g = tl.load(Gw + base + idx[None, :], mask=m, other=0.0).to(tl.float32)
-        w_hat = (tl.load(W + base + idx[None, :], mask=m, other=0.0).to(tl.float32) - mean) * rstd
-        dw = tl.where(m, rstd * (g - mean_g - w_hat * mean_gw), 0.0)
-        tl.store(DWw + base + idx[None, :], dw.to(DW.dtype.element_ty), mask=m)
+    row_mask = local < tl.load(entry + 4)
+    rows = tl.load(entry + 3) + local
+    stats = tl.load(entry + 5) + rows
+    mean = tl.load(MEAN + stats, mask=row_mask, other=0.0)[:, None]
+    rstd = tl.load(RSTD + stats, mask=row_mask, other=0.0)[:, None]
+    _ws_bwd_rows(G + offset, W, DW + offset, (rows * K)[:, None], row_mask, mean, rstd, K, BLOCK_O, BLOCK)
 
 
 # Launch tables by (device, content). A model's weights stay where they are, so its table is

@@ -120,6 +120,16 @@ def _median_s(fn: Callable, device: str, min_time: float) -> float:
     return statistics.median(time_fn(fn, device, min_time=min_time, min_reps=3, max_reps=200, warmup=2))
 
 
+def _skipped(row, why: str | None, clock) -> bool:
+    """Mark ``row`` skipped, saying why, when its implementation cannot run here (``why``) or
+    the sweep's time is spent; whether it was."""
+    if why:
+        row.status = f"skipped: {why}"
+    elif clock.out():
+        row.status = "skipped: out of the sweep's time"
+    return row.status.startswith("skipped")
+
+
 class _Clock:
     """The sweep's time budget: measurements stop starting once it is spent."""
 
@@ -253,11 +263,7 @@ def _sweep_gn(device, dtype, shapes, min_time, clock, rows, dry, inductor, log):
                             continue  # the same launch as the default for this direction
                     row = Row(kernel, shape_label, impl, label_c, bytes_floor=floors[kernel])
                     rows.append(row)
-                    if why:
-                        row.status = f"skipped: {why}"
-                        continue
-                    if clock.out():
-                        row.status = "skipped: out of the sweep's time"
+                    if _skipped(row, why, clock):
                         continue
                     try:
                         fwd, bwd, ctx = _gn_kernels(impl, config)
@@ -333,11 +339,7 @@ def _sweep_sgd(device, shapes, label, min_time, clock, rows, dry, log):
             label_c = config.label() if impl == "triton" else _label(config)
             row = Row("sgd", shape_label, impl, label_c, bytes_floor=floor)
             rows.append(row)
-            if why:
-                row.status = f"skipped: {why}"
-                continue
-            if clock.out():
-                row.status = "skipped: out of the sweep's time"
+            if _skipped(row, why, clock):
                 continue
             try:
                 params, grads, bufs = ([t.clone() for t in ts] for ts in base)
