@@ -31,11 +31,13 @@ offset is int64.
 Launch configuration (``GroupNormConfig``; the launchers take ``config=``, the default is
 ``DEFAULT_CONFIG``): the tile size, the cap on channels per tile, the warps and pipeline
 stages, and groups per program. With ``groups_per_program`` > 1 a program normalizes that
-many adjacent groups of one sample (``_gn_relu_*_multi_kernel``): its tiles span all their
-channels, so in channels_last a row of a tile is ``groups_per_program * C/G`` contiguous
-channels instead of ``C/G`` (wider, better coalesced accesses when groups are narrow), and
-the per-group sums are taken from the per-channel ones. ``tools/kernel_sweep.py`` times
-these configurations on a GPU.
+many adjacent groups of one sample (the kernels' ``GP > 1`` branch): its tiles span all
+their channels, so in channels_last a row of a tile is ``groups_per_program * C/G``
+contiguous channels instead of ``C/G`` (wider, better coalesced accesses when groups are
+narrow), and the per-group sums are taken from the per-channel ones. Both branches walk
+their tiles with the same ``@triton.jit`` helpers (the tile's offsets, the input load and
+residual sum, the statistics merge, the normalize+ReLU pass, the backward's two passes;
+Triton inlines them). ``tools/kernel_sweep.py`` times these configurations on a GPU.
 """
 
 from __future__ import annotations
@@ -114,209 +116,211 @@ def _round_to(
 
 
 @triton.jit
-def _gn_relu_fwd_kernel(
-    X,  # input, (N, C, H, W) in NCHW or NHWC memory; with HAS_RESIDUAL, the sum written here
-    Y,  # output, like X
-    RES_A,  # residual operand a, like X; ignored unless HAS_RESIDUAL
-    RES_B,  # residual operand b, like X; ignored unless HAS_RESIDUAL
-    W,  # gamma, (C,) any float dtype; ignored unless HAS_WEIGHT
-    B,  # beta, (C,) any float dtype; ignored unless HAS_BIAS
-    MEAN,  # per-(sample, group) mean, (N, G) float32
-    RSTD,  # per-(sample, group) 1/sqrt(var + eps), (N, G) float32
+def _tile(
+    ss,  # first spatial position of the tile
+    offs_s,  # tl.arange(0, BLOCK_S)
+    ch,  # channels of the tile, (BLOCK_C,) int
+    c_mask,  # which of ch the tile covers, (BLOCK_C,) bool
     C,  # channels
     HW,  # H * W
-    G,  # groups
-    CG,  # channels per group, C // G
-    eps,  # added to the biased variance
-    HAS_RESIDUAL: tl.constexpr,  # X = RES_A + RES_B is computed and stored, then normalized
-    HAS_WEIGHT: tl.constexpr,  # gamma given (else 1)
-    HAS_BIAS: tl.constexpr,  # beta given (else 0)
-    RELU: tl.constexpr,  # apply the ReLU
-    CHANNELS_LAST: tl.constexpr,  # memory layout of X and Y
-    BLOCK_C: tl.constexpr,  # channels per tile
-    BLOCK_S: tl.constexpr,  # spatial positions per tile
+    CHANNELS_LAST: tl.constexpr,  # memory layout
 ):
-    pid = tl.program_id(0)
-    n = pid // G
-    c_first = (pid % G) * CG
-    base = n.to(tl.int64) * C * HW
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
-    # Tiles are (BLOCK_S, BLOCK_C); offsets from the sample's first element.
+    # The mask and the offsets, from the sample's first element, of the (BLOCK_S, BLOCK_C)
+    # tile of spatial positions ss + offs_s and channels ch.
     if CHANNELS_LAST:
         stride_c = 1
         stride_s = C
     else:
         stride_c = HW
         stride_s = 1
-
-    count = 0.0
-    mean = 0.0
-    m2 = 0.0
-    for cs in range(0, CG, BLOCK_C):
-        cc = cs + offs_c
-        c_mask = cc < CG
-        for ss in range(0, HW, BLOCK_S):
-            sp = ss + offs_s
-            mask = (sp < HW)[:, None] & c_mask[None, :]
-            offs = (c_first + cc)[None, :] * stride_c + sp[:, None] * stride_s
-            if HAS_RESIDUAL:
-                # The sum rounded to the storage dtype, as a + b is, and its statistics are
-                # those of the rounded values that pass 2 reads back.
-                ra = tl.load(RES_A + base + offs, mask=mask, other=0.0).to(tl.float32)
-                rb = tl.load(RES_B + base + offs, mask=mask, other=0.0).to(tl.float32)
-                xs = _round_to(ra + rb, X.dtype.element_ty)
-                tl.store(X + base + offs, xs, mask=mask)
-                x = xs.to(tl.float32)
-            else:
-                x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-            n_b = (tl.minimum(CG - cs, BLOCK_C) * tl.minimum(HW - ss, BLOCK_S)).to(tl.float32)
-            mean_b = tl.sum(tl.sum(x, axis=1), axis=0) / n_b
-            d = tl.where(mask, x - mean_b, 0.0)
-            m2_b = tl.sum(tl.sum(d * d, axis=1), axis=0)
-            # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b).
-            total = count + n_b
-            delta = mean_b - mean
-            mean = mean + delta * (n_b / total)
-            m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-            count = total
-    rstd = 1.0 / tl.sqrt(m2 / count + eps)
-    tl.store(MEAN + pid, mean)
-    tl.store(RSTD + pid, rstd)
-    if HAS_RESIDUAL:
-        # Pass 2 reads the sum back; a thread may load elements another thread stored.
-        tl.debug_barrier()
-
-    for cs in range(0, CG, BLOCK_C):
-        cc = cs + offs_c
-        c_mask = cc < CG
-        ch = c_first + cc
-        if HAS_WEIGHT:
-            w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_BIAS:
-            b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
-        else:
-            b = tl.zeros([BLOCK_C], tl.float32)
-        scale = w * rstd
-        for ss in range(0, HW, BLOCK_S):
-            sp = ss + offs_s
-            mask = (sp < HW)[:, None] & c_mask[None, :]
-            offs = ch[None, :] * stride_c + sp[:, None] * stride_s
-            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-            y = (x - mean) * scale[None, :] + b[None, :]
-            if RELU:
-                y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
-            tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+    sp = ss + offs_s
+    mask = (sp < HW)[:, None] & c_mask[None, :]
+    offs = ch[None, :] * stride_c + sp[:, None] * stride_s
+    return mask, offs
 
 
 @triton.jit
-def _gn_relu_bwd_kernel(
-    DY,  # gradient w.r.t. the output, (N, C, H, W) in X's memory layout
-    X,  # forward input, (N, C, H, W) in NCHW or NHWC memory
+def _load_affine(
     W,  # gamma, (C,) any float dtype; ignored unless HAS_WEIGHT
     B,  # beta, (C,) any float dtype; ignored unless HAS_BIAS
-    MEAN,  # saved mean, (N, G) float32
-    RSTD,  # saved rstd, (N, G) float32
-    DX,  # gradient w.r.t. X, like X; with HAS_GRAD_SUM, plus GRAD_SUM
-    GRAD_SUM,  # gradient reaching X from elsewhere, like X; ignored unless HAS_GRAD_SUM
-    DW_PART,  # per-(sample, channel) sum(dy * xhat), (N, C) float32
-    DB_PART,  # per-(sample, channel) sum(dy), (N, C) float32
-    C,  # channels
-    HW,  # H * W
-    G,  # groups
-    CG,  # channels per group, C // G
-    HAS_GRAD_SUM: tl.constexpr,  # add GRAD_SUM to dx before the store
+    ch,  # channels, (BLOCK_C,) int
+    c_mask,  # which of ch to load, (BLOCK_C,) bool
     HAS_WEIGHT: tl.constexpr,  # gamma given (else 1)
     HAS_BIAS: tl.constexpr,  # beta given (else 0)
+    BLOCK_C: tl.constexpr,  # length of ch
+):
+    # gamma and beta of channels ch, float32 (a loaded value is 0 where c_mask is off).
+    if HAS_WEIGHT:
+        w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        w = tl.full([BLOCK_C], 1.0, tl.float32)
+    if HAS_BIAS:
+        b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
+    else:
+        b = tl.zeros([BLOCK_C], tl.float32)
+    return w, b
+
+
+@triton.jit
+def _fwd_load(
+    X,  # input; with HAS_RESIDUAL, where the sum is stored
+    RES_A,  # residual operand a, like X; ignored unless HAS_RESIDUAL
+    RES_B,  # residual operand b, like X; ignored unless HAS_RESIDUAL
+    base,  # offset of the sample's first element, int64
+    offs,  # offsets of the tile from it
+    mask,  # elements of the tile that exist
+    HAS_RESIDUAL: tl.constexpr,  # X = RES_A + RES_B is computed and stored
+):
+    # A tile of the forward's input, float32, as the statistics pass reads it.
+    if HAS_RESIDUAL:
+        # The sum rounded to the storage dtype, as a + b is, and its statistics are
+        # those of the rounded values that pass 2 reads back.
+        ra = tl.load(RES_A + base + offs, mask=mask, other=0.0).to(tl.float32)
+        rb = tl.load(RES_B + base + offs, mask=mask, other=0.0).to(tl.float32)
+        xs = _round_to(ra + rb, X.dtype.element_ty)
+        tl.store(X + base + offs, xs, mask=mask)
+        x = xs.to(tl.float32)
+    else:
+        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _chan_merge(
+    count,  # elements merged so far, float32
+    mean,  # their mean
+    m2,  # their centred sum of squares
+    n_b,  # elements of the tile, float32
+    mean_b,  # the tile's mean
+    m2_b,  # the tile's centred sum of squares
+):
+    # Chan et al.: (count, mean, m2) merged with the tile's (n_b, mean_b, m2_b); scalars, or
+    # vectors with one lane per group.
+    total = count + n_b
+    delta = mean_b - mean
+    mean = mean + delta * (n_b / total)
+    m2 = m2 + m2_b + delta * delta * (count * n_b / total)
+    return total, mean, m2
+
+
+@triton.jit
+def _fwd_apply(
+    X,  # input (the stored sum with the residual add), (N, C, H, W)
+    Y,  # output, like X
+    base,  # offset of the sample's first element, int64
+    ch,  # channels of the tiles, (BLOCK_C,) int
+    c_mask,  # which of ch exist, (BLOCK_C,) bool
+    offs_s,  # tl.arange(0, BLOCK_S)
+    C,  # channels
+    HW,  # H * W
+    mean,  # group mean: a scalar, or that of each channel's group, (1, BLOCK_C)
+    scale,  # gamma * rstd per channel, (BLOCK_C,) float32
+    b,  # beta per channel, (BLOCK_C,) float32
+    RELU: tl.constexpr,  # apply the ReLU
+    CHANNELS_LAST: tl.constexpr,  # memory layout of X and Y
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    # The forward's second pass over channels ch: normalize, scale, shift, ReLU, store.
+    for ss in range(0, HW, BLOCK_S):
+        mask, offs = _tile(ss, offs_s, ch, c_mask, C, HW, CHANNELS_LAST)
+        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+        y = (x - mean) * scale[None, :] + b[None, :]
+        if RELU:
+            y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
+        tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _bwd_load(
+    DY,  # gradient w.r.t. the output
+    X,  # forward input
+    base,  # offset of the sample's first element, int64
+    offs,  # offsets of the tile from it
+    mask,  # elements of the tile that exist
+    mean,  # group mean: a scalar, or that of each channel's group, (1, BLOCK_C)
+    scale,  # gamma * rstd per channel, (BLOCK_C,) float32
+    b,  # beta per channel, (BLOCK_C,) float32
     RELU: tl.constexpr,  # the forward applied the ReLU
-    CHANNELS_LAST: tl.constexpr,  # memory layout of DY, X and DX
+):
+    # A tile's x - mean and dy (0 where the forward's ReLU cut), float32.
+    x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
+    xc = x - mean
+    if RELU:
+        # The forward's own expression, so the mask matches the stored output.
+        dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
+    return xc, dy
+
+
+@triton.jit
+def _bwd_channel_sums(
+    DY,  # gradient w.r.t. the output, (N, C, H, W) in X's memory layout
+    X,  # forward input, (N, C, H, W)
+    DW_PART,  # per-(sample, channel) sum(dy * xhat), (N, C) float32
+    DB_PART,  # per-(sample, channel) sum(dy), (N, C) float32
+    base,  # offset of the sample's first element, int64
+    part,  # offset of the sample's row of DW_PART and DB_PART, int64
+    ch,  # channels of the tiles, (BLOCK_C,) int
+    c_mask,  # which of ch exist, (BLOCK_C,) bool
+    offs_s,  # tl.arange(0, BLOCK_S)
+    C,  # channels
+    HW,  # H * W
+    mean,  # group mean: a scalar, or that of each channel's group, (1, BLOCK_C)
+    rstd,  # group rstd, like mean
+    scale,  # gamma * rstd per channel, (BLOCK_C,) float32
+    b,  # beta per channel, (BLOCK_C,) float32
+    RELU: tl.constexpr,  # the forward applied the ReLU
+    CHANNELS_LAST: tl.constexpr,  # memory layout of DY and X
     BLOCK_C: tl.constexpr,  # channels per tile
     BLOCK_S: tl.constexpr,  # spatial positions per tile
 ):
-    pid = tl.program_id(0)
-    n = pid // G
-    c_first = (pid % G) * CG
-    base = n.to(tl.int64) * C * HW
-    part = n.to(tl.int64) * C
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
-    # Tiles are (BLOCK_S, BLOCK_C); offsets from the sample's first element.
-    if CHANNELS_LAST:
-        stride_c = 1
-        stride_s = C
-    else:
-        stride_c = HW
-        stride_s = 1
-    mean = tl.load(MEAN + pid)
-    rstd = tl.load(RSTD + pid)
+    # The backward's first pass over channels ch: sum(dy) and sum(dy * xhat) over H*W per
+    # channel, stored to DB_PART and DW_PART and returned, (BLOCK_C,) each.
+    acc_db = tl.zeros([BLOCK_C], tl.float32)
+    acc_dw = tl.zeros([BLOCK_C], tl.float32)
+    for ss in range(0, HW, BLOCK_S):
+        mask, offs = _tile(ss, offs_s, ch, c_mask, C, HW, CHANNELS_LAST)
+        xc, dy = _bwd_load(DY, X, base, offs, mask, mean, scale, b, RELU)
+        acc_db += tl.sum(dy, axis=0)
+        acc_dw += tl.sum(dy * (xc * rstd), axis=0)
+    tl.store(DB_PART + part + ch, acc_db, mask=c_mask)
+    tl.store(DW_PART + part + ch, acc_dw, mask=c_mask)
+    return acc_db, acc_dw
 
-    # Pass 1: per-channel sums, and from them the group's sum(g) and sum(g * xhat), g = dy * gamma.
-    sum_g = 0.0
-    sum_gx = 0.0
-    for cs in range(0, CG, BLOCK_C):
-        cc = cs + offs_c
-        c_mask = cc < CG
-        ch = c_first + cc
-        if HAS_WEIGHT:
-            w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_BIAS:
-            b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
-        else:
-            b = tl.zeros([BLOCK_C], tl.float32)
-        scale = w * rstd
-        acc_db = tl.zeros([BLOCK_C], tl.float32)
-        acc_dw = tl.zeros([BLOCK_C], tl.float32)
-        for ss in range(0, HW, BLOCK_S):
-            sp = ss + offs_s
-            mask = (sp < HW)[:, None] & c_mask[None, :]
-            offs = ch[None, :] * stride_c + sp[:, None] * stride_s
-            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-            xc = x - mean
-            if RELU:
-                # The forward's own expression, so the mask matches the stored output.
-                dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
-            acc_db += tl.sum(dy, axis=0)
-            acc_dw += tl.sum(dy * (xc * rstd), axis=0)
-        tl.store(DB_PART + part + ch, acc_db, mask=c_mask)
-        tl.store(DW_PART + part + ch, acc_dw, mask=c_mask)
-        sum_g += tl.sum(acc_db * w, axis=0)
-        sum_gx += tl.sum(acc_dw * w, axis=0)
-    m = (CG * HW).to(tl.float32)
-    mean_g = sum_g / m
-    mean_gx = sum_gx / m
 
-    # Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
-    for cs in range(0, CG, BLOCK_C):
-        cc = cs + offs_c
-        c_mask = cc < CG
-        ch = c_first + cc
-        if HAS_WEIGHT:
-            w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
-        else:
-            w = tl.full([BLOCK_C], 1.0, tl.float32)
-        if HAS_BIAS:
-            b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
-        else:
-            b = tl.zeros([BLOCK_C], tl.float32)
-        scale = w * rstd
-        for ss in range(0, HW, BLOCK_S):
-            sp = ss + offs_s
-            mask = (sp < HW)[:, None] & c_mask[None, :]
-            offs = ch[None, :] * stride_c + sp[:, None] * stride_s
-            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-            dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-            xc = x - mean
-            if RELU:
-                dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
-            dx = rstd * (dy * w[None, :] - mean_g - (xc * rstd) * mean_gx)
-            if HAS_GRAD_SUM:
-                dx += tl.load(GRAD_SUM + base + offs, mask=mask, other=0.0).to(tl.float32)
-            tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+@triton.jit
+def _bwd_dx(
+    DY,  # gradient w.r.t. the output, (N, C, H, W) in X's memory layout
+    X,  # forward input, (N, C, H, W)
+    DX,  # gradient w.r.t. X, like X; with HAS_GRAD_SUM, plus GRAD_SUM
+    GRAD_SUM,  # gradient reaching X from elsewhere, like X; ignored unless HAS_GRAD_SUM
+    base,  # offset of the sample's first element, int64
+    ch,  # channels of the tiles, (BLOCK_C,) int
+    c_mask,  # which of ch exist, (BLOCK_C,) bool
+    offs_s,  # tl.arange(0, BLOCK_S)
+    C,  # channels
+    HW,  # H * W
+    mean,  # group mean: a scalar, or that of each channel's group, (1, BLOCK_C)
+    rstd,  # group rstd, like mean
+    mean_g,  # group mean of g = dy * gamma, like mean
+    mean_gx,  # group mean of g * xhat, like mean
+    w,  # gamma per channel, (BLOCK_C,) float32
+    scale,  # gamma * rstd per channel, (BLOCK_C,) float32
+    b,  # beta per channel, (BLOCK_C,) float32
+    HAS_GRAD_SUM: tl.constexpr,  # add GRAD_SUM to dx before the store
+    RELU: tl.constexpr,  # the forward applied the ReLU
+    CHANNELS_LAST: tl.constexpr,  # memory layout of DY, X, DX and GRAD_SUM
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    # The backward's second pass over channels ch: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)),
+    # g = dy * gamma, plus GRAD_SUM with HAS_GRAD_SUM, stored to DX.
+    for ss in range(0, HW, BLOCK_S):
+        mask, offs = _tile(ss, offs_s, ch, c_mask, C, HW, CHANNELS_LAST)
+        xc, dy = _bwd_load(DY, X, base, offs, mask, mean, scale, b, RELU)
+        dx = rstd * (dy * w[None, :] - mean_g - (xc * rstd) * mean_gx)
+        if HAS_GRAD_SUM:
+            dx += tl.load(GRAD_SUM + base + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -342,7 +346,34 @@ def _seg_bcast(
 
 
 @triton.jit
-def _gn_relu_fwd_multi_kernel(
+def _multi_program(
+    C,  # channels
+    HW,  # H * W
+    G,  # groups
+    CG,  # channels per group, C // G
+    GP: tl.constexpr,  # groups per program (divides G)
+    BLOCK_C: tl.constexpr,  # channels per tile, >= GP * CG
+    BLOCK_S: tl.constexpr,  # spatial positions per tile
+):
+    # What a multi-group program covers: its sample n, its first group, the offset of the
+    # sample's first element (int64), tl.arange(0, BLOCK_S), and per lane of a tile row its
+    # group within the program (GP for lanes past the program's channels), whether it holds
+    # a channel, and which channel.
+    pid = tl.program_id(0)
+    per_sample = G // GP
+    n = pid // per_sample
+    g_first = (pid % per_sample) * GP
+    base = n.to(tl.int64) * C * HW
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    seg = offs_c // CG
+    c_mask = offs_c < GP * CG
+    ch = g_first * CG + offs_c
+    return n, g_first, base, offs_s, seg, c_mask, ch
+
+
+@triton.jit
+def _gn_relu_fwd_kernel(
     X,  # input, (N, C, H, W) in NCHW or NHWC memory; with HAS_RESIDUAL, the sum written here
     Y,  # output, like X
     RES_A,  # residual operand a, like X; ignored unless HAS_RESIDUAL
@@ -361,83 +392,76 @@ def _gn_relu_fwd_multi_kernel(
     HAS_BIAS: tl.constexpr,  # beta given (else 0)
     RELU: tl.constexpr,  # apply the ReLU
     CHANNELS_LAST: tl.constexpr,  # memory layout of X and Y
-    GP: tl.constexpr,  # groups per program (divides G)
-    BLOCK_C: tl.constexpr,  # channels per tile, >= GP * CG
+    GP: tl.constexpr,  # groups per program (divides G); 1: one (sample, group) per program
+    BLOCK_C: tl.constexpr,  # channels per tile; with GP > 1, >= GP * CG
     BLOCK_S: tl.constexpr,  # spatial positions per tile
 ):
-    # The forward of GP adjacent groups of one sample: tiles span the GP * CG channels, the
-    # statistics are merged per group as in _gn_relu_fwd_kernel, one vector lane per group.
-    pid = tl.program_id(0)
-    per_sample = G // GP
-    n = pid // per_sample
-    g_first = (pid % per_sample) * GP
-    base = n.to(tl.int64) * C * HW
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
-    seg = offs_c // CG
-    c_mask = offs_c < GP * CG
-    ch = g_first * CG + offs_c
-    if CHANNELS_LAST:
-        stride_c = 1
-        stride_s = C
-    else:
-        stride_c = HW
-        stride_s = 1
+    if GP == 1:
+        pid = tl.program_id(0)
+        n = pid // G
+        c_first = (pid % G) * CG
+        base = n.to(tl.int64) * C * HW
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_s = tl.arange(0, BLOCK_S)
 
-    count = tl.zeros([GP], tl.float32)
-    mean = tl.zeros([GP], tl.float32)
-    m2 = tl.zeros([GP], tl.float32)
-    for ss in range(0, HW, BLOCK_S):
-        sp = ss + offs_s
-        mask = (sp < HW)[:, None] & c_mask[None, :]
-        offs = ch[None, :] * stride_c + sp[:, None] * stride_s
+        count = 0.0
+        mean = 0.0
+        m2 = 0.0
+        for cs in range(0, CG, BLOCK_C):
+            cc = cs + offs_c
+            c_mask = cc < CG
+            for ss in range(0, HW, BLOCK_S):
+                mask, offs = _tile(ss, offs_s, c_first + cc, c_mask, C, HW, CHANNELS_LAST)
+                x = _fwd_load(X, RES_A, RES_B, base, offs, mask, HAS_RESIDUAL)
+                n_b = (tl.minimum(CG - cs, BLOCK_C) * tl.minimum(HW - ss, BLOCK_S)).to(tl.float32)
+                mean_b = tl.sum(tl.sum(x, axis=1), axis=0) / n_b
+                d = tl.where(mask, x - mean_b, 0.0)
+                m2_b = tl.sum(tl.sum(d * d, axis=1), axis=0)
+                count, mean, m2 = _chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
+        tl.store(MEAN + pid, mean)
+        tl.store(RSTD + pid, rstd)
         if HAS_RESIDUAL:
-            ra = tl.load(RES_A + base + offs, mask=mask, other=0.0).to(tl.float32)
-            rb = tl.load(RES_B + base + offs, mask=mask, other=0.0).to(tl.float32)
-            xs = _round_to(ra + rb, X.dtype.element_ty)
-            tl.store(X + base + offs, xs, mask=mask)
-            x = xs.to(tl.float32)
-        else:
-            x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-        n_b = (tl.minimum(HW - ss, BLOCK_S) * CG).to(tl.float32)
-        mean_b = _seg_sum(tl.sum(x, axis=0), seg, GP) / n_b
-        d = tl.where(mask, x - _seg_bcast(mean_b, seg, GP)[None, :], 0.0)
-        m2_b = _seg_sum(tl.sum(d * d, axis=0), seg, GP)
-        total = count + n_b
-        delta = mean_b - mean
-        mean = mean + delta * (n_b / total)
-        m2 = m2 + m2_b + delta * delta * (count * n_b / total)
-        count = total
-    rstd = 1.0 / tl.sqrt(m2 / count + eps)
-    gi = tl.arange(0, GP)
-    tl.store(MEAN + n * G + g_first + gi, mean)
-    tl.store(RSTD + n * G + g_first + gi, rstd)
-    if HAS_RESIDUAL:
-        tl.debug_barrier()
+            # Pass 2 reads the sum back; a thread may load elements another thread stored.
+            tl.debug_barrier()
 
-    if HAS_WEIGHT:
-        w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
+        for cs in range(0, CG, BLOCK_C):
+            cc = cs + offs_c
+            c_mask = cc < CG
+            ch = c_first + cc
+            w, b = _load_affine(W, B, ch, c_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+            _fwd_apply(X, Y, base, ch, c_mask, offs_s, C, HW, mean, w * rstd, b, RELU, CHANNELS_LAST, BLOCK_S)
     else:
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_BIAS:
-        b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK_C], tl.float32)
-    mean_c = _seg_bcast(mean, seg, GP)
-    scale = w * _seg_bcast(rstd, seg, GP)
-    for ss in range(0, HW, BLOCK_S):
-        sp = ss + offs_s
-        mask = (sp < HW)[:, None] & c_mask[None, :]
-        offs = ch[None, :] * stride_c + sp[:, None] * stride_s
-        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-        y = (x - mean_c[None, :]) * scale[None, :] + b[None, :]
-        if RELU:
-            y = tl.where(y < 0.0, 0.0, y)  # keeps NaN, as torch.relu does
-        tl.store(Y + base + offs, y.to(Y.dtype.element_ty), mask=mask)
+        # GP adjacent groups of one sample: tiles span the GP * CG channels, the statistics
+        # are merged per group as above, one vector lane per group.
+        n, g_first, base, offs_s, seg, c_mask, ch = _multi_program(C, HW, G, CG, GP, BLOCK_C, BLOCK_S)
+
+        count = tl.zeros([GP], tl.float32)
+        mean = tl.zeros([GP], tl.float32)
+        m2 = tl.zeros([GP], tl.float32)
+        for ss in range(0, HW, BLOCK_S):
+            mask, offs = _tile(ss, offs_s, ch, c_mask, C, HW, CHANNELS_LAST)
+            x = _fwd_load(X, RES_A, RES_B, base, offs, mask, HAS_RESIDUAL)
+            n_b = (tl.minimum(HW - ss, BLOCK_S) * CG).to(tl.float32)
+            mean_b = _seg_sum(tl.sum(x, axis=0), seg, GP) / n_b
+            d = tl.where(mask, x - _seg_bcast(mean_b, seg, GP)[None, :], 0.0)
+            m2_b = _seg_sum(tl.sum(d * d, axis=0), seg, GP)
+            count, mean, m2 = _chan_merge(count, mean, m2, n_b, mean_b, m2_b)
+        rstd = 1.0 / tl.sqrt(m2 / count + eps)
+        gi = tl.arange(0, GP)
+        tl.store(MEAN + n * G + g_first + gi, mean)
+        tl.store(RSTD + n * G + g_first + gi, rstd)
+        if HAS_RESIDUAL:
+            tl.debug_barrier()
+
+        w, b = _load_affine(W, B, ch, c_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+        mean_c = _seg_bcast(mean, seg, GP)
+        scale = w * _seg_bcast(rstd, seg, GP)
+        _fwd_apply(X, Y, base, ch, c_mask, offs_s, C, HW, mean_c[None, :], scale, b, RELU, CHANNELS_LAST, BLOCK_S)
 
 
 @triton.jit
-def _gn_relu_bwd_multi_kernel(
+def _gn_relu_bwd_kernel(
     DY,  # gradient w.r.t. the output, (N, C, H, W) in X's memory layout
     X,  # forward input, (N, C, H, W) in NCHW or NHWC memory
     W,  # gamma, (C,) any float dtype; ignored unless HAS_WEIGHT
@@ -457,73 +481,64 @@ def _gn_relu_bwd_multi_kernel(
     HAS_BIAS: tl.constexpr,  # beta given (else 0)
     RELU: tl.constexpr,  # the forward applied the ReLU
     CHANNELS_LAST: tl.constexpr,  # memory layout of DY, X and DX
-    GP: tl.constexpr,  # groups per program (divides G)
-    BLOCK_C: tl.constexpr,  # channels per tile, >= GP * CG
+    GP: tl.constexpr,  # groups per program (divides G); 1: one (sample, group) per program
+    BLOCK_C: tl.constexpr,  # channels per tile; with GP > 1, >= GP * CG
     BLOCK_S: tl.constexpr,  # spatial positions per tile
 ):
-    # The backward of GP adjacent groups of one sample (see _gn_relu_bwd_kernel): the
-    # per-channel sums of pass 1 give the per-group sums through _seg_sum.
-    pid = tl.program_id(0)
-    per_sample = G // GP
-    n = pid // per_sample
-    g_first = (pid % per_sample) * GP
-    base = n.to(tl.int64) * C * HW
-    part = n.to(tl.int64) * C
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
-    seg = offs_c // CG
-    c_mask = offs_c < GP * CG
-    ch = g_first * CG + offs_c
-    if CHANNELS_LAST:
-        stride_c = 1
-        stride_s = C
-    else:
-        stride_c = HW
-        stride_s = 1
-    mean_c = tl.load(MEAN + n * G + g_first + seg, mask=c_mask, other=0.0)
-    rstd_c = tl.load(RSTD + n * G + g_first + seg, mask=c_mask, other=0.0)
-    if HAS_WEIGHT:
-        w = tl.load(W + ch, mask=c_mask, other=0.0).to(tl.float32)
-    else:
-        w = tl.full([BLOCK_C], 1.0, tl.float32)
-    if HAS_BIAS:
-        b = tl.load(B + ch, mask=c_mask, other=0.0).to(tl.float32)
-    else:
-        b = tl.zeros([BLOCK_C], tl.float32)
-    scale = w * rstd_c
+    if GP == 1:
+        pid = tl.program_id(0)
+        n = pid // G
+        c_first = (pid % G) * CG
+        base = n.to(tl.int64) * C * HW
+        part = n.to(tl.int64) * C
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_s = tl.arange(0, BLOCK_S)
+        mean = tl.load(MEAN + pid)
+        rstd = tl.load(RSTD + pid)
 
-    acc_db = tl.zeros([BLOCK_C], tl.float32)
-    acc_dw = tl.zeros([BLOCK_C], tl.float32)
-    for ss in range(0, HW, BLOCK_S):
-        sp = ss + offs_s
-        mask = (sp < HW)[:, None] & c_mask[None, :]
-        offs = ch[None, :] * stride_c + sp[:, None] * stride_s
-        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-        xc = x - mean_c[None, :]
-        if RELU:
-            dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
-        acc_db += tl.sum(dy, axis=0)
-        acc_dw += tl.sum(dy * (xc * rstd_c[None, :]), axis=0)
-    tl.store(DB_PART + part + ch, acc_db, mask=c_mask)
-    tl.store(DW_PART + part + ch, acc_dw, mask=c_mask)
-    m = (CG * HW).to(tl.float32)
-    mean_g = _seg_bcast(_seg_sum(acc_db * w, seg, GP) / m, seg, GP)
-    mean_gx = _seg_bcast(_seg_sum(acc_dw * w, seg, GP) / m, seg, GP)
+        # Pass 1: per-channel sums, and from them the group's sum(g) and sum(g * xhat), g = dy * gamma.
+        sum_g = 0.0
+        sum_gx = 0.0
+        for cs in range(0, CG, BLOCK_C):
+            cc = cs + offs_c
+            c_mask = cc < CG
+            ch = c_first + cc
+            w, b = _load_affine(W, B, ch, c_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+            acc_db, acc_dw = _bwd_channel_sums(DY, X, DW_PART, DB_PART, base, part, ch, c_mask, offs_s, C, HW,
+                                               mean, rstd, w * rstd, b, RELU, CHANNELS_LAST, BLOCK_C, BLOCK_S)
+            sum_g += tl.sum(acc_db * w, axis=0)
+            sum_gx += tl.sum(acc_dw * w, axis=0)
+        m = (CG * HW).to(tl.float32)
+        mean_g = sum_g / m
+        mean_gx = sum_gx / m
 
-    for ss in range(0, HW, BLOCK_S):
-        sp = ss + offs_s
-        mask = (sp < HW)[:, None] & c_mask[None, :]
-        offs = ch[None, :] * stride_c + sp[:, None] * stride_s
-        x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(DY + base + offs, mask=mask, other=0.0).to(tl.float32)
-        xc = x - mean_c[None, :]
-        if RELU:
-            dy = tl.where(xc * scale[None, :] + b[None, :] > 0.0, dy, 0.0)
-        dx = rstd_c[None, :] * (dy * w[None, :] - mean_g[None, :] - (xc * rstd_c[None, :]) * mean_gx[None, :])
-        if HAS_GRAD_SUM:
-            dx += tl.load(GRAD_SUM + base + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(DX + base + offs, dx.to(DX.dtype.element_ty), mask=mask)
+        # Pass 2: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)).
+        for cs in range(0, CG, BLOCK_C):
+            cc = cs + offs_c
+            c_mask = cc < CG
+            ch = c_first + cc
+            w, b = _load_affine(W, B, ch, c_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+            _bwd_dx(DY, X, DX, GRAD_SUM, base, ch, c_mask, offs_s, C, HW, mean, rstd, mean_g, mean_gx,
+                    w, w * rstd, b, HAS_GRAD_SUM, RELU, CHANNELS_LAST, BLOCK_S)
+    else:
+        # GP adjacent groups of one sample, one channel block: the per-channel sums of pass 1
+        # give the per-group sums through _seg_sum.
+        n, g_first, base, offs_s, seg, c_mask, ch = _multi_program(C, HW, G, CG, GP, BLOCK_C, BLOCK_S)
+        part = n.to(tl.int64) * C
+        mean_c = tl.load(MEAN + n * G + g_first + seg, mask=c_mask, other=0.0)
+        rstd_c = tl.load(RSTD + n * G + g_first + seg, mask=c_mask, other=0.0)
+        w, b = _load_affine(W, B, ch, c_mask, HAS_WEIGHT, HAS_BIAS, BLOCK_C)
+        scale = w * rstd_c
+
+        acc_db, acc_dw = _bwd_channel_sums(DY, X, DW_PART, DB_PART, base, part, ch, c_mask, offs_s, C, HW,
+                                           mean_c[None, :], rstd_c[None, :], scale, b, RELU, CHANNELS_LAST,
+                                           BLOCK_C, BLOCK_S)
+        m = (CG * HW).to(tl.float32)
+        mean_g = _seg_bcast(_seg_sum(acc_db * w, seg, GP) / m, seg, GP)
+        mean_gx = _seg_bcast(_seg_sum(acc_dw * w, seg, GP) / m, seg, GP)
+
+        _bwd_dx(DY, X, DX, GRAD_SUM, base, ch, c_mask, offs_s, C, HW, mean_c[None, :], rstd_c[None, :],
+                mean_g[None, :], mean_gx[None, :], w, scale, b, HAS_GRAD_SUM, RELU, CHANNELS_LAST, BLOCK_S)
 
 
 def _blocks(cg: int, hw: int, num_groups: int, config: GroupNormConfig) -> tuple[int, int]:
@@ -570,9 +585,7 @@ def _launch_fwd(x, b, weight, bias, num_groups, eps, relu, cl, residual, config=
     mean = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     rstd = torch.empty((n, num_groups), device=x.device, dtype=torch.float32)
     gp = config.groups_per_program
-    kernel = _gn_relu_fwd_kernel if gp == 1 else _gn_relu_fwd_multi_kernel
-    extra = {} if gp == 1 else {"GP": gp}
-    kernel[(n * num_groups // gp,)](
+    _gn_relu_fwd_kernel[(n * num_groups // gp,)](
         s, y, x, b if residual else x,
         weight if weight is not None else x,
         bias if bias is not None else x,
@@ -583,9 +596,9 @@ def _launch_fwd(x, b, weight, bias, num_groups, eps, relu, cl, residual, config=
         HAS_BIAS=bias is not None,
         RELU=relu,
         CHANNELS_LAST=cl,
+        GP=gp,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
-        **extra,
         **_launch_options(block_c, block_s, config),
     )
     return s, y, mean, rstd
@@ -603,9 +616,7 @@ def _launch_bwd(grad_y, grad_sum, x, weight, bias, mean, rstd, num_groups, relu,
     dw_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
     db_part = torch.empty((n, c), device=x.device, dtype=torch.float32)
     gp = config.groups_per_program
-    kernel = _gn_relu_bwd_kernel if gp == 1 else _gn_relu_bwd_multi_kernel
-    extra = {} if gp == 1 else {"GP": gp}
-    kernel[(n * num_groups // gp,)](
+    _gn_relu_bwd_kernel[(n * num_groups // gp,)](
         grad_y, x,
         weight if weight is not None else x,
         bias if bias is not None else x,
@@ -617,9 +628,9 @@ def _launch_bwd(grad_y, grad_sum, x, weight, bias, mean, rstd, num_groups, relu,
         HAS_BIAS=bias is not None,
         RELU=relu,
         CHANNELS_LAST=cl,
+        GP=gp,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
-        **extra,
         **_launch_options(block_c, block_s, config),
     )
     pdtype = weight.dtype if weight is not None else torch.float32
