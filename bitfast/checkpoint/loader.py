@@ -13,9 +13,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from bitfast.checkpoint import hub, io, layouts
+from bitfast.checkpoint import hf, hub, io, layouts, tags
 
-__all__ = ["HEAD_KEYS", "LoadReport", "load_pretrained", "load_state_dict_any"]
+__all__ = ["HEAD_KEYS", "LoadReport", "check_cfg_arch", "load_pretrained", "load_state_dict_any", "source_cfg"]
 
 HEAD_KEYS: tuple[str, ...] = ("head.fc.weight", "head.fc.bias")
 
@@ -42,6 +42,9 @@ class LoadReport:
         head_loaded: whether the classifier was loaded.
         head_note: why the classifier was or was not loaded.
         checkpoint_arch: the checkpoint's architecture as far as it can be told (``"R50x1"``).
+        pretrained_cfg: the weights' ``PretrainedCfg`` (input size, crop, interpolation,
+            mean/std, class count, label names) when the source has one: a Hub repository
+            or published name, or an official release with a published equivalent; else None.
     """
 
     path: str
@@ -55,6 +58,7 @@ class LoadReport:
     head_loaded: bool = False
     head_note: str = ""
     checkpoint_arch: str | None = None
+    pretrained_cfg: tags.PretrainedCfg | None = None
 
     def __str__(self) -> str:
         lines = [
@@ -201,6 +205,33 @@ def load_state_dict_any(
     return report
 
 
+def check_cfg_arch(cfg: tags.PretrainedCfg | None, arch, source, fn: str = "load_pretrained") -> None:
+    """ValueError when ``cfg`` says its weights are for another BiT architecture than ``arch``
+    (``"R50x1"``; a model of another shape, such as ``bit_tiny``, is left to the shape checks)."""
+    if cfg is None or not isinstance(arch, str) or arch.startswith("R?"):
+        return
+    want = tags.arch_of(cfg.architecture)
+    if want is not None and want != arch:
+        raise ValueError(
+            f"{fn}: {source} holds weights for {cfg.architecture} ({want}) but the model is {arch}; "
+            f"published weights for {arch}: {[n for n, c in tags.PRETRAINED_TAGS.items() if tags.arch_of(c.architecture) == arch]}"
+        )
+
+
+def source_cfg(source) -> tags.PretrainedCfg | None:
+    """The ``PretrainedCfg`` known for ``source`` without any download: a published name
+    (``resnetv2_50x1_bit.goog_in21k``, ``timm/<name>``, ``hf-hub:timm/<name>``) or an
+    official release with a published equivalent (``BiT-M-R50x1``); else None."""
+    ref = hf.parse_hub_name(source)
+    if ref is not None:
+        org, _, name = ref.repo_id.partition("/")
+        return tags.pretrained_cfg(name) if org == "timm" else None
+    if isinstance(source, str) and not os.path.exists(source):
+        release = hub.release_name(source)
+        return tags.release_cfg(release) if release else None
+    return None
+
+
 def load_pretrained(model: nn.Module, path_or_name: str | os.PathLike, strict: bool = True) -> LoadReport:
     """Load a BiT checkpoint into ``model`` and report what was loaded.
 
@@ -208,32 +239,47 @@ def load_pretrained(model: nn.Module, path_or_name: str | os.PathLike, strict: b
         model: a bitfast ``ResNetV2`` (or any module with the same parameter names;
             ``torch.compile`` and DDP wrappers are looked through).
         path_or_name: a released name (``"BiT-M-R50x1"``, downloaded into the torch hub
-            cache), a local path, or a ``file://`` / ``http(s)://`` URL. Formats, detected
-            from the content: the official ``.npz`` (HWIO kernels, transposed), timm-layout
-            state dicts (``.pth``/``.bin`` read with ``weights_only=True``, ``.safetensors``),
-            the authors' training checkpoints (``bit.pth.tar``) and state dicts.
+            cache), a Hugging Face Hub name (``"hf-hub:ORG/NAME"``, ``"timm/NAME"``, or a
+            published name such as ``"resnetv2_50x1_bit.goog_in21k"``: downloaded into the
+            Hugging Face cache, needs ``huggingface_hub``), a local path, or a ``file://`` /
+            ``http(s)://`` URL. Formats, detected from the content: the official ``.npz``
+            (HWIO kernels, transposed), timm-layout state dicts (``.pth``/``.bin`` read with
+            ``weights_only=True``, ``.safetensors``), the authors' training checkpoints
+            (``bit.pth.tar``) and state dicts.
         strict: raise on body keys missing from the checkpoint or checkpoint keys unknown
             to the model; with ``strict=False`` these are listed in the report instead.
 
     The classifier is loaded only when the checkpoint's class count equals the model's;
     otherwise it keeps its initialisation and the report says so. Tensors are cast to the
-    dtype and device of the model's parameters.
+    dtype and device of the model's parameters. The weights' configuration, when the source
+    has one, is ``report.pretrained_cfg`` (the model is not changed beyond its weights).
 
     Returns:
         A ``LoadReport``.
 
     Raises:
-        FileNotFoundError: no such file (or a 404 for a download).
+        FileNotFoundError: no such file (or a 404 for a download; no such Hub repository,
+            revision or weights file, or, offline, none in the Hugging Face cache).
         ValueError: an empty, truncated, corrupt or foreign file; a checkpoint of another
             architecture (the shape mismatches are named); with ``strict``, missing or
-            unexpected keys. Nothing is copied into the model when it raises.
-        ImportError: a ``.safetensors`` file without the safetensors package.
+            unexpected keys; a malformed ``hf-hub:`` name. Nothing is copied into the model
+            when it raises.
+        ImportError: a ``.safetensors`` file without the safetensors package; a Hub name
+            without the huggingface_hub package.
     """
     target = _unwrap_model(model)
     arch = getattr(target, "arch", None)
-    if isinstance(arch, str) and not arch.startswith("R?"):
-        hub.check_release_arch(path_or_name, arch)
-    path = hub.resolve_source(path_or_name)
+    ref = hf.parse_hub_name(path_or_name)
+    cfg = source_cfg(path_or_name)
+    if ref is not None:
+        check_cfg_arch(cfg, arch, ref)  # before any download
+        cfg = hf.hub_config(ref)
+        check_cfg_arch(cfg, arch, ref)  # before the weights' download
+        path = hf.hub_weights(ref)
+    else:
+        if isinstance(arch, str) and not arch.startswith("R?"):
+            hub.check_release_arch(path_or_name, arch)
+        path = hub.resolve_source(path_or_name)
     tensors, container, training = io.read_checkpoint(path)
     layout = layouts.detect_layout(tensors)
     if layout is None:
@@ -242,6 +288,8 @@ def load_pretrained(model: nn.Module, path_or_name: str | os.PathLike, strict: b
             f"(resnet/...), timm (stem.conv.weight, stages...) or authors' (root.conv.weight, body.block...) "
             f"layout; keys: {_listing(list(tensors))}"
         )
-    return load_state_dict_any(
+    report = load_state_dict_any(
         target, tensors, layout, strict=strict, path=path, container=container, training_checkpoint=training
     )
+    report.pretrained_cfg = cfg
+    return report

@@ -4,6 +4,12 @@ Canonical names are timm's: ``resnetv2_{50x1,50x3,101x1,101x3,152x2,152x4}_bit``
 ``bit_r50x1`` ... (the architecture), ``bit_s_r50x1`` / ``bit_m_r50x1`` ... (the
 architecture, with ``pretrained=True`` meaning the BiT-S / BiT-M release).
 
+timm's pretrained names are accepted too: ``<architecture>.<tag>`` (``resnetv2_50x1_bit.goog_in21k``,
+``.goog_in21k_ft_in1k``, ``.goog_distilled_in1k``, ``.goog_teacher_in21k_ft_in1k``, ...; see
+``list_models(include_pretrained=True)``): the architecture, with the tag's class count as the
+default ``num_classes``, its configuration as ``model.pretrained_cfg`` and, with
+``pretrained=True``, its weights from the Hugging Face Hub.
+
 One more name, ``bit_tiny``, is not a BiT architecture and has no released weights: a
 2M-parameter BiT-style ResNet-v2 for CPUs (units 1-1-1-1, stem width 32, the same
 weight-standardized convs and GroupNorm), for quick experiments and the tests.
@@ -18,7 +24,16 @@ import torch
 
 from bitfast.models.resnetv2 import ResNetV2
 
-__all__ = ["MODELS", "MODEL_SPECS", "ModelSpec", "create_model", "default_release", "list_models", "resolve_name"]
+__all__ = [
+    "MODELS",
+    "MODEL_SPECS",
+    "ModelSpec",
+    "create_model",
+    "default_release",
+    "list_models",
+    "resolve_name",
+    "split_pretrained_name",
+]
 
 _DEPTHS: dict[int, tuple[int, int, int, int]] = {
     50: (3, 4, 6, 3),
@@ -72,27 +87,49 @@ for _name, (_d, _w) in MODELS.items():
         _ALIASES[f"bit_s_r{_d}x{_w}"] = (_name, f"BiT-S-{_arch}")
 
 
-def list_models(include_aliases: bool = False) -> list[str]:
+def list_models(include_aliases: bool = False, include_pretrained: bool = False) -> list[str]:
     """The canonical model names: the six BiT architectures, then ``bit_tiny`` (a 2M-parameter
-    BiT-style net for CPUs, without released weights); with ``include_aliases``, the aliases too."""
+    BiT-style net for CPUs, without released weights); with ``include_aliases``, the aliases
+    too; with ``include_pretrained``, timm's pretrained names (``resnetv2_50x1_bit.goog_in21k``
+    ...) too."""
+    from bitfast.checkpoint.tags import list_pretrained
+
     names = list(MODEL_SPECS)
     if include_aliases:
         names += sorted(_ALIASES)
+    if include_pretrained:
+        names += list_pretrained()
     return names
 
 
+def split_pretrained_name(name: str):
+    """``(architecture, PretrainedCfg)`` for a pretrained name (``"resnetv2_50x1_bit.goog_in21k"``),
+    ``(name, None)`` for a name without a tag; ValueError for an unknown tag."""
+    from bitfast.checkpoint.tags import list_pretrained, pretrained_cfg, split_tag
+
+    arch, tag = split_tag(name.strip().lower())
+    if tag is None:
+        return name, None
+    cfg = pretrained_cfg(name)
+    if cfg is None:
+        known = list_pretrained(arch) if arch in MODEL_SPECS else list_pretrained()
+        raise ValueError(f"create_model: unknown pretrained name {name!r}; expected one of {known}")
+    return cfg.architecture, cfg
+
+
 def resolve_name(name: str) -> str:
-    """The canonical name of ``name`` (a canonical name or an alias); ValueError if unknown."""
+    """The canonical name of ``name`` (a canonical name, an alias or a pretrained name such as
+    ``resnetv2_50x1_bit.goog_in21k``); ValueError if unknown."""
     if not isinstance(name, str):
         raise TypeError(f"create_model: name must be a str, one of {list_models()}; got {type(name).__name__}")
-    key = name.strip().lower()
+    key = split_pretrained_name(name)[0].strip().lower()
     if key in MODEL_SPECS:
         return key
     if key in _ALIASES:
         return _ALIASES[key][0]
     raise ValueError(
         f"create_model: unknown model {name!r}; expected one of {list_models()} "
-        f"(or an alias: {sorted(_ALIASES)})"
+        f"(or an alias: {sorted(_ALIASES)}, or a pretrained name: see list_models(include_pretrained=True))"
     )
 
 
@@ -103,6 +140,8 @@ def default_release(name: str) -> str:
     weights (``bit_tiny``)."""
     canonical = resolve_name(name)
     key = name.strip().lower()
+    if split_pretrained_name(name)[1] is not None:
+        raise ValueError(f"default_release: {name!r} is a pretrained name; its weights are on the Hugging Face Hub")
     if key in _ALIASES:
         return _ALIASES[key][1]
     arch = MODEL_SPECS[canonical].release_arch
@@ -121,7 +160,7 @@ def _no_release_message(fn: str, canonical: str) -> str:
 def create_model(
     name: str,
     *,
-    num_classes: int = 1000,
+    num_classes: int | None = None,
     norm: str = "gn",
     ws_eps: float = 1e-8,
     backend: str | None = None,
@@ -134,49 +173,80 @@ def create_model(
 
     Args:
         name: ``resnetv2_{50x1,50x3,101x1,101x3,152x2,152x4}_bit`` or an alias
-            (``bit_r50x1``, ``bit_s_r50x1``, ``bit_m_r50x1`` ...), or ``bit_tiny``: not a BiT
+            (``bit_r50x1``, ``bit_s_r50x1``, ``bit_m_r50x1`` ...), a pretrained name
+            ``<architecture>.<tag>`` (``resnetv2_50x1_bit.goog_in21k``; see
+            ``list_models(include_pretrained=True)``), or ``bit_tiny``: not a BiT
             architecture but a 2M-parameter BiT-style net for CPUs, the same module as
             ``ResNetV2((1, 1, 1, 1), base_width=32, ...)``, without released weights.
         num_classes: classes of the head (0: no head, the model returns pooled features).
+            Default: the class count of the pretrained name or of the Hub weights named by
+            ``pretrained`` (21843 for ``goog_in21k``), else 1000.
         norm: ``"gn"`` (GroupNorm, the BiT models) or ``"bn"`` (BatchNorm variant).
         ws_eps: weight-standardization eps (1e-8; the authors' release used 1e-10).
         backend: backend fixed for every layer (``reference``, ``cpp``, ``cuda``,
             ``triton``, ``auto``); default: auto on every call.
         pretrained: a released checkpoint name (``"BiT-M-R50x1"``, downloaded into the
-            torch hub cache), a local path or ``file://`` / ``http(s)://`` URL of a
-            checkpoint (``.npz``, timm or authors' state dict), or ``True`` for the
-            model's default release (see ``default_release``; ValueError for ``bit_tiny``,
-            which has none). The head is loaded only
-            when its class count equals ``num_classes``; ``model.pretrained_report`` tells.
+            torch hub cache), a Hugging Face Hub name (``"hf-hub:ORG/NAME"``,
+            ``"timm/NAME"`` or a pretrained name; downloaded into the Hugging Face cache,
+            needs ``huggingface_hub``), a local path or ``file://`` / ``http(s)://`` URL of a
+            checkpoint (``.npz``, timm or authors' state dict), or ``True``: for a pretrained
+            name its weights from the Hub, else the model's default release (see
+            ``default_release``; ValueError for ``bit_tiny``, which has none). The head is
+            loaded only when its class count equals ``num_classes``;
+            ``model.pretrained_report`` tells.
         zero_head: zero-initialise the classifier (BiT fine-tuning).
         strict: passed to ``load_pretrained``: fail on missing/unexpected keys.
         **kwargs: further ``ResNetV2`` arguments (``in_chans``, ``drop_rate``,
             ``conv_layer``, ``norm_layer``, ``device`` ...).
+
+    The model's ``pretrained_cfg`` is the weights' configuration (a frozen
+    ``bitfast.checkpoint.PretrainedCfg``: input size, crop fraction, interpolation,
+    mean/std, class count, label names where published) when the name is a pretrained name
+    or the weights come from the Hub or an official release with a published equivalent;
+    else None. It describes the weights, whatever ``num_classes`` the model was given.
     """
     fn = "create_model"
     canonical = resolve_name(name)
+    _, name_cfg = split_pretrained_name(name)
     # num_classes, norm, ws_eps and backend are ResNetV2's to check (it is built before any
-    # download below).
+    # download below, but for a Hub repository's config.json when it alone knows the class count).
     if "layers" in kwargs or "width_factor" in kwargs:
         raise TypeError(f"{fn}: layers/width_factor are fixed by the model name {name!r}; build ResNetV2 directly")
 
     spec = MODEL_SPECS[canonical]
     source = None
     if pretrained is True:
-        if spec.release_arch is None:
+        if name_cfg is not None:
+            source = f"hf-hub:{name_cfg.hf_hub_id}"
+        elif spec.release_arch is None:
             raise ValueError(_no_release_message(fn, canonical))
-        source = default_release(name)
+        else:
+            source = default_release(name)
     elif pretrained is not None and pretrained is not False:
         if not isinstance(pretrained, (str, os.PathLike)):
             raise TypeError(
-                f"{fn}: pretrained must be None, a bool, a release name or a path; got {type(pretrained).__name__}"
+                f"{fn}: pretrained must be None, a bool, a release name, a Hub name or a path; "
+                f"got {type(pretrained).__name__}"
             )
         source = pretrained
+    cfg = name_cfg
     if source is not None:
-        from bitfast.checkpoint import check_release_arch
+        from bitfast.checkpoint import check_release_arch, hf, loader
 
-        if spec.release_arch is not None:
+        ref = hf.parse_hub_name(source)
+        source_cfg = loader.source_cfg(source)
+        if ref is not None:
+            _check_hub_arch(source_cfg, spec, canonical, ref)  # before any download
+            if source_cfg is None and num_classes is None:
+                source_cfg = hf.hub_config(ref)  # its config.json alone knows the class count
+                _check_hub_arch(source_cfg, spec, canonical, ref)
+            if source_cfg is not None:
+                cfg = source_cfg
+                if num_classes is None:
+                    num_classes = source_cfg.num_classes
+        elif spec.release_arch is not None:
             check_release_arch(source, spec.release_arch, fn)  # before any download
+            cfg = source_cfg or cfg
         else:
             try:
                 check_release_arch(source, canonical, fn)  # refuses any release name or URL
@@ -185,6 +255,8 @@ def create_model(
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "meta":
             raise ValueError(f"{fn}: pretrained weights cannot be loaded into a model on the meta device")
+    if num_classes is None:
+        num_classes = name_cfg.num_classes if name_cfg is not None else 1000
 
     model = ResNetV2(
         spec.units,
@@ -198,9 +270,27 @@ def create_model(
         **kwargs,
     )
     model.model_name = canonical
+    model.pretrained_cfg = cfg
     model.pretrained_report = None
     if source is not None:
         from bitfast.checkpoint import load_pretrained
 
         model.pretrained_report = load_pretrained(model, source, strict=strict)
+        if model.pretrained_report.pretrained_cfg is not None:
+            model.pretrained_cfg = model.pretrained_report.pretrained_cfg
     return model
+
+
+def _check_hub_arch(cfg, spec: ModelSpec, canonical: str, ref) -> None:
+    """ValueError when Hub weights are known to be for another architecture than the model's."""
+    if cfg is None or cfg.architecture is None:
+        return
+    if spec.release_arch is not None:
+        from bitfast.checkpoint import loader
+
+        loader.check_cfg_arch(cfg, spec.release_arch, ref, "create_model")
+    elif cfg.architecture != canonical:
+        raise ValueError(
+            f"create_model: {ref} holds weights for {cfg.architecture} but the model is {canonical} "
+            f"({MODEL_SPECS[canonical].description})"
+        )
