@@ -1,7 +1,7 @@
 """The ``bitfast`` command.
 
     bitfast env                   versions, native builds, backends and devices
-    bitfast models                the BiT architectures bitfast builds
+    bitfast models                the BiT architectures bitfast builds and the pretrained names
     bitfast demo [options]        build a BiT model, load a checkpoint (a synthetic one in
                                   the official .npz layout unless --checkpoint is given),
                                   run a forward pass on the embedded default images and
@@ -127,9 +127,17 @@ def cmd_env(args) -> int:
 
 def cmd_models(args) -> int:
     import bitfast
+    from bitfast.checkpoint import PRETRAINED_TAGS
 
     for name in bitfast.list_models():
         print(name)
+    print()
+    print("pretrained names (create_model(name, pretrained=True): weights from the Hugging Face Hub, hf-hub:timm/<name>)")
+    width = max(map(len, PRETRAINED_TAGS))
+    print(f"{'name':<{width}}  {'classes':>7}  {'input':>5}  {'crop':>5}  {'interp':<8}  release")
+    for name, cfg in PRETRAINED_TAGS.items():
+        print(f"{name:<{width}}  {cfg.num_classes:>7}  {cfg.image_size:>5}  {cfg.crop_pct:>5.3f}  "
+              f"{cfg.interpolation:<8}  {cfg.release or '-'}")
     return 0
 
 
@@ -433,7 +441,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=cmd_env)
     m = sub.add_parser("models", help="list the model names create_model and the training commands accept",
                        description="List the model names: the BiT family (resnetv2_{50x1,...}_bit, timm's names) and "
-                                   "bit_tiny, a 2M-parameter BiT-style network for CPUs.")
+                                   "bit_tiny, a 2M-parameter BiT-style network for CPUs; then timm's pretrained names "
+                                   "(resnetv2_50x1_bit.goog_in21k ...) with their class count, input size, crop "
+                                   "fraction, interpolation and the official release holding the same weights.")
     m.set_defaults(func=cmd_models)
     d = sub.add_parser("demo", formatter_class=_DefaultsFormatter,
                        help="build a BiT model, load a checkpoint, run a forward pass and report",

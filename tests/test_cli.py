@@ -26,7 +26,11 @@ def test_env_text(capsys):
 
 def test_models(capsys):
     assert cli.main(["models"]) == 0
-    assert capsys.readouterr().out.split() == bitfast.list_models()
+    names, tags = capsys.readouterr().out.split("\n\n")
+    assert names.split() == bitfast.list_models()
+    listed = [line.split()[0] for line in tags.splitlines()[2:]]
+    assert listed == bitfast.list_models(include_pretrained=True)[len(bitfast.list_models()):]
+    assert "resnetv2_50x1_bit.goog_in21k " in tags and " 21843 " in tags
 
 
 def test_demo_runs_and_checks_parity(capsys):
