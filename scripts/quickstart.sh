@@ -23,7 +23,7 @@ if ! "$py" -c "import torch" 2>/dev/null; then
 fi
 # Dependencies that need torch come after it; bitfast builds against the torch installed
 # (--no-build-isolation: an isolated build would pull another torch).
-"$py" -m pip install -q numpy setuptools wheel ninja pytest pytest-benchmark safetensors ruff triton pillow matplotlib
+"$py" -m pip install -q numpy setuptools wheel ninja pytest pytest-benchmark safetensors ruff triton pillow matplotlib huggingface_hub
 "$py" -m pip install -q --no-build-isolation -e .
 case "${1:-demo}" in
     demo) shift || true; exec "$venv/bin/bitfast" story "$@" ;;
