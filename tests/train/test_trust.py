@@ -274,7 +274,9 @@ def test_fewshot_stopped_episodes_say_so(upstream, tmp_path, capsys):
 def test_bit_tiny_is_a_registered_model(capsys):
     import bitfast
 
-    assert run(capsys, "models")[1].split() == bitfast.list_models() and "bit_tiny" in bitfast.list_models()
+    # `bitfast models`: the architectures, then (after a blank line) the published pretrained names
+    architectures = run(capsys, "models")[1].split("\n\n")[0].split()
+    assert architectures == bitfast.list_models() and "bit_tiny" in bitfast.list_models()
     assert sum(p.numel() for p in bitfast.create_model("bit_tiny", num_classes=5).parameters()) == 2_012_453
 
 
